@@ -1,0 +1,31 @@
+"""bucketmoo_kernels: fused kernels for Bucket-Level multi-objective optimisation.
+
+Per gradient bucket (segment): the Gram matrix of the task gradients, the weights of a
+multi-objective method (MGDA, PCGrad, CAGrad, ...) and the combined gradient, written into
+the caller's buffer. See the README for the method and the DDP hook.
+"""
+
+from . import diagnostics, methods
+from .api import MOOInfo, combine, fused_bucket_moo, gram, solve
+from .dispatch import BACKEND_NAMES, available_backends, get_backend
+from .inputs import Segments
+from .methods import available_methods, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "MOOInfo",
+    "Segments",
+    "available_backends",
+    "available_methods",
+    "combine",
+    "diagnostics",
+    "fused_bucket_moo",
+    "get_backend",
+    "gram",
+    "methods",
+    "register_method",
+    "solve",
+    "__version__",
+]

@@ -1,0 +1,189 @@
+"""The public API: ``gram``, ``solve``, ``combine`` and ``fused_bucket_moo``.
+
+Shapes (T tasks, N elements, S segments):
+
+* ``grads``    ``[T, N]`` tensor or T 1-D tensors of length N; fp32, bf16 or fp16
+* ``segments`` None (one segment), an int chunk length, or ``S + 1`` int64 offsets
+* ``gram``     ``[S, T, T]`` float32
+* ``weights``  ``[S, T]`` float32
+* ``out``      ``[N]`` in the grads' dtype; may be the storage of one of the gradients
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import diagnostics
+from .dispatch import get_backend
+from .inputs import (Segments, as_segments, as_task_grads, check_gram, check_out,
+                     check_weights)
+from .methods import get_method, normalization_scales, resolve_options
+
+__all__ = ["MOOInfo", "gram", "solve", "combine", "fused_bucket_moo"]
+
+
+@dataclass(frozen=True)
+class MOOInfo:
+    """What ``fused_bucket_moo(..., return_info=True)`` computed besides the gradient.
+
+    Attributes:
+        gram: ``[S, T, T]`` float32 per-segment Gram matrices.
+        weights: ``[S, T]`` float32 per-segment weights (sum to 1 unless
+            ``normalize_weights=False``).
+        segments: the segment layout used.
+        method: method name.
+        backend: name of the backend that ran.
+    """
+
+    gram: torch.Tensor
+    weights: torch.Tensor
+    segments: Segments
+    method: str
+    backend: str
+
+    def cosine(self) -> torch.Tensor:
+        """``[S, T, T]`` task cosine similarities."""
+        return diagnostics.task_cosine(self.gram)
+
+    def combined_norm(self) -> torch.Tensor:
+        """``[S]`` norm of the combined gradient."""
+        return diagnostics.combined_sqnorm(self.gram, self.weights).clamp_min(0).sqrt()
+
+    def mean_norm(self) -> torch.Tensor:
+        """``[S]`` norm of the plain average gradient."""
+        return diagnostics.mean_sqnorm(self.gram).clamp_min(0).sqrt()
+
+
+def gram(grads, segments=None, *, backend: str = "auto") -> torch.Tensor:
+    """Per-segment Gram matrices of the task gradients.
+
+    Args:
+        grads: ``[T, N]`` tensor or T 1-D tensors (fp32 / bf16 / fp16).
+        segments: None, chunk length, or ``S + 1`` int64 offsets.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+    Returns:
+        ``[S, T, T]`` float32, accumulated in at least float32.
+    """
+    task_grads = as_task_grads(grads)
+    segs = as_segments(segments, task_grads.numel)
+    return get_backend(backend, task_grads.device).gram(task_grads, segs)
+
+
+def _validate_method(method: str, num_tasks: int, options: dict[str, Any]):
+    spec = get_method(method)
+    resolved = resolve_options(spec, options)
+    if spec.max_tasks is not None and num_tasks > spec.max_tasks:
+        raise ValueError(f"method {method!r} supports at most {spec.max_tasks} tasks; got T = {num_tasks}")
+    return spec, resolved
+
+
+def _solve(gram_f32: torch.Tensor, spec, options: dict[str, Any], backend_obj, normalization: str,
+           losses, normalize_weights: bool) -> torch.Tensor:
+    """Normalise, run the method (native solver if the backend has one), rescale."""
+    gram64 = gram_f32.to(torch.float64)
+    scales = normalization_scales(gram64, normalization, losses)
+    if scales is not None:
+        gram64 = gram64 / (scales[:, :, None] * scales[:, None, :])
+    weights = backend_obj.solve(gram64, spec, options)
+    if weights is None:
+        weights = spec.fn(gram64, **options)
+    weights = weights.to(torch.float64)
+    if scales is not None:
+        weights = weights / scales
+    if normalize_weights:
+        total = weights.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), weights)
+    return weights.to(torch.float32)
+
+
+def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: str = "none",
+          losses=None, normalize_weights: bool = True, **options) -> torch.Tensor:
+    """Per-segment weights of ``method`` from Gram matrices.
+
+    Args:
+        gram: ``[S, T, T]`` (or ``[T, T]``) floating point.
+        method: a registered method (``mean``, ``mgda``, ``pcgrad``, ``cagrad``, ...).
+        normalization: ``none``, ``l2``, ``loss`` or ``loss+`` (the loss modes need ``losses``).
+        losses: per-task losses ``[T]`` for the loss-based normalisations.
+        normalize_weights: rescale the weights to sum to 1 (default); False keeps the
+            method's paper scale (PCGrad: mean of projected gradients; CAGrad: its rescale).
+        **options: the method's options (``mgda``: solver, max_iter, tol; ``pcgrad``: seed;
+            ``cagrad``: c, rescale).
+    Returns:
+        ``[S, T]`` float32 (computed in float64).
+    """
+    gram_t = check_gram(gram)
+    spec, resolved = _validate_method(method, gram_t.shape[-1], options)
+    backend_obj = get_backend(backend, gram_t.device)
+    return _solve(gram_t.to(torch.float32), spec, resolved, backend_obj, normalization, losses,
+                  normalize_weights)
+
+
+def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -> torch.Tensor:
+    """Combined gradient ``d[n] = sum_t weights[s(n), t] * grads[t][n]``.
+
+    Args:
+        grads: ``[T, N]`` tensor or T 1-D tensors (fp32 / bf16 / fp16).
+        weights: ``[S, T]`` (or ``[T]``) weights; cast to float32.
+        segments: the layout the weights refer to.
+        out: optional ``[N]`` tensor in the grads' dtype; may alias one of the gradients.
+    Returns:
+        ``[N]`` in the grads' dtype (``out`` when given). Accumulates in float32 or wider.
+    """
+    task_grads = as_task_grads(grads)
+    segs = as_segments(segments, task_grads.numel)
+    check_out(out, task_grads)
+    w = check_weights(weights, segs.num_segments, task_grads.num_tasks, task_grads.device)
+    backend_obj = get_backend(backend, task_grads.device)
+    if out is None:
+        out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+    backend_obj.combine(task_grads, w, segs, out)
+    return out
+
+
+def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, backend: str = "auto",
+                     return_info: bool = False, normalization: str = "none", losses=None,
+                     normalize_weights: bool = True, check_finite: bool = True, **method_options):
+    """Bucket-level MOO of T task gradients: Gram -> weights -> combined gradient.
+
+    Args:
+        grads: ``[T, N]`` tensor or T 1-D tensors of length N (fp32 / bf16 / fp16, one device).
+        method: registered method name; ``mean`` is plain averaging.
+        segments: None (one segment), int chunk length, or ``S + 1`` int64 offsets
+            (empty segments allowed); each segment gets its own weights.
+        out: optional ``[N]`` output in the grads' dtype; may be the storage of one of the
+            gradients (a DDP bucket buffer).
+        backend: ``auto`` / ``torch`` / ``cpu`` / ``triton`` / ``cuda``.
+        return_info: also return a :class:`MOOInfo` with ``gram`` and ``weights``.
+        normalization, losses, normalize_weights: see :func:`solve`.
+        check_finite: raise ``ValueError`` (``out`` untouched) if the Gram is not finite,
+            i.e. a gradient holds NaN/Inf or its squared norm overflows float32. This costs
+            one device-to-host sync of S*T*T floats. With False, non-finite input propagates
+            NaN/Inf into the output without a sync (what a GradScaler-style step skip wants).
+        **method_options: the method's options.
+    Returns:
+        ``[N]`` combined gradient in the grads' dtype, or ``(combined, MOOInfo)``.
+    """
+    task_grads = as_task_grads(grads)
+    segs = as_segments(segments, task_grads.numel)
+    check_out(out, task_grads)
+    spec, resolved = _validate_method(method, task_grads.num_tasks, method_options)
+    backend_obj = get_backend(backend, task_grads.device)
+    gram_t = backend_obj.gram(task_grads, segs)
+    if check_finite and not bool(torch.isfinite(gram_t).all()):
+        bad = torch.nonzero(~torch.isfinite(gram_t).flatten(1).all(-1)).flatten()[:5].tolist()
+        raise ValueError(
+            "grads contain NaN/Inf (or values whose squares overflow float32): the Gram matrix of "
+            f"segment(s) {bad} is not finite; nothing was written. Pass check_finite=False to let "
+            "non-finite values propagate instead."
+        )
+    weights = _solve(gram_t, spec, resolved, backend_obj, normalization, losses, normalize_weights)
+    if out is None:
+        out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+    backend_obj.combine(task_grads, weights, segs, out)
+    if return_info:
+        return out, MOOInfo(gram_t, weights, segs, method, backend_obj.name)
+    return out

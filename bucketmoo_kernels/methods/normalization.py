@@ -1,0 +1,45 @@
+"""Optional gradient normalisation before a method runs (Sener & Koltun 2018, §3.3).
+
+Each task gradient g_t is divided by a scale n_t before solving, which is a congruence of
+the Gram matrix, M'_ij = M_ij / (n_i n_j), and a rescaling of the weights:
+d = sum_t w'_t g_t / n_t, i.e. w_t = w'_t / n_t on the raw gradients.
+
+* ``none``  n_t = 1
+* ``l2``    n_t = |g_t| (from the Gram diagonal)
+* ``loss``  n_t = L_t, the task's loss (pass ``losses``)
+* ``loss+`` n_t = L_t |g_t|
+
+Zero scales (a zero gradient, a zero loss) are replaced by 1: that task's gradient is then
+left as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["NORMALIZATIONS", "normalization_scales"]
+
+NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def normalization_scales(gram: torch.Tensor, normalization: str,
+                         losses: torch.Tensor | None) -> torch.Tensor | None:
+    """``[S, T]`` float64 scales n_t for ``gram [S, T, T]``, or None for ``"none"``."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {normalization!r}"
+        )
+    if normalization == "none":
+        return None
+    num_seg, num_tasks, _ = gram.shape
+    scales = torch.ones(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    if normalization in ("l2", "loss+"):
+        scales = scales * gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).clamp_min(0).sqrt()
+    if normalization in ("loss", "loss+"):
+        if losses is None:
+            raise ValueError(f"normalization={normalization!r} needs the per-task losses: pass losses=[L_1..L_T]")
+        losses = torch.as_tensor(losses, dtype=torch.float64).to(gram.device)
+        if losses.shape not in ((num_tasks,), (num_seg, num_tasks)):
+            raise ValueError(f"losses must have shape [T] = [{num_tasks}]; got {tuple(losses.shape)}")
+        scales = scales * losses
+    return torch.where(scales > 0, scales, torch.ones_like(scales))

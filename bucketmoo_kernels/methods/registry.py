@@ -1,0 +1,91 @@
+"""The method registry: every aggregation method is one function of the Gram matrix.
+
+A method is ``fn(gram, **options) -> weights`` where ``gram`` is a float64 ``[S, T, T]``
+tensor (one Gram matrix per segment) and the result is float64 ``[S, T]``: the method's own
+weights in its paper's scale (the public API rescales them to sum to one unless asked not
+to). The function must be written with batched torch ops and no host synchronisation, so
+it runs unchanged on any device; backends with a native solver for a method use theirs and
+are tested against this one.
+
+Adding a method::
+
+    from bucketmoo_kernels import register_method
+
+    @register_method("uniform_plus", defaults={"eps": 0.1})
+    def uniform_plus(gram, *, eps):
+        ...
+        return weights            # [S, T] float64
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Method", "register_method", "get_method", "available_methods", "resolve_options"]
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, weight function, default options and task limit."""
+
+    name: str
+    fn: MethodFn
+    defaults: dict[str, Any] = field(default_factory=dict)
+    max_tasks: int | None = None
+    summary: str = ""
+
+    def __call__(self, gram: torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.fn(gram, **resolve_options(self, options))
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, defaults: dict[str, Any] | None = None,
+                    max_tasks: int | None = None, overwrite: bool = False):
+    """Decorator that registers ``fn(gram [S,T,T] f64, **options) -> [S,T] f64`` as ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"method name must be a non-empty string; got {name!r}")
+
+    def wrap(fn: MethodFn) -> MethodFn:
+        if name in _METHODS and not overwrite:
+            raise ValueError(f"method {name!r} is already registered (pass overwrite=True to replace it)")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _METHODS[name] = Method(name, fn, dict(defaults or {}), max_tasks, summary)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ``ValueError`` listing the known ones otherwise."""
+    try:
+        return _METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown method {name!r}; available methods: {', '.join(sorted(_METHODS))}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_METHODS)
+
+
+def resolve_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with ``options``; unknown option names raise ``TypeError``."""
+    unknown = set(options) - set(method.defaults)
+    if unknown:
+        accepted = ", ".join(sorted(method.defaults)) or "none"
+        raise TypeError(
+            f"method {method.name!r} got unknown option(s) {', '.join(sorted(unknown))}; "
+            f"it accepts: {accepted}"
+        )
+    resolved = dict(method.defaults)
+    resolved.update(options)
+    return resolved
