@@ -1,0 +1,69 @@
+"""Helpers shared by the tests: comparisons that say where and how much things differ,
+the dtype tolerance table, and generators of awkward segment layouts."""
+
+from __future__ import annotations
+
+import torch
+
+# (dtype, atol, rtol) for a combined gradient stored in ``dtype`` against the float64
+# reference: one rounding of the output (half an ulp of the dtype) plus float32
+# accumulation error, relative to the gradients' scale (tests use O(1) gradients).
+DTYPE_TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+DTYPES = list(DTYPE_TOLERANCES)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "") -> None:
+    """``torch.testing.assert_close`` in float64 that reports how many elements differ and
+    the first offending indices with their values."""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=True)
+    if bad.any():
+        idx = torch.nonzero(bad)[:5]
+        rows = [f"  at {tuple(i.tolist())}: got {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}"
+                for i in idx]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"max abs diff {(a - e).abs().nan_to_num(float('inf')).max().item():.3g}\n" + "\n".join(rows)
+        )
+
+
+def offsets(*lengths: int) -> torch.Tensor:
+    """int64 offsets of consecutive segments with the given lengths."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+# Segment layouts by name -> function(N) -> segments argument. N is the total length.
+def _uneven(n: int) -> torch.Tensor:
+    cuts = sorted({0, n, *[int(n * f) for f in (0.1, 0.13, 0.5, 0.77)]})
+    return torch.tensor(cuts, dtype=torch.int64)
+
+
+def _with_empty(n: int) -> torch.Tensor:
+    return offsets(0, n // 3, 0, 0, n - n // 3 - 1, 1, 0)
+
+
+LAYOUTS = {
+    "one": lambda n: None,
+    "chunk7": lambda n: 7,
+    "uneven": _uneven,
+    "empty+len1": _with_empty,
+}
+
+
+def random_grads(num_tasks: int, n: int, dtype=torch.float32, device="cpu", correlated: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[T, N]`` gradients with a shared component so that conflicts and agreements both occur."""
+    base = torch.randn(n, generator=generator, dtype=torch.float64)
+    own = torch.randn(num_tasks, n, generator=generator, dtype=torch.float64)
+    signs = torch.tensor([1.0 if t % 2 == 0 else -0.5 for t in range(num_tasks)], dtype=torch.float64)
+    grads = own + (signs[:, None] * base if correlated else 0)
+    return grads.to(device=device, dtype=dtype)
