@@ -23,11 +23,12 @@ __all__ = [
     "project_to_simplex",
 ]
 
-#: Ridge added to the diagonal before a solve: RIDGE_REL * mean(diag M) + RIDGE_ABS. It only
+#: Ridge added to the diagonal before a solve: RIDGE_REL * mean(diag M) + RIDGE_ABS (all solver
+#: math is float64, so the absolute floor can be tiny and never biases small Grams). It only
 #: removes exact singularity (identical or colinear gradients, segments shorter than T); its
 #: effect on the objective is at most that amount.
-RIDGE_REL = 1e-12
-RIDGE_ABS = 1e-30
+RIDGE_REL = 1e-9
+RIDGE_ABS = 1e-200
 #: Candidates whose objective is within TIE_REL * max(diag M) of the best are ties; among
 #: ties the one with the most tasks in its support wins (then the lowest subset bitmask).
 TIE_REL = 1e-10
