@@ -14,6 +14,11 @@ from .inputs import Segments, TaskGrads
 __all__ = ["gram_reference", "combine_reference", "TorchBackend"]
 
 
+def _segment_views(grads: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, ...]:
+    """The ``[T, n_s]`` column blocks of ``grads [T, N]``, one per segment (views)."""
+    return torch.split(grads, segments.lengths.tolist(), dim=1)
+
+
 def gram_reference(grads: TaskGrads, segments: Segments) -> torch.Tensor:
     """Per-segment Gram matrices ``M_s = G_s G_s^T``.
 
@@ -23,18 +28,9 @@ def gram_reference(grads: TaskGrads, segments: Segments) -> torch.Tensor:
     Returns:
         ``[S, T, T]`` float32 (accumulated in float64).
     """
-    num_tasks, num_seg = grads.num_tasks, segments.num_segments
-    device = grads.device
-    seg_id = segments.segment_ids(device)
-    rows = [g.to(torch.float64) for g in grads.rows]
-    gram = torch.zeros(num_seg, num_tasks, num_tasks, dtype=torch.float64, device=device)
-    for i in range(num_tasks):
-        for j in range(i, num_tasks):
-            partial = torch.zeros(num_seg, dtype=torch.float64, device=device)
-            partial.index_add_(0, seg_id, rows[i] * rows[j])
-            gram[:, i, j] = partial
-            gram[:, j, i] = partial
-    return gram.to(torch.float32)
+    stacked = grads.as_stacked().to(torch.float64)
+    grams = [block @ block.T for block in _segment_views(stacked, segments)]
+    return torch.stack(grams).to(torch.float32)
 
 
 def combine_reference(grads: TaskGrads, weights: torch.Tensor, segments: Segments,
@@ -43,11 +39,10 @@ def combine_reference(grads: TaskGrads, weights: torch.Tensor, segments: Segment
 
     ``out`` may alias one of the gradients: the result is built aside, then copied in.
     """
-    lengths = segments.lengths.to(weights.device)
-    combined = torch.zeros(grads.numel, dtype=torch.float64, device=grads.device)
-    for t, g in enumerate(grads.rows):
-        per_elem = torch.repeat_interleave(weights[:, t].to(torch.float64), lengths)
-        combined += per_elem * g.to(torch.float64)
+    stacked = grads.as_stacked().to(torch.float64)
+    w = weights.to(torch.float64)
+    blocks = _segment_views(stacked, segments)
+    combined = torch.cat([w[s] @ block for s, block in enumerate(blocks)]) if blocks else stacked[0]
     return out.copy_(combined)
 
 

@@ -1,0 +1,179 @@
+"""Kernel microbenchmark: gram / solve / combine / fused on every backend available for the
+device, against the torch reference and a copy of the same bytes, measured in the same run.
+
+    python -m benchmarks.bench_kernels --quick            # a summary in ~1 minute on CPU
+    python -m benchmarks.bench_kernels                     # the full sweep for the device
+    python -m benchmarks.bench_kernels --device cuda --tasks 2 4 8 --sizes 25000000
+
+Effective bandwidth counts the ideal traffic: gram reads T*N elements; combine and fused
+read T*N and write N. The copy baseline copies T*N elements (reads and writes them), and its
+bandwidth is (read + written bytes) / time. "share" = effective bandwidth / copy bandwidth.
+Two torch baselines run in the same process: ``torch`` (the float64 reference backend) and
+``eager`` (fp32 matmuls per segment, what one would write by hand). The Triton backend is
+skipped on CPU tensors: the interpreter is a test vehicle, not a backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import bucketmoo_kernels as bm
+from bucketmoo_kernels.inputs import Segments
+from benchmarks.harness import copy_baseline_ms, environment, gbps, markdown_table, time_ms, write_results
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _block_params(d: int) -> list[int]:
+    """Parameter sizes of one GPT-2-style block of width d: qkv, proj, norms, MLP in/out."""
+    return [d * 3 * d, 3 * d, d * d, d, d, d, d * 4 * d, 4 * d, 4 * d * d, d, d, d]
+
+
+def param_layout(n: int) -> Segments:
+    """Per-parameter segments of a transformer (GPT-2 small's width 768, narrower for small
+    ``n`` so that several blocks fit), repeated and truncated to ``n`` elements."""
+    d = next((w for w in (768, 512, 256, 128, 64, 32) if 2 * sum(_block_params(w)) <= n), 16)
+    lengths, total = [], 0
+    while total < n:
+        for size in _block_params(d):
+            size = min(size, n - total)
+            lengths.append(size)
+            total += size
+            if total >= n:
+                break
+    return Segments.from_lengths(lengths)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def backends_for(device: torch.device) -> list[str]:
+    names = [n for n, reason in bm.available_backends(device).items() if reason is None]
+    if device.type == "cpu":
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+def eager_gram(grads: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """What one would write by hand in torch: an fp32 matmul per segment."""
+    bounds = segments.offsets.tolist()
+    return torch.stack([grads[:, a:b].float() @ grads[:, a:b].float().T for a, b in zip(bounds, bounds[1:])])
+
+
+def eager_combine(grads: torch.Tensor, weights: torch.Tensor, segments: Segments, out: torch.Tensor) -> None:
+    bounds = segments.offsets.tolist()
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        out[a:b] = (weights[s] @ grads[:, a:b].float()).to(out.dtype)
+
+
+def _eager_ops(grads, segments, out, gram, weights, backend="torch"):
+    def fused():
+        g = eager_gram(grads, segments)
+        w = bm.solve(g, backend=backend)
+        eager_combine(grads, w, segments, out)
+
+    return {"gram": lambda: eager_gram(grads, segments), "solve": lambda: bm.solve(gram, backend=backend),
+            "combine": lambda: eager_combine(grads, weights, segments, out), "fused": fused}
+
+
+def bench_case(device, backend, num_tasks, n, dtype, layout, elt_bytes, copy_gbps, repeats):
+    grads = torch.randn(num_tasks, n, device=device).to(dtype)
+    segments = Segments.single(n) if layout == "one" else param_layout(n)
+    out = torch.empty(n, device=device, dtype=dtype)
+    gram = bm.gram(grads, segments, backend="torch" if backend == "eager" else backend)
+    weights = bm.solve(gram, backend="torch" if backend == "eager" else backend)
+    traffic = {"gram": num_tasks * n * elt_bytes, "solve": 0, "combine": (num_tasks + 1) * n * elt_bytes,
+               "fused": (num_tasks + 1) * n * elt_bytes}
+    if backend == "eager":
+        ops = {op: (fn, traffic[op]) for op, fn in _eager_ops(grads, segments, out, gram, weights).items()}
+        return _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats)
+    ops = {
+        "gram": (lambda: bm.gram(grads, segments, backend=backend), num_tasks * n * elt_bytes),
+        "solve": (lambda: bm.solve(gram, backend=backend), 0),
+        "combine": (lambda: bm.combine(grads, weights, segments, out=out, backend=backend),
+                    (num_tasks + 1) * n * elt_bytes),
+        "fused": (lambda: bm.fused_bucket_moo(grads, segments=segments, out=out, backend=backend,
+                                              check_finite=False), (num_tasks + 1) * n * elt_bytes),
+    }
+    return _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats)
+
+
+def _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats):
+    rows = []
+    for op, (fn, nbytes) in ops.items():
+        t = time_ms(fn, device, repeats=repeats)["median_ms"]
+        bw = gbps(nbytes, t) if nbytes else float("nan")
+        rows.append({"op": op, "backend": backend, "T": num_tasks, "N": n, "dtype": _short(dtype),
+                     "segments": segments.num_segments, "median_ms": t, "GB/s": bw,
+                     "share_of_copy": bw / copy_gbps if nbytes else float("nan")})
+    return rows
+
+
+def run(device: torch.device, tasks, sizes, dtypes, layouts, repeats):
+    rows = []
+    names = backends_for(device)
+    for n in sizes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            elt = torch.empty(0, dtype=dtype).element_size()
+            for num_tasks in tasks:
+                copy_ms = copy_baseline_ms(num_tasks * n, dtype, device, repeats=repeats)["median_ms"]
+                copy_gbps = gbps(2 * num_tasks * n * elt, copy_ms)
+                rows.append({"op": "copy", "backend": "torch", "T": num_tasks, "N": n, "dtype": dname,
+                             "segments": 1, "median_ms": copy_ms, "GB/s": copy_gbps, "share_of_copy": 1.0})
+                for layout in layouts:
+                    case = []
+                    for backend in names + ["eager"]:
+                        case += bench_case(device, backend, num_tasks, n, dtype, layout, elt, copy_gbps, repeats)
+                    ref = {r["op"]: r["median_ms"] for r in case if r["backend"] == "torch"}
+                    eager = {r["op"]: r["median_ms"] for r in case if r["backend"] == "eager"}
+                    for r in case:
+                        r["speedup_vs_torch"] = ref[r["op"]] / r["median_ms"]
+                        r["speedup_vs_eager"] = eager[r["op"]] / r["median_ms"]
+                    rows += case
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="T values (default 2 4 8)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N values")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", default=["one", "params"], choices=["one", "params"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="T=4, N=1M, fp32 only: about a minute on CPU")
+    parser.add_argument("--name", default=None, help="results file name (default kernels_<device>)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        tasks, sizes, dtypes, repeats = [4], [1 << 20], ["fp32"], 3
+    else:
+        tasks = args.tasks or [2, 4, 8]
+        sizes = args.sizes or ([1 << 16, 1 << 20, 1 << 24] if device.type == "cpu" else [1 << 16, 1 << 20, 25_000_000, 100_000_000])
+        dtypes, repeats = args.dtypes or list(DTYPES), args.repeats
+    rows = run(device, tasks, sizes, dtypes, args.layouts, repeats)
+    env = environment(device)
+    columns = ["op", "backend", "T", "N", "dtype", "segments", "median_ms", "GB/s", "share_of_copy", "speedup_vs_torch",
+               "speedup_vs_eager"]
+    notes = ("Median of repeated runs (CPU) or triton.testing.do_bench (CUDA). share_of_copy = effective "
+             "bandwidth / bandwidth of a copy of the T*N elements in the same run. speedup_vs_torch is "
+             "against the float64 torch reference backend (the test oracle, written for clarity); "
+             "speedup_vs_eager against `eager`, a hand-written fp32 torch version (a matmul per segment), "
+             "both in the same run.")
+    if args.quick:
+        print(markdown_table(rows, columns))
+        return 0
+    path = write_results(args.name or f"kernels_{device.type}", rows, env, title="Kernel microbenchmark",
+                         notes=notes, columns=columns)
+    print(markdown_table(rows, columns))
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
