@@ -1,0 +1,78 @@
+"""The ``triton`` backend object that :mod:`bucketmoo_kernels.dispatch` selects."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..inputs import Segments, TaskGrads
+from ..methods import simplex
+from .combine import combine_triton
+from .gram import gram_triton
+from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton
+from .tiles import INTERPRET
+
+__all__ = ["TritonBackend"]
+
+
+class TritonBackend:
+    """Gram, solve and combine as Triton kernels (one launch each).
+
+    Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a test vehicle:
+    slow). ``solve`` handles ``mean`` and ``mgda`` (closed form, exact enumeration for
+    T <= 8, fixed-iteration PGD); other methods fall back to their torch functions, which run
+    on the device too.
+
+    Args:
+        gram_chunk, combine_chunk: elements per program of the Gram / combine kernels
+            (None: the module defaults). Small values exercise the multi-tile reduction.
+    """
+
+    name = "triton"
+
+    def __init__(self, gram_chunk: int | None = None, combine_chunk: int | None = None):
+        self.gram_chunk = gram_chunk
+        self.combine_chunk = combine_chunk
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not INTERPRET and not torch.cuda.is_available():
+                return "torch reports no usable CUDA device"
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                        "before importing bucketmoo_kernels")
+            if not INTERPRET:
+                return ("TRITON_INTERPRET=1 was set after bucketmoo_kernels.triton was imported; the "
+                        "kernels were compiled for the GPU. Set it before the first import")
+            return None
+        return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1); got {device.type}"
+
+    def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
+        return gram_triton(grads, segments, chunk=self.gram_chunk)
+
+    def solve(self, gram: torch.Tensor, method, options: dict) -> torch.Tensor | None:
+        num_seg, num_tasks = gram.shape[0], gram.shape[-1]
+        if method.name == "mean":
+            return torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=torch.float64,
+                              device=gram.device)
+        if method.name != "mgda" or num_tasks < 2 or num_seg == 0:
+            return None
+        solver = options.get("solver", "auto")
+        if solver == "auto":
+            solver = ("closed_form" if num_tasks == 2
+                      else "exact" if num_tasks <= simplex.MAX_EXACT_TASKS else "pgd")
+        if solver == "closed_form" and num_tasks == 2:
+            return mgda_closed_form_triton(gram)
+        if solver == "exact" and num_tasks <= simplex.MAX_EXACT_TASKS:
+            return mgda_exact_triton(gram)
+        if solver == "pgd" and num_tasks <= 64:
+            return mgda_pgd_triton(gram, max_iter=int(options.get("max_iter", 500)))
+        return None  # the torch function raises the appropriate error
+
+    def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
+                out: torch.Tensor) -> None:
+        combine_triton(grads, weights, segments, out, chunk=self.combine_chunk)

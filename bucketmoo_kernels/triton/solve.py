@@ -1,0 +1,218 @@
+"""Triton ``solve``: per-segment MGDA weights on the device, float64, one launch, no host sync.
+
+Follows :mod:`bucketmoo_kernels.methods.mgda` and the numeric contract of
+:mod:`bucketmoo_kernels.methods.simplex` (ridge, TIE_REL, FEASIBLE_TOL, pick rule):
+
+* ``_mgda_closed_form_kernel`` (T = 2): a block of segments per program.
+* ``_mgda_exact_kernel`` (3 <= T <= 8): one program per segment; the 2^T - 1 subsets are the
+  leading axis of a ``[KP, TP, TP]`` tensor (subset k is bitmask k + 1). Each subset's system
+  ``M_AA x = 1`` (rows/cols outside A replaced by identity rows with a zero right-hand side,
+  as in the torch solver) is solved by Gauss-Jordan elimination without pivoting, which is
+  safe because the ridged M_AA is positive definite. Then w = x / sum(x), the objective
+  ``w^T M w``, and the pick rule: least objective among feasible candidates, ties (within
+  TIE_REL * max diag) go to the largest support, then the lowest bitmask; clamp, renormalise.
+* ``_mgda_pgd_kernel`` (any T, ``solver="pgd"``): the accelerated projected gradient of
+  ``mgda_pgd`` (FISTA with adaptive restart, step 1/L with L the largest absolute row sum),
+  a fixed ``max_iter`` iterations (``tol`` is not used: checking it needs a host sync), the
+  simplex projection in a sort-free closed form.
+
+The float constants come in through a small float64 tensor: Triton types Python float
+arguments and literals as float32, which would flush RIDGE_ABS = 1e-200 to zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..methods import simplex
+
+__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton"]
+
+_constants: dict[str, torch.Tensor] = {}
+
+
+def _contract_constants(device: torch.device) -> torch.Tensor:
+    """float64 ``[RIDGE_REL, RIDGE_ABS, TIE_REL, FEASIBLE_TOL]`` on ``device`` (cached)."""
+    key = str(device)
+    cached = _constants.get(key)
+    if cached is None:
+        cached = torch.tensor([simplex.RIDGE_REL, simplex.RIDGE_ABS, simplex.TIE_REL,
+                               simplex.FEASIBLE_TOL], dtype=torch.float64, device=device)
+        _constants[key] = cached
+    return cached
+
+
+@triton.jit
+def _mgda_closed_form_kernel(g_ptr, c_ptr, w_ptr, S, BLOCK_S: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = offs < S
+    ridge_rel = tl.load(c_ptr + 0)
+    ridge_abs = tl.load(c_ptr + 1)
+    m11 = tl.load(g_ptr + offs * 4 + 0, mask=ok, other=0.0)
+    m12 = tl.load(g_ptr + offs * 4 + 1, mask=ok, other=0.0)
+    m22 = tl.load(g_ptr + offs * 4 + 3, mask=ok, other=0.0)
+    ridge = ridge_rel * ((m11 + m22) / 2) + ridge_abs
+    m11 = m11 + ridge
+    m22 = m22 + ridge
+    denom = m11 + m22 - 2 * m12
+    safe = tl.where(denom > 0, denom, 1.0)
+    gamma = tl.where(denom > 0, (m22 - m12) / safe, 0.5)
+    gamma = tl.minimum(tl.maximum(gamma, 0.0), 1.0)
+    tl.store(w_ptr + offs * 2 + 0, gamma, mask=ok)
+    tl.store(w_ptr + offs * 2 + 1, 1.0 - gamma, mask=ok)
+
+
+@triton.jit
+def _load_ridged(g_ptr, c_ptr, s, T: tl.constexpr, TP: tl.constexpr):
+    """Segment s's Gram padded to [TP, TP] (zeros outside), its ridged copy, max(diag) >= 0."""
+    i = tl.arange(0, TP)
+    real = (i[:, None] < T) & (i[None, :] < T)
+    m = tl.load(g_ptr + s * (T * T) + i[:, None] * T + i[None, :], mask=real, other=0.0)
+    on_diag = (i[:, None] == i[None, :]) & real
+    diag = tl.sum(tl.where(on_diag, m, 0.0), axis=1)
+    ridge = tl.load(c_ptr + 0) * (tl.sum(diag) / T) + tl.load(c_ptr + 1)
+    mr = tl.where(on_diag, m + ridge, m)
+    scale = tl.maximum(tl.max(tl.where(i < T, diag, 0.0)), 0.0)
+    return mr, scale
+
+
+@triton.jit
+def _mgda_exact_kernel(g_ptr, c_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, KP: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    mr, scale = _load_ridged(g_ptr, c_ptr, s, T, TP)
+    tie_rel = tl.load(c_ptr + 2)
+    feas_tol = tl.load(c_ptr + 3)
+
+    i = tl.arange(0, TP)
+    k = tl.arange(0, KP)
+    num_k = (1 << T) - 1
+    valid = k < num_k
+    inset = (((k[:, None] + 1) >> i[None, :]) & 1) != 0
+    inset = inset & (i[None, :] < T)  # [KP, TP]
+    pair = inset[:, :, None] & inset[:, None, :]  # [KP, TP, TP]
+    eye = (i[:, None] == i[None, :])[None, :, :]
+    a = tl.where(pair, mr[None, :, :], tl.where(eye, 1.0, 0.0).to(tl.float64))
+    b = tl.where(inset, 1.0, 0.0).to(tl.float64)  # [KP, TP]
+
+    # Gauss-Jordan without pivoting, all subsets at once.
+    row_i = i[None, :, None]
+    col_j = i[None, None, :]
+    for p in tl.static_range(T):
+        row_p = tl.sum(tl.where(row_i == p, a, 0.0), axis=1)  # [KP, TP] = a[k, p, :]
+        col_p = tl.sum(tl.where(col_j == p, a, 0.0), axis=2)  # [KP, TP] = a[k, :, p]
+        piv = tl.sum(tl.where(i[None, :] == p, row_p, 0.0), axis=1)  # [KP]
+        b_p = tl.sum(tl.where(i[None, :] == p, b, 0.0), axis=1)  # [KP]
+        factor = tl.where(i[None, :] == p, 0.0, col_p / piv[:, None])  # [KP, TP]
+        a = a - factor[:, :, None] * row_p[:, None, :]
+        b = b - factor * b_p[:, None]
+    d = tl.sum(tl.where(eye, a, 0.0), axis=2)  # [KP, TP]
+    x = tl.where(i[None, :] < T, b / d, 0.0)
+
+    # w = x / sum(x); a zero sum (the padding subset) is infeasible, as the NaN it gives in torch.
+    total = tl.sum(x, axis=1)
+    w = x / tl.where(total != 0, total, 1.0)[:, None]  # [KP, TP]
+    mw = tl.sum(mr[None, :, :] * w[:, None, :], axis=2)
+    obj = tl.sum(w * mw, axis=1)  # [KP]
+
+    elem_ok = ((tl.abs(w) < float("inf")) & (w >= -feas_tol)) | (i[None, :] >= T)
+    feasible = tl.min(elem_ok.to(tl.int32), axis=1) == 1
+    usable = feasible & (total != 0) & (tl.abs(obj) < float("inf")) & valid
+    obj = tl.where(usable, obj, float("inf"))
+    best = tl.min(obj)
+    ties = (obj <= best + tie_rel * scale) & valid
+    size = tl.sum(inset.to(tl.int32), axis=1)
+    score = tl.where(ties, size * num_k - k, -1)
+    top = tl.max(score)
+    chosen = tl.sum(tl.where((score == top)[:, None], w, 0.0), axis=0)  # [TP]
+    chosen = tl.maximum(chosen, 0.0)
+    chosen = chosen / tl.sum(chosen)
+    tl.store(w_ptr + s * T + i, chosen, mask=i < T)
+
+
+@triton.jit
+def _project_simplex(v, i, T: tl.constexpr):
+    """Euclidean projection of v [1, TP] onto the simplex over its first T entries.
+
+    Sort-free form of the Held-Wolfe-Crowder / Duchi et al. rule: with u the entries sorted
+    in decreasing order, theta = max_j (u_1 + ... + u_j - 1) / j. The prefix that ends at
+    entry j is the set of entries ranked before it (larger, or equal with a lower index).
+    """
+    real = i < T
+    flat = tl.sum(v, axis=0)  # [TP] (v has one row)
+    vj = flat[:, None]  # [TP, 1]  candidate last entry j
+    vi = flat[None, :]  # [1, TP]  entry i
+    before = ((vi > vj) | ((vi == vj) & (i[None, :] <= i[:, None]))) & real[None, :]
+    count = tl.sum(before.to(tl.float64), axis=1)  # [TP]
+    prefix = tl.sum(tl.where(before, vi, 0.0), axis=1)
+    cand = tl.where(real, (prefix - 1) / tl.maximum(count, 1.0), -float("inf"))
+    theta = tl.max(cand)
+    return tl.where(real[None, :], tl.maximum(v - theta, 0.0), 0.0)
+
+
+@triton.jit
+def _mgda_pgd_kernel(g_ptr, c_ptr, w_ptr, max_iter, T: tl.constexpr, TP: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    mr, scale = _load_ridged(g_ptr, c_ptr, s, T, TP)
+    i = tl.arange(0, TP)
+    real = (i < T)[None, :]
+    lipschitz = tl.max(tl.sum(tl.abs(mr), axis=1))
+    half_step = 0.5 / tl.maximum(lipschitz, 2.2250738585072014e-308)
+    w = tl.where(real, tl.full([1, TP], 1.0, tl.float64) / T, 0.0)  # [1, TP]
+    y = w
+    t_k = tl.full([1, 1], 1.0, tl.float64)
+    for _ in range(max_iter):
+        grad = 2 * tl.sum(mr[None, :, :] * y[:, None, :], axis=2)  # [1, TP]
+        w_next = _project_simplex(y - half_step * grad, i, T)
+        t_next = (1 + tl.sqrt(1 + 4 * t_k * t_k)) / 2
+        # Adaptive restart (O'Donoghue & Candes 2015): drop momentum when it points uphill.
+        uphill = tl.sum(grad * (w_next - w), axis=1)[:, None] > 0  # [1, 1]
+        momentum = tl.where(uphill, 0.0, (t_k - 1) / t_next)
+        t_next = tl.where(uphill, 1.0, t_next)
+        y = w_next + momentum * (w_next - w)
+        w = w_next
+        t_k = t_next
+    tl.store(w_ptr + s * T + i[None, :], w, mask=real)
+
+
+def mgda_closed_form_triton(gram: torch.Tensor) -> torch.Tensor:
+    """MGDA closed form, T = 2: ``gram [S, 2, 2]`` float64 -> ``[S, 2]`` float64."""
+    gram = gram.to(torch.float64).contiguous()
+    num_seg = gram.shape[0]
+    out = torch.empty(num_seg, 2, dtype=torch.float64, device=gram.device)
+    block = 256
+    _mgda_closed_form_kernel[(triton.cdiv(num_seg, block),)](
+        gram, _contract_constants(gram.device), out, num_seg, BLOCK_S=block)
+    return out
+
+
+def mgda_exact_triton(gram: torch.Tensor) -> torch.Tensor:
+    """MGDA by active-set enumeration, 2 <= T <= 8: ``[S, T, T]`` float64 -> ``[S, T]`` float64."""
+    gram = gram.to(torch.float64).contiguous()
+    num_seg, num_tasks, _ = gram.shape
+    if not 2 <= num_tasks <= simplex.MAX_EXACT_TASKS:
+        raise ValueError(f"the exact Triton MGDA solver needs 2 <= T <= {simplex.MAX_EXACT_TASKS}; "
+                         f"got T = {num_tasks}")
+    out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    tp = next_pow2(num_tasks)
+    kp = 1 << num_tasks
+    warps = 4 if kp * tp * tp <= 4096 else 8
+    _mgda_exact_kernel[(num_seg,)](gram, _contract_constants(gram.device), out,
+                                   T=num_tasks, TP=tp, KP=kp, num_warps=warps)
+    return out
+
+
+def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
+    """MGDA by accelerated projected gradient, any T >= 2, exactly ``max_iter`` iterations:
+    ``[S, T, T]`` float64 -> ``[S, T]`` float64."""
+    gram = gram.to(torch.float64).contiguous()
+    num_seg, num_tasks, _ = gram.shape
+    out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    _mgda_pgd_kernel[(num_seg,)](gram, _contract_constants(gram.device), out, int(max_iter),
+                                 T=num_tasks, TP=max(2, next_pow2(num_tasks)), num_warps=1)
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
