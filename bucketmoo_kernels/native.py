@@ -1,0 +1,197 @@
+"""The native backends ``cpu`` (C++/OpenMP, :mod:`bucketmoo_kernels._cpu`) and ``cuda``
+(:mod:`bucketmoo_kernels._cuda`).
+
+Both compiled modules register the same ``torch.ops.bucketmoo`` operators (schemas in
+``python/bucketmoo_ops.h``), one implementation per dispatch key:
+
+* ``gram(Tensor[] grads, Tensor offsets) -> Tensor``: ``[S, T, T]`` float32
+* ``solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor``: ``[S, T]`` f64
+* ``solve_pcgrad(Tensor gram, Tensor orders) -> Tensor``: ``[S, T]`` f64
+* ``solve_cagrad(Tensor gram, float c, int rescale) -> Tensor``: ``[S, T]`` f64
+* ``combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()``
+
+This module loads each compiled module in a try/except (a missing or broken build never
+breaks ``import bucketmoo_kernels``; the reason is kept and shown when the backend is asked
+for by name), registers the fake (meta) implementations so the ops trace under
+``torch.compile``, and registers the two backends with :mod:`bucketmoo_kernels.dispatch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .dispatch import register_backend
+from .inputs import Segments, TaskGrads
+from .methods.pcgrad import pcgrad_orders
+from .methods.simplex import MAX_EXACT_TASKS
+
+__all__ = ["SCHEMAS", "MGDA_SOLVER_CODES", "MAX_NATIVE_TASKS", "NativeBackend", "cpu_isa",
+           "load_errors"]
+
+logger = logging.getLogger("bucketmoo_kernels")
+
+#: The operator schemas, identical to python/bucketmoo_ops.h (a test compares them).
+SCHEMAS = {
+    "gram": "gram(Tensor[] grads, Tensor offsets) -> Tensor",
+    "solve_mgda": "solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor",
+    "solve_pcgrad": "solve_pcgrad(Tensor gram, Tensor orders) -> Tensor",
+    "solve_cagrad": "solve_cagrad(Tensor gram, float c, int rescale) -> Tensor",
+    "combine_": "combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()",
+}
+#: ``solver`` argument of ``solve_mgda``.
+MGDA_SOLVER_CODES = {"auto": 0, "closed_form": 1, "exact": 2, "pgd": 3}
+#: The native iterative MGDA solver and PCGrad handle up to this many tasks (fixed-size
+#: arrays in csrc/common/bucketmoo_solvers.h); above it the method's torch function runs.
+MAX_NATIVE_TASKS = 32
+
+_errors: dict[str, str] = {}
+
+
+def _import(name: str):
+    try:
+        module = __import__(f"bucketmoo_kernels.{name}", fromlist=[name])
+    except Exception as exc:  # noqa: BLE001  (any failure: extension not built or not loadable)
+        _errors[name] = f"bucketmoo_kernels.{name} did not load ({type(exc).__name__}: {exc})"
+        logger.debug("bucketmoo_kernels: %s", _errors[name])
+        return None
+    return module
+
+
+def _ops_defined() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw("bucketmoo::gram", "")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+_cpu = _import("_cpu")
+if _cpu is None and not _ops_defined():
+    # Only the CUDA module may be there: it carries implementations but no schemas.
+    _lib = torch.library.Library("bucketmoo", "DEF")  # kept alive for the process lifetime
+    for _schema in SCHEMAS.values():
+        _lib.define(_schema)
+_cuda = _import("_cuda")
+
+
+def load_errors() -> dict[str, str]:
+    """``{module: reason}`` for the compiled modules that did not load."""
+    return dict(_errors)
+
+
+def cpu_isa() -> str | None:
+    """Instruction-set variant of the CPU loops in use (``"avx2"``/``"baseline"``), or None."""
+    return _cpu.isa() if _cpu is not None else None
+
+
+# ---------------------------------------------------------------- fake implementations
+def _register_fakes() -> None:
+    @torch.library.register_fake("bucketmoo::gram")
+    def _gram_fake(grads, offsets):
+        num_tasks = len(grads)
+        return grads[0].new_empty((offsets.shape[0] - 1, num_tasks, num_tasks), dtype=torch.float32)
+
+    @torch.library.register_fake("bucketmoo::solve_mgda")
+    def _solve_mgda_fake(gram, solver, max_iter, tol):
+        return gram.new_empty(gram.shape[:2], dtype=torch.float64)
+
+    @torch.library.register_fake("bucketmoo::solve_pcgrad")
+    def _solve_pcgrad_fake(gram, orders):
+        return gram.new_empty(gram.shape[:2], dtype=torch.float64)
+
+    @torch.library.register_fake("bucketmoo::solve_cagrad")
+    def _solve_cagrad_fake(gram, c, rescale):
+        return gram.new_empty(gram.shape[:2], dtype=torch.float64)
+
+    @torch.library.register_fake("bucketmoo::combine_")
+    def _combine_fake(out, grads, weights, offsets):
+        return None
+
+
+if _ops_defined():
+    _register_fakes()
+
+
+# ---------------------------------------------------------------- the backends
+@functools.lru_cache(maxsize=64)
+def _orders_cpu(num_tasks: int, seed: int) -> torch.Tensor:
+    return pcgrad_orders(num_tasks, seed).contiguous()
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
+
+
+class NativeBackend:
+    """``cpu`` or ``cuda``: the ``torch.ops.bucketmoo`` operators of a compiled module.
+
+    Gram and combine run natively for every T; the native solvers cover ``mgda`` (all
+    solvers; T <= 32), ``pcgrad`` (T <= 32) and ``cagrad`` (T <= 8). Any other method, or a
+    configuration the native solver rejects, returns None from :meth:`solve` so that the
+    method's torch function runs (and raises its own error for bad options).
+    """
+
+    def __init__(self, name: str, device_type: str, module, error: str | None):
+        self.name = name
+        self.device_type = device_type
+        self._module = module
+        self._error = error
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if self._module is None:
+            return self._error or f"the {self.name} extension is not built"
+        if torch.device(device).type != self.device_type:
+            return f"the {self.name} backend runs on {self.device_type} tensors; got {torch.device(device)}"
+        return None
+
+    def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
+        rows = [_unit_stride(g) for g in grads.rows]
+        return torch.ops.bucketmoo.gram(rows, segments.on(grads.device))
+
+    def solve(self, gram: torch.Tensor, method, options: dict) -> torch.Tensor | None:
+        num_tasks = gram.shape[-1]
+        gram = gram.to(torch.float64).contiguous()
+        if method.name == "mgda":
+            code = MGDA_SOLVER_CODES.get(options.get("solver", "auto"))
+            if code is None or num_tasks > MAX_NATIVE_TASKS:
+                return None
+            resolved = code if code else (1 if num_tasks == 2 else 2 if num_tasks <= MAX_EXACT_TASKS else 3)
+            if num_tasks > 1 and ((resolved == 1 and num_tasks != 2) or
+                                  (resolved == 2 and num_tasks > MAX_EXACT_TASKS)):
+                return None  # the torch function raises the documented ValueError
+            max_iter, tol = int(options.get("max_iter", 500)), float(options.get("tol", 1e-10))
+            if max_iter < 0:
+                return None
+            return torch.ops.bucketmoo.solve_mgda(gram, code, max_iter, tol)
+        if method.name == "pcgrad":
+            if num_tasks > MAX_NATIVE_TASKS:
+                return None
+            orders = _orders_cpu(num_tasks, int(options.get("seed", 0)))
+            if num_tasks == 1:
+                orders = orders.reshape(1, 0)
+            return torch.ops.bucketmoo.solve_pcgrad(gram, orders.to(gram.device))
+        if method.name == "cagrad":
+            c, rescale = float(options.get("c", 0.4)), options.get("rescale", 1)
+            if num_tasks > MAX_EXACT_TASKS or c < 0 or rescale not in (0, 1, 2):
+                return None
+            return torch.ops.bucketmoo.solve_cagrad(gram, c, int(rescale))
+        return None
+
+    def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
+                out: torch.Tensor) -> None:
+        rows = [_unit_stride(g) for g in grads.rows]
+        weights = weights.to(torch.float32).contiguous()
+        offsets = segments.on(grads.device)
+        if out.numel() <= 1 or out.stride(0) == 1:
+            torch.ops.bucketmoo.combine_(out, rows, weights, offsets)
+        else:  # a strided out: combine aside, then copy in (reads finish before the copy)
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            torch.ops.bucketmoo.combine_(tmp, rows, weights, offsets)
+            out.copy_(tmp)
+
+
+register_backend(NativeBackend("cpu", "cpu", _cpu, _errors.get("_cpu")))
+register_backend(NativeBackend("cuda", "cuda", _cuda, _errors.get("_cuda")))

@@ -1,0 +1,48 @@
+// bucketmoo_cpu.h -- the native CPU kernels of bucketmoo_kernels (torch-free, raw pointers).
+//
+//   gram      T task gradients (unit stride, fp32/bf16/fp16) + int64 offsets [S+1]
+//             -> float [S, T, T]; accumulated in float64.
+//   combine   out[n] = sum_t weights[s(n), t] * grads[t][n], computed in float64 per
+//             element in task order (t = 0..T-1), rounded once to the output dtype; `out`
+//             may be the storage of one of the gradients.
+//   solve_*   per-segment solvers of csrc/common/bucketmoo_solvers.h over S segments.
+//
+// Threading: OpenMP, `num_threads` threads (the binding passes torch's at::get_num_threads()).
+// Work is cut into fixed chunks of kChunk elements inside each segment, independent of the
+// thread count; per-chunk partial Grams are reduced in chunk order, so results are
+// bit-identical for any number of threads.
+#pragma once
+
+#include <cstdint>
+
+namespace bucketmoo {
+namespace cpu {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Elements per work chunk (per-chunk partial Gram; unit of the OpenMP schedule).
+constexpr int64_t kChunk = 16384;
+
+// grads: T pointers to N elements of `dtype`; offsets: S+1 non-decreasing, offsets[S] = N.
+// gram: [S, T, T] float32 output (written, symmetric).
+void gram(const void* const* grads, int num_tasks, DType dtype, const int64_t* offsets,
+          int64_t num_segments, float* gram, int num_threads);
+
+// weights: [S, T] float32; out: N elements of `dtype` (may alias grads[k]).
+void combine(void* out, const void* const* grads, int num_tasks, DType dtype,
+             const float* weights, const int64_t* offsets, int64_t num_segments, int num_threads);
+
+// gram64: [S, T, T] float64 -> weights [S, T] float64. Arguments already validated with the
+// *_check() functions of bucketmoo_solvers.h.
+void solve_mgda(const double* gram64, int64_t num_segments, int num_tasks, int solver,
+                int max_iter, double tol, double* weights, int num_threads);
+void solve_pcgrad(const double* gram64, int64_t num_segments, int num_tasks,
+                  const int64_t* orders, double* weights, int num_threads);
+void solve_cagrad(const double* gram64, int64_t num_segments, int num_tasks, double c,
+                  int rescale, double* weights, int num_threads);
+
+// Which instruction-set variant of the gram/combine loops runs here ("avx2" or "baseline").
+const char* isa_name();
+
+}  // namespace cpu
+}  // namespace bucketmoo

@@ -1,0 +1,31 @@
+// Internal: the instruction-set variants of the chunk loops (kernels_baseline.cpp,
+// kernels_avx2.cpp) and whether the AVX2 one is compiled in.
+#pragma once
+
+#include <cstdint>
+
+#include "bucketmoo_cpu.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(BUCKETMOO_NO_AVX2_VARIANT)
+#define BUCKETMOO_HAVE_AVX2_VARIANT 1
+#else
+#define BUCKETMOO_HAVE_AVX2_VARIANT 0
+#endif
+
+namespace bucketmoo {
+namespace cpu {
+
+void gram_chunk_baseline(const void* const* grads, int T, DType dt, int64_t begin, int64_t end,
+                         double* partial, double* scratch);
+void combine_range_baseline(void* out, const void* const* grads, int T, DType dt,
+                            const double* w, int64_t begin, int64_t end);
+#if BUCKETMOO_HAVE_AVX2_VARIANT
+void gram_chunk_avx2(const void* const* grads, int T, DType dt, int64_t begin, int64_t end,
+                     double* partial, double* scratch);
+void combine_range_avx2(void* out, const void* const* grads, int T, DType dt, const double* w,
+                        int64_t begin, int64_t end);
+#endif
+
+}  // namespace cpu
+}  // namespace bucketmoo

@@ -1,0 +1,146 @@
+// bucketmoo_ops.h -- the torch.ops.bucketmoo schema and the input checks shared by the CPU
+// binding (python/cpu_ops.cpp) and the CUDA binding (python/cuda_ops.cpp).
+//
+// Schemas (namespace `bucketmoo`; the CPU extension owns the TORCH_LIBRARY block, the CUDA
+// extension only adds TORCH_LIBRARY_IMPL(bucketmoo, CUDA, m); bucketmoo_kernels/native.py
+// defines the same schemas from Python when only the CUDA extension is present):
+//
+//   gram(Tensor[] grads, Tensor offsets) -> Tensor
+//       grads: T 1-D tensors of length N, one dtype (fp32/bf16/fp16), one device, unit
+//       stride; offsets: int64 [S+1] on the grads' device. -> [S, T, T] float32.
+//   solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor
+//       gram [S, T, T] float64; solver 0 auto, 1 closed_form, 2 exact, 3 pgd -> [S, T] f64.
+//   solve_pcgrad(Tensor gram, Tensor orders) -> Tensor
+//       orders int64 [T, T-1] (methods.pcgrad.pcgrad_orders) on the gram's device -> [S, T] f64.
+//   solve_cagrad(Tensor gram, float c, int rescale) -> Tensor      (T <= 8) -> [S, T] f64.
+//   combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()
+//       weights [S, T] float32; out [N] in the grads' dtype; out may be the storage of a grad.
+//
+// Every check throws (TORCH_CHECK -> RuntimeError in Python) before anything is written,
+// naming the argument and giving expected vs got.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../csrc/common/bucketmoo_solvers.h"
+
+namespace bucketmoo {
+namespace ops {
+
+constexpr const char* kGramSchema = "gram(Tensor[] grads, Tensor offsets) -> Tensor";
+constexpr const char* kSolveMgdaSchema =
+    "solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor";
+constexpr const char* kSolvePcgradSchema = "solve_pcgrad(Tensor gram, Tensor orders) -> Tensor";
+constexpr const char* kSolveCagradSchema = "solve_cagrad(Tensor gram, float c, int rescale) -> Tensor";
+constexpr const char* kCombineSchema =
+    "combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()";
+
+inline void define_ops(torch::Library& m) {
+  m.def(kGramSchema);
+  m.def(kSolveMgdaSchema);
+  m.def(kSolvePcgradSchema);
+  m.def(kSolveCagradSchema);
+  m.def(kCombineSchema);
+}
+
+// grads: non-empty, 1-D, one supported dtype, one device, one length, unit stride.
+inline void check_grads(const std::vector<at::Tensor>& grads, const char* op) {
+  TORCH_CHECK(!grads.empty(), op, ": grads must hold at least one task; got an empty list");
+  const at::Tensor& g0 = grads[0];
+  const auto dtype = g0.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": grads must be float32, bfloat16 or float16; got ", dtype);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const at::Tensor& g = grads[t];
+    TORCH_CHECK(g.dim() == 1, op, ": grads[", t, "] must be 1-D; got shape ", g.sizes());
+    TORCH_CHECK(g.scalar_type() == dtype, op, ": grads[", t, "] has dtype ", g.scalar_type(),
+                " but grads[0] has ", dtype, "; all task gradients must share one dtype");
+    TORCH_CHECK(g.device() == g0.device(), op, ": grads[", t, "] is on ", g.device(),
+                " but grads[0] is on ", g0.device());
+    TORCH_CHECK(g.numel() == g0.numel(), op, ": grads[", t, "] has ", g.numel(),
+                " elements but grads[0] has ", g0.numel());
+    TORCH_CHECK(g.numel() <= 1 || g.stride(0) == 1, op, ": grads[", t,
+                "] must have unit stride; got stride ", g.stride(0), " (pass .contiguous())");
+  }
+}
+
+// offsets: int64 [S+1] on `device`, contiguous (values are checked where they can be read
+// without a device sync: check_offsets_values on CPU).
+inline void check_offsets(const at::Tensor& offsets, const at::Device& device, const char* op) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, op, ": offsets must be int64; got ",
+              offsets.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2, op,
+              ": offsets must be a 1-D tensor of S+1 >= 2 values; got shape ", offsets.sizes());
+  TORCH_CHECK(offsets.device() == device, op, ": offsets is on ", offsets.device(),
+              " but the gradients are on ", device);
+  TORCH_CHECK(offsets.is_contiguous(), op, ": offsets must be contiguous");
+}
+
+// Host-readable offsets: start at 0, end at N, non-decreasing.
+inline void check_offsets_values(const int64_t* off, int64_t num_segments, int64_t n,
+                                 const char* op) {
+  TORCH_CHECK(off[0] == 0 && off[num_segments] == n, op, ": offsets must start at 0 and end at N=",
+              n, "; got first=", off[0], ", last=", off[num_segments]);
+  for (int64_t s = 0; s < num_segments; ++s)
+    TORCH_CHECK(off[s] <= off[s + 1], op, ": offsets must be non-decreasing; offsets[", s, "]=",
+                off[s], " > offsets[", s + 1, "]=", off[s + 1]);
+}
+
+// gram: float64 [S, T, T], contiguous. Returns T.
+inline int64_t check_gram64(const at::Tensor& gram, const char* op) {
+  TORCH_CHECK(gram.scalar_type() == at::kDouble, op, ": gram must be float64; got ",
+              gram.scalar_type());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.size(1) >= 1, op,
+              ": gram must have shape [S, T, T] with T >= 1; got ", gram.sizes());
+  TORCH_CHECK(gram.is_contiguous(), op, ": gram must be contiguous");
+  return gram.size(1);
+}
+
+// weights: float32 [S, T] contiguous on `device`.
+inline void check_weights(const at::Tensor& weights, int64_t num_segments, int64_t num_tasks,
+                          const at::Device& device, const char* op) {
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, op, ": weights must be float32; got ",
+              weights.scalar_type());
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == num_segments && weights.size(1) == num_tasks,
+              op, ": weights must have shape [S, T] = [", num_segments, ", ", num_tasks, "]; got ",
+              weights.sizes());
+  TORCH_CHECK(weights.device() == device, op, ": weights is on ", weights.device(),
+              " but the gradients are on ", device);
+  TORCH_CHECK(weights.is_contiguous(), op, ": weights must be contiguous");
+}
+
+// out: [N] in the grads' dtype, unit stride, on `device`.
+inline void check_out(const at::Tensor& out, const at::Tensor& g0, const char* op) {
+  TORCH_CHECK(out.dim() == 1 && out.numel() == g0.numel(), op, ": out must be a 1-D tensor of N=",
+              g0.numel(), " elements; got shape ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == g0.scalar_type(), op, ": out must have the gradients' dtype ",
+              g0.scalar_type(), "; got ", out.scalar_type());
+  TORCH_CHECK(out.device() == g0.device(), op, ": out is on ", out.device(),
+              " but the gradients are on ", g0.device());
+  TORCH_CHECK(out.numel() <= 1 || out.stride(0) == 1, op, ": out must have unit stride; got ",
+              out.stride(0));
+}
+
+// orders: int64 [T, T-1] on `device`, contiguous.
+inline void check_orders(const at::Tensor& orders, int64_t num_tasks, const at::Device& device,
+                         const char* op) {
+  TORCH_CHECK(orders.scalar_type() == at::kLong, op, ": orders must be int64; got ",
+              orders.scalar_type());
+  TORCH_CHECK(orders.dim() == 2 && orders.size(0) == num_tasks && orders.size(1) == num_tasks - 1,
+              op, ": orders must have shape [T, T-1] = [", num_tasks, ", ", num_tasks - 1, "]; got ",
+              orders.sizes());
+  TORCH_CHECK(orders.device() == device, op, ": orders is on ", orders.device(),
+              " but gram is on ", device);
+  TORCH_CHECK(orders.is_contiguous(), op, ": orders must be contiguous");
+}
+
+inline void check_solver_message(const char* message, const char* op) {
+  TORCH_CHECK(message == nullptr, op, ": ", message ? message : "");
+}
+
+}  // namespace ops
+}  // namespace bucketmoo
