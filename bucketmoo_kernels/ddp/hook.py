@@ -1,0 +1,294 @@
+"""``bucket_moo_hook``: Bucket-Level MOO as a DDP communication hook.
+
+Register it like PyTorch's own hooks::
+
+    state = BucketMOOState(method="mgda", mode="ranks", granularity="bucket")
+    ddp_model.register_comm_hook(state, bucket_moo_hook)
+
+The hook runs its collectives on the autograd thread, one bucket after the other in DDP's
+bucket order (the same on every rank), and returns an already completed future (for the
+``global`` granularity, the futures of all buckets complete when the last bucket arrives).
+With gloo on CPU that means the bucket's communication does not overlap the rest of the
+backward; with NCCL the collectives are only enqueued on their streams and the weights are
+solved on the device without a host sync, so the CPU does not wait.
+"""
+
+# No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
+# hook's annotations with ``dist.GradBucket`` / ``Future[Tensor]`` objects, not strings.
+import torch
+import torch.distributed as dist
+
+from ..api import combine, fused_bucket_moo, gram
+from ..inputs import Segments
+from . import collectives
+from .diagnostics import BucketRecord
+from .protocol import (allgather_tasks, gather_combined, reduce_gram, scatter_tasks, sharded_moo,
+                       solve_weights)
+from .state import BucketMOOState, parse_granularity
+
+__all__ = ["bucket_moo_hook"]
+
+
+def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(tensor)
+    return fut
+
+
+def _solve_kwargs(state: BucketMOOState) -> dict:
+    return dict(options=state.method_call_options(), normalization=state.normalization,
+                losses=state.losses, normalize_weights=state.normalize_weights, backend=state.backend)
+
+
+def _fused_kwargs(state: BucketMOOState) -> dict:
+    return dict(method=state.method, backend=state.backend, normalization=state.normalization,
+                losses=state.losses, normalize_weights=state.normalize_weights, check_finite=False,
+                return_info=True, **state.method_call_options())
+
+
+def _record(state: BucketMOOState, index: int, gram_matrix: torch.Tensor, weights: torch.Tensor) -> None:
+    if state.record_diagnostics:
+        state.diagnostics.append(BucketRecord.from_gram(state.step, index, gram_matrix, weights))
+
+
+def _all_reduce_mean(buf: torch.Tensor, group, world: int) -> None:
+    # DDP's reducer multiplies by 1/world before its all-reduce; do the same, bit for bit.
+    buf.mul_(1.0 / world)
+    collectives.all_reduce_sum(buf, group)
+
+
+def _check_once(state: BucketMOOState, buf: torch.Tensor) -> None:
+    if state._checked:
+        return
+    protocol = state.protocol if state.mode == "ranks" else "allreduce"
+    if state.mode == "ranks" and state.method == "mean" and not state.record_diagnostics:
+        protocol = "allreduce"
+    collectives.check_backend(collectives.backend_name(state.process_group), buf.device, protocol)
+    state._checked = True
+
+
+# ---------------------------------------------------------------------------- tasks on ranks
+def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last: bool):
+    tasks = state._task_layout()
+    group = state.process_group
+    fut: torch.futures.Future = torch.futures.Future()
+    segs = Segments.single(buf.numel())
+    if state.protocol == "sharded":
+        sharded = scatter_tasks(buf, segs, tasks, group=group, wire_dtype=state.wire_dtype,
+                                backend=state.backend)
+        state._pending.append((buf, sharded, sharded.partial_gram, fut))
+        state._step_extra_bytes += sharded.extra_bytes
+    else:
+        rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=state.wire_dtype)
+        state._pending.append((buf, rows, gram(rows, None, backend=state.backend), fut))
+        state._step_extra_bytes += extra
+    if not is_last:
+        return fut
+    pending, state._pending = state._pending, []
+    total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
+    if state.protocol == "sharded":
+        total = reduce_gram(total, group)
+    weights = solve_weights(total, state.method, **_solve_kwargs(state))
+    last_extra = 0
+    for bucket_buf, payload, _, _ in pending:
+        if state.protocol == "sharded":
+            last_extra = max(last_extra, gather_combined(payload, weights, bucket_buf, group=group,
+                                                         backend=state.backend))
+        elif payload.dtype == bucket_buf.dtype:
+            combine(payload, weights, None, out=bucket_buf, backend=state.backend)
+        else:  # compressed rows: combine in the wire dtype, then widen into the bucket
+            bucket_buf.copy_(combine(payload, weights, None, backend=state.backend))
+    state.note_extra_bytes(state._step_extra_bytes + last_extra)
+    _record(state, -1, total, weights)
+    for bucket_buf, _, _, bucket_fut in pending:
+        if bucket_fut is not fut:
+            bucket_fut.set_result(bucket_buf)
+    fut.set_result(buf)
+    return fut
+
+
+def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
+    buf = bucket.buffer()
+    index, is_last = bucket.index(), bucket.is_last()
+    tasks = state._task_layout()
+    group = state.process_group
+    kind, _ = parse_granularity(state.granularity)
+    if index == 0:
+        state._pending = []
+        state._step_extra_bytes = 0
+
+    if (state.method == "mean" and state.normalization == "none" and state.compress is None
+            and not state.record_diagnostics):
+        # Plain averaging over tasks of equal rank counts is the average over ranks: run
+        # DDP's own all-reduce, which makes 'mean' bit-identical to DDP without a hook.
+        buf.mul_(1.0 / tasks.world_size)
+        fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+        if is_last:
+            state.step += 1
+        return fut
+
+    if kind == "global":
+        fut = _ranks_global(state, buf, index, is_last)
+    else:
+        params = state.bucket_params.get(index) if kind == "param" else None
+        sizes = [p.numel() for p in params] if params is not None else None
+        segs, shards = state.segments_for(index, buf.numel(), sizes)
+        if state.protocol == "sharded":
+            local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
+            gram_matrix, weights, extra = sharded_moo(
+                buf, segs, tasks, state.method, group=group, wire_dtype=state.wire_dtype,
+                local_segments=local, **_solve_kwargs(state))
+        else:
+            rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=state.wire_dtype)
+            out = buf if rows.dtype == buf.dtype else torch.empty_like(buf, dtype=rows.dtype)
+            out, info = fused_bucket_moo(rows, segments=segs, out=out, **_fused_kwargs(state))
+            if out is not buf:
+                extra += out.numel() * out.element_size()
+                buf.copy_(out)
+            gram_matrix, weights = info.gram, info.weights
+        state.note_extra_bytes(extra)
+        _record(state, index, gram_matrix, weights)
+        fut = _completed(buf)
+    if is_last:
+        state.step += 1
+    return fut
+
+
+# ---------------------------------------------------------------------------- stashed tasks
+def _stash_bucket(state: BucketMOOState, task: int, buf: torch.Tensor, params) -> None:
+    entry = state._stash.setdefault(task, {"flats": {}, "views": {}})
+    flat = buf.clone()
+    key = tuple(id(p) for p in params)
+    entry["flats"][key] = flat
+    offset = 0
+    for p in params:
+        entry["views"][id(p)] = flat[offset:offset + p.numel()]
+        offset += p.numel()
+    stashed = sum(f.numel() * f.element_size() for e in state._stash.values() for f in e["flats"].values())
+    state.note_extra_bytes(stashed)
+
+
+def _stashed_row(state: BucketMOOState, task: int, buf: torch.Tensor, params) -> torch.Tensor:
+    entry = state._stash.get(task)
+    if entry is None:
+        raise RuntimeError(f"stash mode: nothing was stashed for task {task} in this step")
+    key = tuple(id(p) for p in params)
+    flat = entry["flats"].get(key)
+    if flat is not None:
+        return flat
+    # DDP rebuilt its buckets since this task was stashed (it does so once, after the first
+    # backward): assemble the row from the per-parameter views of the stash.
+    parts = [entry["views"].get(id(p)) for p in params]
+    parts = [v if v is not None else buf.new_zeros(p.numel()) for v, p in zip(parts, params)]
+    return torch.cat(parts) if parts else buf.new_zeros(0)
+
+
+def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
+    task = state._current_task
+    if task is None:
+        raise RuntimeError(
+            "mode='stash': a backward reached bucket_moo_hook outside `with state.task(t):`; wrap each "
+            "task's backward in the context manager so the hook knows which task it is"
+        )
+    buf = bucket.buffer()
+    index, is_last = bucket.index(), bucket.is_last()
+    params = bucket.parameters()
+    group = state.process_group
+    world = collectives.group_size(group)
+    kind, _ = parse_granularity(state.granularity)
+    final = len(state._tasks_done) == state.num_tasks - 1
+    if state.stash_reduce == "tasks" and world > 1:
+        _all_reduce_mean(buf, group, world)
+    if not final:
+        _stash_bucket(state, task, buf, params)
+        buf.zero_()  # the next task's backward accumulates into zeroed gradients
+        return _completed(buf)
+
+    rows = [buf if t == task else _stashed_row(state, t, buf, params) for t in range(state.num_tasks)]
+    if index == 0:
+        state._pending = []
+    if kind == "global":
+        fut: torch.futures.Future = torch.futures.Future()
+        state._pending.append((buf, rows, gram(rows, None, backend=state.backend), fut))
+        if not is_last:
+            return fut
+        pending, state._pending = state._pending, []
+        total = torch.stack([p[2] for p in pending]).sum(0)
+        weights = solve_weights(total, state.method, **_solve_kwargs(state))
+        for bucket_buf, bucket_rows, _, _ in pending:
+            combine(bucket_rows, weights, None, out=bucket_buf, backend=state.backend)
+            if state.stash_reduce == "combined" and world > 1:
+                _all_reduce_mean(bucket_buf, group, world)
+        _record(state, -1, total, weights)
+        for bucket_buf, _, _, bucket_fut in pending:
+            bucket_fut.set_result(bucket_buf)
+        return fut
+
+    sizes = [p.numel() for p in params] if kind == "param" else None
+    segs, _ = state.segments_for(index, buf.numel(), sizes)
+    _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state))
+    if state.stash_reduce == "combined" and world > 1:
+        _all_reduce_mean(buf, group, world)
+    _record(state, index, info.gram, info.weights)
+    return _completed(buf)
+
+
+# ---------------------------------------------------------------------------- the hook
+def bucket_moo_hook(state: BucketMOOState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    r"""Replace DDP's gradient averaging by a per-bucket multi-objective combination.
+
+    For each gradient bucket DDP hands over, the T task gradients of the bucket are
+    combined as ``d_s = sum_t w_{s,t} g_{s,t}`` per segment s (the bucket, its parameters,
+    fixed chunks, or the whole model), with weights from ``state.method`` solved on the
+    segment's Gram matrix; ``d`` replaces the bucket, identical on every rank.
+
+    Tasks on ranks (``mode="ranks"``, sharded protocol), for a bucket of n elements on P ranks:
+
+    1. ``all_to_all``: rank p receives shard p (n/P elements) of every rank's bucket and
+       averages the rows of ranks that train the same task -> ``[T, n/P]``;
+    2. partial Gram of the shard per segment, ``all_reduce`` of the ``[S, T, T]`` floats;
+    3. every rank solves the same weights from the same all-reduced Gram;
+    4. each rank combines its own shard; ``all_gather`` writes the bucket.
+
+    Stashed tasks (``mode="stash"``): the backward of task t (inside ``state.task(t)``)
+    averages the bucket over ranks, stashes it and zeroes it; the last task's backward
+    combines the stashed buckets with its own.
+
+    Args:
+        state (BucketMOOState): settings and buffers; see its docstring.
+        bucket (dist.GradBucket): the bucket DDP hands over; its ``buffer()`` is overwritten.
+
+    Returns:
+        Future[torch.Tensor]: the bucket's buffer holding the combined gradient.
+
+    Raises:
+        RuntimeError: an invalid setup (backend without the needed collective, stash-mode
+            backward outside ``state.task``); NotImplementedError: DDP's python reducer.
+
+    Example::
+        >>> # xdoctest: +SKIP
+        >>> state = BucketMOOState(method="mgda", mode="ranks", granularity="bucket")
+        >>> ddp_model.register_comm_hook(state, bucket_moo_hook)
+        >>> loss_fn(ddp_model(batch_of_my_task)).backward()  # gradient of this rank's task
+        >>> optimizer.step()  # the conflict-resolved update, identical on every rank
+    """
+    if isinstance(bucket, tuple):
+        raise NotImplementedError(
+            "bucket_moo_hook got a (grad, param) pair: DDP's python reducer "
+            "(torch._dynamo.config.optimize_ddp='python_reducer' with compiled autograd) calls comm "
+            "hooks per parameter inside the compiled graph, where this hook's eager collectives cannot "
+            "run. Use torch.compile with the default optimize_ddp=True (DDPOptimizer): DDP's C++ "
+            "reducer then calls this hook between the compiled subgraphs."
+        )
+    if not isinstance(state, BucketMOOState):
+        raise TypeError(f"state must be a BucketMOOState; got {type(state).__name__}")
+    buf = bucket.buffer()
+    _check_once(state, buf)
+    state.largest_bucket_bytes = max(state.largest_bucket_bytes, buf.numel() * buf.element_size())
+    state._hook_calls += 1
+    if bucket.index() == 0:
+        state.bucket_params = {}
+    state.bucket_params[bucket.index()] = bucket.parameters()
+    if state.mode == "ranks":
+        return _ranks_hook(state, bucket)
+    return _stash_hook(state, bucket)

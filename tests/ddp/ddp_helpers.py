@@ -1,0 +1,227 @@
+"""Helpers of the DDP hook tests: gloo process groups on localhost, a tiny model, per-rank
+data, and the single-process reference that computes every task's full gradient and
+applies ``fused_bucket_moo`` per bucket."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bucketmoo_kernels as bmk
+from bucketmoo_kernels.ddp import BucketMOOState, bucket_moo_hook
+
+
+# --------------------------------------------------------------------------- process groups
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = {"ok": fn(rank, world, *args)}
+    except BaseException:  # noqa: BLE001  (reported to the parent)
+        result = {"error": traceback.format_exc()}
+    try:
+        torch.save(result, Path(outdir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results.
+
+    ``fn`` must be importable (a module-level function). A worker's exception is re-raised
+    here with its traceback.
+    """
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(_entry, args=(fn, world, free_port(), outdir, args), nprocs=world,
+                           start_method="spawn")
+        results = [torch.load(Path(outdir) / f"{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        if "error" in res:
+            raise AssertionError(f"rank {r} failed:\n{res['error']}")
+    return [res["ok"] for res in results]
+
+
+def run_scenarios(world: int, scenarios: dict) -> list:
+    """One process group, many scenarios (``{name: cfg}``): per rank ``{name: result}``, where a
+    failing scenario's result is ``{"error": traceback}``."""
+    return run_distributed(_scenario_worker, world, scenarios)
+
+
+def _scenario_worker(rank: int, world: int, scenarios: dict) -> dict:
+    out = {}
+    for name, cfg in scenarios.items():
+        try:
+            out[name] = train(rank, world, cfg)
+        except BaseException:  # noqa: BLE001
+            out[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    return out
+
+
+# --------------------------------------------------------------------------- model and data
+IN, HIDDEN, OUT = 6, 10, 3
+
+
+def make_model(dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN),
+                                torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+    return model.to(dtype)
+
+
+def batch(step: int, rank: int, micro: int, dtype=torch.float32):
+    """The data of ``rank`` (its task) at ``step`` and micro-batch ``micro``; tasks get targets
+    of different signs so their gradients conflict."""
+    gen = torch.Generator().manual_seed(10_000 * step + 100 * rank + micro)
+    x = torch.randn(4, IN, generator=gen)
+    y = torch.randn(4, OUT, generator=gen) + (2.0 if rank % 2 == 0 else -2.0)
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_of(model, data) -> torch.Tensor:
+    x, y = data
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+
+
+# --------------------------------------------------------------------------- reference
+def task_gradients(model: torch.nn.Module, datas: list[list]) -> list[list[torch.Tensor]]:
+    """For each task: the average over its ranks of the sum over micro-batches of the
+    gradient (one list of per-parameter tensors per task). ``datas[t]`` = list over the
+    task's ranks of lists of micro-batches."""
+    out = []
+    params = list(model.parameters())
+    for per_rank in datas:
+        acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for micros in per_rank:
+            grads = [torch.zeros_like(p) for p in params]
+            for data in micros:
+                g = torch.autograd.grad(loss_of(model, data), params, allow_unused=True)
+                grads = [a + (b if b is not None else 0) for a, b in zip(grads, g)]
+            acc = [a + b.float() for a, b in zip(acc, grads)]
+        out.append([(a / len(per_rank)).to(params[0].dtype) for a in acc])
+    return out
+
+
+def reference_combined(model, ddp_module, state: BucketMOOState, task_grads, method: str, granularity: str,
+                       options: dict, step: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Per bucket (from the hook's record of the bucket layout): the parameter indices and the
+    expected combined gradient from ``fused_bucket_moo`` on the full task gradients."""
+    index_of = {id(p): i for i, p in enumerate(ddp_module.parameters())}
+    buckets = [[index_of[id(p)] for p in state.bucket_params[b]] for b in sorted(state.bucket_params)]
+    opts = dict(options)
+    if "seed" in bmk.methods.get_method(method).defaults:
+        opts["seed"] = opts.get("seed", 0) + step
+    rows_of = lambda idx: [torch.cat([g[i].reshape(-1) for i in idx]) for g in task_grads]  # noqa: E731
+    if granularity == "global":
+        idx = [i for b in buckets for i in b]
+        combined = bmk.fused_bucket_moo(rows_of(idx), method=method, **opts)
+        out, start = [], 0
+        for b in buckets:
+            n = sum(task_grads[0][i].numel() for i in b)
+            out.append((b, combined[start:start + n]))
+            start += n
+        return out
+    out = []
+    for b in buckets:
+        rows = rows_of(b)
+        if granularity == "param":
+            segs = bmk.Segments.from_lengths([task_grads[0][i].numel() for i in b])
+        elif granularity.startswith("chunk:"):
+            segs = int(granularity.split(":")[1])
+        else:
+            segs = None
+        out.append((b, bmk.fused_bucket_moo(rows, method=method, segments=segs, **opts)))
+    return out
+
+
+# --------------------------------------------------------------------------- training loop
+def train(rank: int, world: int, cfg: dict) -> dict:
+    """K steps of DDP on the tiny model with ``cfg``; checks against the reference when asked.
+
+    cfg keys: mode ("plain" | "ranks" | "stash"), steps, method, granularity, protocol,
+    compress, dtype, bucket_cap_mb, grad_view, micro (micro-batches, no_sync before the last),
+    task_of_rank, num_tasks, stash_reduce, record, options, check (compare to the reference).
+    """
+    mode = cfg.get("mode", "ranks")
+    dtype = cfg.get("dtype", torch.float32)
+    steps = cfg.get("steps", 3)
+    micro = cfg.get("micro", 1)
+    method = cfg.get("method", "mgda")
+    granularity = cfg.get("granularity", "bucket")
+    options = dict(cfg.get("options", {}))
+    model = make_model(dtype)
+    ref_model = copy.deepcopy(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, bucket_cap_mb=cfg.get("bucket_cap_mb", 0.0004), gradient_as_bucket_view=cfg.get("grad_view", False),
+        find_unused_parameters=cfg.get("find_unused", False))
+    state = None
+    if mode != "plain":
+        state = BucketMOOState(method=method, mode=mode, granularity=granularity, task_of_rank=cfg.get("task_of_rank"),
+                               num_tasks=cfg.get("num_tasks"), protocol=cfg.get("protocol", "sharded"),
+                               compress=cfg.get("compress"), stash_reduce=cfg.get("stash_reduce", "tasks"),
+                               record_diagnostics=cfg.get("record", False), **options)
+        ddp.register_comm_hook(state, bucket_moo_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=cfg.get("lr", 0.05))
+    errs, grads_seen = [], []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        if mode == "stash":
+            num_tasks = cfg["num_tasks"]
+            for t in range(num_tasks):
+                with state.task(t):
+                    loss_of(ddp, batch(step, rank, t, dtype)).backward()
+            datas = [[[batch(step, r, t, dtype)] for r in range(world)] for t in range(num_tasks)]
+        else:
+            for m in range(micro):
+                if m < micro - 1:
+                    with ddp.no_sync():
+                        loss_of(ddp, batch(step, rank, m, dtype)).backward()
+                else:
+                    loss_of(ddp, batch(step, rank, m, dtype)).backward()
+            task_of_rank = cfg.get("task_of_rank") or list(range(world))
+            num_tasks = max(task_of_rank) + 1
+            datas = [[[batch(step, r, m, dtype) for m in range(micro)] for r in range(world) if task_of_rank[r] == t]
+                     for t in range(num_tasks)]
+        if cfg.get("check") and state is not None:
+            ref_model.load_state_dict(ddp.module.state_dict())
+            tg = task_gradients(ref_model, datas)
+            expected = reference_combined(ref_model, ddp.module, state, tg, method, granularity, options, step)
+            params = list(ddp.module.parameters())
+            worst = 0.0
+            for idx, exp in expected:
+                got = torch.cat([params[i].grad.reshape(-1) for i in idx])
+                scale = exp.abs().max().float().clamp_min(1e-6)
+                worst = max(worst, float((got.float() - exp.float()).abs().max() / scale))
+            errs.append(worst)
+        grads_seen.append(torch.cat([p.grad.reshape(-1).float() for p in ddp.module.parameters()]))
+        opt.step()
+    result = {"params": flat_params(ddp.module), "errs": errs, "grads": grads_seen}
+    if state is not None:
+        result["peak_extra_bytes"] = state.peak_extra_bytes
+        result["step"] = state.step
+        result["largest_bucket_bytes"] = state.largest_bucket_bytes
+        result["bucket_numels"] = {b: sum(p.numel() for p in ps) for b, ps in state.bucket_params.items()}
+        result["element_size"] = torch.empty(0, dtype=dtype).element_size()
+        if state.record_diagnostics:
+            result["diag_len"] = len(state.diagnostics)
+            result["diag"] = state.diagnostics.summary()
+            result["diag_b0"] = state.diagnostics.to_tensors(state.diagnostics.buckets()[-1])
+    return result
