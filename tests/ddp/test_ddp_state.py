@@ -1,0 +1,144 @@
+"""``BucketMOOState`` validation, checkpointing, the task layout, shard layouts, backend
+checks and the diagnostics log -- no process group needed."""
+
+import pickle
+
+import pytest
+import torch
+
+import bucketmoo_kernels as bmk
+from bucketmoo_kernels.ddp import BucketMOOState, DiagnosticsLog, TaskLayout, bucket_moo_hook
+from bucketmoo_kernels.ddp.collectives import check_backend
+from bucketmoo_kernels.ddp.diagnostics import BucketRecord
+from bucketmoo_kernels.ddp.protocol import shard_length, shard_segments
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    ({"method": "nope"}, ValueError, "unknown method 'nope'"),
+    ({"mode": "tasks"}, ValueError, "mode must be one of"),
+    ({"granularity": "layer"}, ValueError, "granularity must be"),
+    ({"granularity": "chunk:0"}, ValueError, "granularity must be"),
+    ({"granularity": "chunk:x"}, ValueError, "granularity must be"),
+    ({"protocol": "ring"}, ValueError, "protocol must be one of"),
+    ({"compress": "int8"}, ValueError, "compress must be"),
+    ({"compress": "bf16", "mode": "stash", "num_tasks": 2}, ValueError, "compress='bf16' applies to mode='ranks'"),
+    ({"mode": "stash"}, ValueError, "needs num_tasks"),
+    ({"mode": "stash", "num_tasks": 2, "task_of_rank": [0, 1]}, ValueError, "task_of_rank applies"),
+    ({"num_tasks": 0}, ValueError, "num_tasks must be a positive int"),
+    ({"stash_reduce": "sum"}, ValueError, "stash_reduce must be"),
+    ({"normalization": "l1"}, ValueError, "normalization must be"),
+    ({"backend": "gpu"}, ValueError, "backend must be"),
+    ({"max_iter_typo": 3}, TypeError, "unknown option(s) max_iter_typo"),
+    ({"max_diagnostic_steps": 0}, ValueError, "max_diagnostic_steps"),
+])
+def test_invalid_settings_name_the_argument(kwargs, exc, words):
+    with pytest.raises(exc, match=None) as info:
+        BucketMOOState(**kwargs)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("task_of_rank,world,num_tasks,words", [
+    ([0, 0, 0, 1], 4, None, "does not divide evenly"),
+    ([0, 1, 2], 4, None, "one task id per rank"),
+    ([0, 5], 2, None, "no rank to task"),
+    ([0, 2], 2, 2, "task ids in [0, 2)"),
+    ([0, -1], 2, None, "task ids in"),
+    ([0, 1], 2, 3, "no rank to task(s) [2]"),
+])
+def test_task_layout_errors(task_of_rank, world, num_tasks, words):
+    with pytest.raises(ValueError) as info:
+        TaskLayout.build(task_of_rank, world, num_tasks)
+    assert words in str(info.value)
+
+
+def test_task_layout_groups():
+    layout = TaskLayout.build([1, 0, 1, 0], 4)
+    assert layout.num_tasks == 2 and layout.ranks_of_task == ((1, 3), (0, 2)) and not layout.identity
+    assert TaskLayout.build(None, 3).identity
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1, 4), (17, 2)])
+def test_shard_segments_partition_the_segments(n, world):
+    segs = bmk.Segments(torch.tensor([0, n // 3, n // 3, n]))  # includes an empty segment
+    m = shard_length(n, world)
+    assert m * world >= n > (m - 1) * world
+    lengths = torch.zeros(segs.num_segments, dtype=torch.int64)
+    for p in range(world):
+        local = shard_segments(segs, p, m)
+        assert local.numel == m and local.num_segments == segs.num_segments
+        lengths += local.lengths
+    expected = segs.lengths.clone()
+    expected[-1] += m * world - n  # the padding goes to the last segment
+    assert torch.equal(lengths, expected)
+
+
+def test_check_backend():
+    check_backend("gloo", "cpu", "sharded")
+    check_backend("gloo", "cuda", "allgather")
+    check_backend("mybackend", "cpu", "sharded")  # unknown plugins pass through
+    with pytest.raises(RuntimeError, match="protocol='allgather'"):
+        check_backend("gloo", "cuda", "sharded")
+    with pytest.raises(RuntimeError, match="cannot do"):
+        check_backend("nccl", "cpu", "sharded")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        check_backend("nccl", "cpu", "allreduce")
+
+
+def test_state_dict_roundtrip_and_pickle():
+    state = BucketMOOState(method="pcgrad", granularity="chunk:64", compress="bf16", task_of_rank=[0, 0, 1, 1],
+                           record_diagnostics=True, seed=7)
+    state.step = 12
+    sd = state.state_dict()
+    assert "process_group" not in sd and sd["step"] == 12 and sd["method_options"] == {"seed": 7}
+    other = BucketMOOState()
+    other.load_state_dict(sd)
+    assert other.state_dict() == sd
+    assert other.method_call_options() == {"seed": 19}  # base seed + step: same on every rank
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.state_dict() == sd and clone.process_group is None
+    with pytest.raises(ValueError, match="version"):
+        other.load_state_dict({**sd, "version": 99})
+    with pytest.raises(ValueError, match="granularity"):
+        other.load_state_dict({**sd, "granularity": "bogus"})
+
+
+def test_task_context_outside_stash_mode():
+    with pytest.raises(RuntimeError, match="mode='stash'"):
+        with BucketMOOState().task(0):
+            pass
+    state = BucketMOOState(mode="stash", num_tasks=2)
+    with pytest.raises(ValueError, match=r"task_id must be an int in \[0, 2\)"):
+        with state.task(2):
+            pass
+
+
+def test_python_reducer_pair_is_refused():
+    with pytest.raises(NotImplementedError, match="python_reducer"):
+        bucket_moo_hook(BucketMOOState(), (torch.zeros(3), torch.nn.Parameter(torch.zeros(3))))
+
+
+def test_hook_annotations_accepted_by_ddp():
+    import inspect
+
+    import torch.distributed as dist
+
+    sig = inspect.signature(bucket_moo_hook)
+    assert sig.parameters["bucket"].annotation is dist.GradBucket
+    assert sig.return_annotation == torch.futures.Future[torch.Tensor]
+
+
+def test_diagnostics_log():
+    log = DiagnosticsLog(max_steps=2)
+    g = torch.tensor([[[4.0, -1.0], [-1.0, 1.0]]])
+    for step in range(4):
+        w = bmk.solve(g, "mgda")
+        log.append(BucketRecord.from_gram(step, 0, g, w))
+    assert log.steps() == [2, 3]
+    t = log.to_tensors(0)
+    assert t["weights"].shape == (2, 1, 2) and t["cosine"].shape == (2, 1, 2, 2)
+    torch.testing.assert_close(t["cosine"][0, 0, 0, 1], torch.tensor(-0.5))
+    torch.testing.assert_close(t["residual"], t["combined_norm"], atol=1e-5, rtol=1e-5)
+    assert (t["combined_norm"] <= t["mean_norm"]).all()
+    with pytest.raises(KeyError, match="no diagnostics recorded for bucket 3"):
+        log.to_tensors(3)
+    assert set(log.summary()) == {"step", "bucket", "min_cosine", "combined_norm", "mean_norm", "residual"}
