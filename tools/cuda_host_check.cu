@@ -18,8 +18,8 @@
 #include <random>
 #include <vector>
 
-#include "cuda/bucketmoo_cuda.h"
-#include "cuda/common.cuh"
+#include "../csrc/cuda/bucketmoo_cuda.h"
+#include "../csrc/cuda/common.cuh"
 
 namespace bc = bucketmoo::cuda;
 namespace bd = bucketmoo::cuda::detail;

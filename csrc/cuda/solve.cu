@@ -9,7 +9,7 @@
 // Each thread works in local buffers and writes its T weights once.
 #include "common.cuh"
 
-#include "common/bucketmoo_solvers.h"
+#include "../common/bucketmoo_solvers.h"
 
 namespace bucketmoo {
 namespace cuda {
