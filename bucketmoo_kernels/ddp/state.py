@@ -276,6 +276,13 @@ class BucketMOOState:
             shards[key] = shard_segments(segments, rank, m)
         return shards[key]
 
+    def reset_statistics(self) -> None:
+        """Zero ``peak_extra_bytes`` and ``largest_bucket_bytes`` (e.g. after DDP's first
+        iteration, which runs with one bucket holding every parameter unless
+        ``static_graph=True``)."""
+        self.peak_extra_bytes = 0
+        self.largest_bucket_bytes = 0
+
     def note_extra_bytes(self, nbytes: int) -> None:
         self.peak_extra_bytes = max(self.peak_extra_bytes, int(nbytes))
 
