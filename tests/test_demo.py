@@ -1,0 +1,207 @@
+"""Tests of the multilingual demo: data, model, run parsing, a tiny end-to-end run, the report."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("babel")
+
+from bucketmoo_kernels.demo import report  # noqa: E402
+from bucketmoo_kernels.demo.__main__ import build_parser, main, settings_from_args  # noqa: E402
+from bucketmoo_kernels.demo.data import (heldout_windows, load_cldr_strings, load_languages,  # noqa: E402
+                                         sample_batch, static_weights)
+from bucketmoo_kernels.demo.model import ByteLM, ModelConfig  # noqa: E402
+from bucketmoo_kernels.demo.train import (DemoSettings, _load_hook, bucket_lengths, parse_run,  # noqa: E402
+                                          run_demo)
+
+# ----------------------------------------------------------------------------------- data
+
+
+def test_cldr_strings_are_localized_text():
+    de, sw = load_cldr_strings("de"), load_cldr_strings("sw")
+    assert len(de) > 1000 and len(sw) > 1000
+    assert len(set(de)) == len(de)
+    assert all(any(c.isalpha() for c in s) for s in de)
+    assert "Deutsch" in de  # the language's own name
+    with pytest.raises(ValueError, match="unknown CLDR locale"):
+        load_cldr_strings("xx_not_a_locale")
+
+
+def test_split_is_by_string_and_reproducible():
+    langs = load_languages(["ru"], heldout_share=0.2, seed=3)
+    again = load_languages(["ru"], heldout_share=0.2, seed=3)
+    ru = langs["ru"]
+    assert torch.equal(ru.train, again["ru"].train) and torch.equal(ru.heldout, again["ru"].heldout)
+    train_lines = set(bytes(ru.train.tolist()).decode("utf-8").split("\n"))
+    held_lines = [s for s in bytes(ru.heldout.tolist()).decode("utf-8").split("\n") if s]
+    assert held_lines and not train_lines.intersection(held_lines)
+    assert len(held_lines) + len(train_lines - {""}) == ru.num_strings
+    assert abs(len(held_lines) / ru.num_strings - 0.2) < 0.01
+    other = load_languages(["ru"], heldout_share=0.2, seed=4)["ru"]
+    assert not torch.equal(other.heldout, ru.heldout)
+    with pytest.raises(ValueError, match="heldout_share"):
+        load_languages(["ru"], heldout_share=1.0)
+
+
+def test_sample_batch_targets_are_shifted_inputs():
+    data = torch.arange(200, dtype=torch.uint8)
+    x, y = sample_batch(data, 5, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+    x2, _ = sample_batch(data, 5, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+    hx, hy = heldout_windows(data, 16, max_windows=100)
+    assert hx.shape == (199 // 16, 16) and torch.equal(hx.flatten()[1:], hy.flatten()[:-1])
+    with pytest.raises(ValueError, match="context"):
+        sample_batch(data[:10], 1, 16, torch.Generator())
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 5.0])
+def test_static_weights_follow_temperature_formula(tau):
+    sizes = [100, 400, 900]
+    w = static_weights(sizes, tau)
+    expected = [s ** (1 / tau) for s in sizes]
+    expected = [e / sum(expected) for e in expected]
+    assert w == pytest.approx(expected) and sum(w) == pytest.approx(1.0)
+    assert static_weights(sizes, 1e9) == pytest.approx([1 / 3] * 3, abs=1e-6)
+    with pytest.raises(ValueError, match="tau"):
+        static_weights(sizes, 0)
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+def test_model_forward_is_causal_and_starts_near_uniform():
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(context=12, d_model=32, n_layer=2, n_head=4))
+    x = torch.randint(0, 256, (3, 12))
+    logits = model(x)
+    assert logits.shape == (3, 12, 256) and logits.dtype == torch.float32
+    x2 = x.clone()
+    x2[:, 7:] = (x2[:, 7:] + 1) % 256
+    assert torch.allclose(model(x2)[:, :7], logits[:, :7], atol=1e-6)
+    assert not torch.allclose(model(x2)[:, 7:], logits[:, 7:])
+    y = torch.randint(0, 256, (3, 12))
+    assert abs(model.loss(x, y).item() - math.log(256)) < 0.1
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(2, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(d_model=30, n_head=4)
+
+
+def test_bucket_lengths_cover_parameters_in_reverse_order():
+    model = ByteLM(ModelConfig(context=8, d_model=32, n_layer=2, n_head=2))
+    params = list(model.parameters())
+    cap = 16 * 1024
+    lengths = bucket_lengths(params, cap)
+    assert sum(lengths) == sum(p.numel() for p in params)
+    # every bucket is a run of whole parameters (reverse order) within the cap, or one big parameter
+    sizes = [p.numel() for p in reversed(params)]
+    i = 0
+    for n in lengths:
+        j, total = i, 0
+        while total < n:
+            total += sizes[j]
+            j += 1
+        assert total == n and (4 * n <= cap or j - i == 1)
+        i = j
+    assert len(bucket_lengths(params, 1 << 40)) == 1
+
+
+# ------------------------------------------------------------------------------- settings
+
+
+def test_parse_run():
+    assert parse_run("mean").method is None and parse_run("mean").tau is None
+    assert parse_run("static", 2.0).tau == 2.0 and parse_run("static", 2.0).name == "static-t2"
+    assert parse_run("static-t5").tau == 5.0
+    spec = parse_run("mgda")
+    assert (spec.method, spec.granularity) == ("mgda", "bucket")
+    assert parse_run("mgda-global").granularity == "global"
+    assert parse_run("cagrad-chunk:4096").granularity == "chunk:4096"
+    for bad in ("mgda-everything", "static-tx", "static-t0", "-global"):
+        with pytest.raises(ValueError, match="run"):
+            parse_run(bad)
+
+
+def test_cli_settings_and_errors():
+    args = build_parser().parse_args(["--quick", "--languages", "de", "sw", "--unseen",
+                                      "--method-option", "cagrad:c=0.4", "--hook-option", "protocol=allgather"])
+    s = settings_from_args(args)
+    assert s.steps == 30 and s.languages == ("de", "sw") and s.unseen == ()
+    assert s.options_for("cagrad") == {"c": 0.4} and dict(s.hook_options) == {"protocol": "allgather"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--method-option", "c=0.4"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert main(["--languages", "de"]) == 2  # one language: a clear error, not a crash
+    with pytest.raises(ValueError, match="distinct"):
+        DemoSettings(languages=("de", "fr"), unseen=("de",))
+
+
+def test_missing_hook_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="--runs mean static"):
+        _load_hook("bucketmoo_kernels_no_such_module")
+
+
+# ------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    settings = DemoSettings(
+        languages=("de", "sw"), unseen=("es",),
+        runs=("mean", "static", "mgda", "mgda-global", "pcgrad", "cagrad"),
+        steps=3, batch=2, model=ModelConfig(context=16, d_model=32, n_layer=1, n_head=2),
+        warmup=1, eval_every=2, eval_windows=2, bucket_cap_mb=0.01, threads=1, progress=False)
+    return run_demo(settings)
+
+
+def test_every_configuration_runs_from_the_same_start(tiny_results):
+    runs = {r["name"]: r for r in tiny_results["runs"]}
+    assert list(runs) == ["mean", "static-t1", "mgda", "mgda-global", "pcgrad", "cagrad"]
+    assert all(r["status"] == "ok" for r in runs.values()), [r.get("error") for r in runs.values()]
+    for run in runs.values():
+        assert run["eval_steps"] == [0, 2, 3]
+        assert set(run["heldout"]) == {"de", "sw", "es"}
+        assert all(math.isfinite(v) for vs in run["heldout"].values() for v in vs)
+        assert len(run["train_loss"]["de"]) == 3 and run["step_ms_median"] > 0
+        # same initial weights: the step-0 evaluation is identical in every run
+        assert {c: v[0] for c, v in run["heldout"].items()} == {c: v[0] for c, v in runs["mean"]["heldout"].items()}
+        # same data order: the first training loss too
+        assert run["train_loss"]["sw"][0] == runs["mean"]["train_loss"]["sw"][0]
+        probe = run["probe"][-1]
+        assert 0 <= probe["pair_conflict_share"] <= probe["bucket_conflict_share"] <= 1
+        assert sum(probe["weights_mean"]) == pytest.approx(1.0, abs=1e-5)
+    sizes = [tiny_results["languages"][c]["train_bytes"] for c in ("de", "sw")]
+    assert runs["static-t1"]["static_weights"] == pytest.approx([s / sum(sizes) for s in sizes])
+    assert runs["mean"]["probe"][-1]["weight_spread"] == 0
+    assert runs["mgda-global"]["probe"][-1]["weight_bucket_std"] == pytest.approx(0, abs=1e-7)
+    assert runs["mean"]["heldout"]["de"][-1] != runs["static-t1"]["heldout"]["de"][-1]
+
+
+def test_report_files_and_table(tiny_results, tmp_path, capsys):
+    paths = report.write_report(tiny_results, str(tmp_path))
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert {"results.json", "report.md", "heldout_loss.png", "loss_vs_mean.png", "conflict.png"} <= names
+    for p in paths:
+        assert (tmp_path / p.rsplit("/", 1)[-1]).stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    for name in ("mean", "static-t1", "mgda-global", "cagrad", "CLDR", "Unicode License", "2209.11379"):
+        assert name in md
+    table = report.format_table(tiny_results)
+    assert len(table.splitlines()) == 2 + len(tiny_results["runs"])
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["name"] == "mean"
+    assert main(["--report-only", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "best average held-out loss" in out and "pcgrad" in out
+
+
+def test_report_marks_skipped_runs(tiny_results):
+    results = dict(tiny_results, runs=tiny_results["runs"][:2] + [
+        {"name": "mgda", "status": "skipped", "error": "the DDP comm hook is not available"}])
+    table = report.format_table(results)
+    assert "skipped: the DDP comm hook is not available" in table
