@@ -1,0 +1,324 @@
+"""The Triton backend against the float64 torch reference.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (set by
+``tests/conftest.py``); with one, the very same tests run the compiled kernels on CUDA
+tensors. Sizes are small so that the interpreter stays fast.
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import bucketmoo_kernels as bm  # noqa: E402
+from bucketmoo_kernels.inputs import Segments, as_segments, as_task_grads  # noqa: E402
+from bucketmoo_kernels.methods import get_method  # noqa: E402
+from bucketmoo_kernels.methods.mgda import mgda_closed_form, mgda_exact, mgda_pgd  # noqa: E402
+from bucketmoo_kernels.reference import combine_reference, gram_reference  # noqa: E402
+from bucketmoo_kernels.triton import (TritonBackend, combine_triton, gram_triton,  # noqa: E402
+                                      mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton)
+from bucketmoo_kernels.triton.tiles import gram_counters, row_addressing  # noqa: E402
+from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+N = 203  # not a multiple of any block size
+# A backend with tiny tiles, so that long segments are split and the partial Grams reduced.
+SMALL_TILES = TritonBackend(gram_chunk=48, combine_chunk=40)
+
+
+def dname(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+GRID = [pytest.param(t, d, lay, id=f"T{t}-{dname(d)}-{lay}")
+        for t, d, lay in itertools.product(range(2, 9), DTYPES, LAYOUTS)]
+
+
+def grads_and_segments(num_tasks, dtype, layout, n=N):
+    grads = random_grads(num_tasks, n, dtype, device=DEVICE)
+    segs = as_segments(LAYOUTS[layout](n), n)
+    return grads, segs
+
+
+def gram_tolerance(n):
+    # float32 accumulation of n products of O(1) values: a few ulps of the running sum.
+    return dict(atol=2e-6 * n, rtol=1e-5)
+
+
+# ---- gram -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_tasks, dtype, layout", GRID)
+def test_gram_matches_reference(num_tasks, dtype, layout):
+    grads, segs = grads_and_segments(num_tasks, dtype, layout)
+    expected = gram_reference(as_task_grads(grads), segs)
+    for backend in (TritonBackend(), SMALL_TILES) if layout != "chunk7" else (TritonBackend(),):
+        got = backend.gram(as_task_grads(grads), segs)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert_close(got, expected, **gram_tolerance(N), what=f"gram chunk={backend.gram_chunk}")
+
+
+def test_gram_long_segment_split_into_many_tiles_is_deterministic():
+    n = 3000
+    grads = random_grads(5, n, torch.bfloat16, device=DEVICE)
+    segs = Segments(offsets(1, 2500, 0, 499))
+    tg = as_task_grads(grads)
+    first = gram_triton(tg, segs, chunk=64, block=16)  # the 2500-long segment has 40 tiles
+    assert_close(first, gram_reference(tg, segs), **gram_tolerance(n), what="gram")
+    for _ in range(2):
+        torch.testing.assert_close(gram_triton(tg, segs, chunk=64, block=16), first, atol=0, rtol=0)
+    # The arrival counters are back to zero after every launch.
+    assert int(gram_counters(segs, grads.device).abs().sum()) == 0
+
+
+def test_gram_of_empty_input_is_zero():
+    grads = torch.zeros(3, 0, device=DEVICE)
+    got = bm.gram(grads, backend="triton")
+    assert got.shape == (1, 3, 3) and int(torch.count_nonzero(got)) == 0
+
+
+# ---- combine --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_tasks, dtype, layout", GRID)
+def test_combine_matches_reference(num_tasks, dtype, layout):
+    grads, segs = grads_and_segments(num_tasks, dtype, layout)
+    gen = torch.Generator().manual_seed(num_tasks)
+    weights = torch.rand(segs.num_segments, num_tasks, generator=gen).to(DEVICE)
+    weights = weights / weights.sum(-1, keepdim=True)
+    tg = as_task_grads(grads)
+    expected = torch.empty(N, dtype=torch.float64, device=DEVICE)
+    combine_reference(tg, weights, segs, expected)
+    atol, rtol = DTYPE_TOLERANCES[dtype]
+    for backend in (TritonBackend(), SMALL_TILES) if layout != "chunk7" else (TritonBackend(),):
+        out = torch.full((N,), float("nan"), dtype=dtype, device=DEVICE)
+        backend.combine(tg, weights, segs, out)
+        assert_close(out, expected, atol=atol, rtol=rtol, what=f"combine chunk={backend.combine_chunk}")
+
+
+# ---- list vs stacked, strided rows, aliasing ----------------------------------------------
+
+@pytest.mark.parametrize("num_tasks", [3, 8, 9])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_list_and_stacked_inputs_agree_bit_for_bit(num_tasks, dtype):
+    grads = random_grads(num_tasks, 150, dtype, device=DEVICE)
+    segs = offsets(10, 0, 1, 139)
+    separate = [g.clone() for g in grads]  # T separate allocations
+    padded = torch.zeros(num_tasks, 163, dtype=dtype, device=DEVICE)
+    padded[:, :150] = grads
+    strided = padded[:, :150]  # row stride 163: a strided [T, N] view
+    if num_tasks <= 8:
+        assert row_addressing(as_task_grads(separate)).use_deltas  # read in place, no stacking
+    base_gram = bm.gram(grads, segs, backend="triton")
+    opts = dict(segments=segs, backend="triton", max_iter=20)  # PGD above 8 tasks: keep it short
+    base_out = bm.fused_bucket_moo(grads, **opts)
+    for other in (separate, strided):
+        torch.testing.assert_close(bm.gram(other, segs, backend="triton"), base_gram, atol=0, rtol=0)
+        torch.testing.assert_close(bm.fused_bucket_moo(other, **opts), base_out, atol=0, rtol=0)
+
+
+def test_non_unit_stride_rows_fall_back_to_stacking():
+    grads = random_grads(3, 100, device=DEVICE)
+    rows = [torch.zeros(200, device=DEVICE)[::2].copy_(g) for g in grads]  # stride-2 rows
+    assert not row_addressing(as_task_grads(rows)).use_deltas
+    torch.testing.assert_close(bm.fused_bucket_moo(rows, segments=30, backend="triton"),
+                               bm.fused_bucket_moo(grads, segments=30, backend="triton"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("row", [0, 3])
+@pytest.mark.parametrize("form", ["stacked", "list"])
+def test_out_may_alias_a_grads_row(dtype, row, form):
+    grads = random_grads(4, 170, dtype, device=DEVICE)
+    segs = offsets(0, 60, 1, 109)
+    expected = bm.fused_bucket_moo(grads.clone(), segments=segs, backend="triton")
+    inputs = grads if form == "stacked" else [g.clone() for g in grads]
+    bucket = inputs[row]
+    result = bm.fused_bucket_moo(inputs, segments=segs, out=bucket, backend="triton")
+    assert result.data_ptr() == bucket.data_ptr()
+    torch.testing.assert_close(bucket, expected, atol=0, rtol=0)
+    # Through the backend directly with tiles that split segments, too.
+    inputs = [g.clone() for g in grads]
+    w = torch.rand(4, 4, device=DEVICE)
+    tg = as_task_grads(inputs)
+    ref = torch.empty(170, dtype=torch.float64, device=DEVICE)
+    combine_reference(tg, w, as_segments(segs, 170), ref)
+    combine_triton(tg, w, as_segments(segs, 170), inputs[row], chunk=32, block=16)
+    atol, rtol = DTYPE_TOLERANCES[dtype]
+    assert_close(inputs[row], ref, atol=atol, rtol=rtol, what="aliased combine")
+
+
+# ---- public API with backend="triton" -------------------------------------------------------
+
+@pytest.mark.parametrize("num_tasks, dtype, layout",
+                         [p for p in GRID if p.values[0] in (2, 3, 5, 8)])
+def test_fused_matches_reference(num_tasks, dtype, layout):
+    grads, _ = grads_and_segments(num_tasks, dtype, layout)
+    segments = LAYOUTS[layout](N)
+    out, info = bm.fused_bucket_moo(grads, segments=segments, backend="triton", return_info=True)
+    tg = as_task_grads(grads)
+    segs = as_segments(segments, N)
+    gram = gram_reference(tg, segs)
+    weights = bm.solve(gram, "mgda", backend="torch")
+    expected = torch.empty(N, dtype=torch.float64, device=DEVICE)
+    combine_reference(tg, weights, segs, expected)
+    atol, rtol = DTYPE_TOLERANCES[dtype]
+    assert info.backend == "triton"
+    assert_close(info.gram, gram, **gram_tolerance(N), what="gram")
+    assert_close(info.weights, weights, atol=1e-4, rtol=0, what="weights")
+    assert_close(out, expected, atol=atol, rtol=rtol, what="combined")
+
+
+@pytest.mark.parametrize("method", ["mean", "mgda", "pcgrad", "cagrad"])
+def test_gram_solve_combine_equal_fused_and_torch(method):
+    grads = random_grads(4, 120, device=DEVICE)
+    fused, info = bm.fused_bucket_moo(grads, method=method, segments=50, backend="triton", return_info=True)
+    g = bm.gram(grads, 50, backend="triton")
+    w = bm.solve(g, method, backend="triton")
+    d = bm.combine(grads, w, 50, backend="triton")
+    torch.testing.assert_close(fused, d, atol=0, rtol=0)
+    torch.testing.assert_close(info.weights, w, atol=0, rtol=0)
+    w_torch = bm.solve(g, method, backend="torch")
+    assert_close(w, w_torch, atol=1e-6, rtol=0, what=f"{method} weights vs torch")
+    assert_close(d, bm.combine(grads, w_torch, 50, backend="torch"), atol=1e-5, rtol=1e-5, what="combined")
+
+
+def test_mean_is_the_plain_average():
+    grads = random_grads(5, 77, torch.float16, device=DEVICE)
+    out = bm.fused_bucket_moo(grads, method="mean", segments=10, backend="triton")
+    atol, rtol = DTYPE_TOLERANCES[torch.float16]
+    assert_close(out, grads.double().mean(0), atol=atol, rtol=rtol, what="mean")
+
+
+def test_backend_is_registered_and_says_when_it_cannot_run(monkeypatch):
+    assert bm.get_backend("triton", DEVICE).name == "triton"
+    backend = TritonBackend()
+    assert backend.unavailable_reason(torch.device(DEVICE)) is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in backend.unavailable_reason(torch.device("cpu"))
+    assert backend.unavailable_reason(torch.device("meta")) is not None
+
+
+def test_solve_falls_back_to_torch_for_other_methods():
+    g = bm.gram(random_grads(3, 40, device=DEVICE), backend="triton").double()
+    backend = TritonBackend()
+    assert backend.solve(g, get_method("pcgrad"), {"seed": 0}) is None
+    assert backend.solve(g, get_method("cagrad"), {"c": 0.5, "rescale": 1}) is None
+
+
+# ---- solver ---------------------------------------------------------------------------------
+
+def random_grams(num_tasks, num_seg=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    grams = []
+    for s in range(num_seg):
+        n = [1, 2, num_tasks - 1, num_tasks, 3 * num_tasks, 50][s % 6]  # low rank and full rank
+        g = torch.randn(num_tasks, max(n, 1), generator=gen, dtype=torch.float64)
+        g += (s % 3 - 1) * 1.5 * torch.randn(max(n, 1), generator=gen, dtype=torch.float64)
+        grams.append(g @ g.T)
+    return torch.stack(grams).to(DEVICE)
+
+
+@pytest.mark.parametrize("num_tasks", range(3, 9))
+def test_exact_solver_matches_torch(num_tasks):
+    grams = random_grams(num_tasks)
+    got, expected = mgda_exact_triton(grams), mgda_exact(grams)
+    full_rank = torch.linalg.matrix_rank(grams) == num_tasks
+    # Full-rank Grams have a unique minimiser: the same weights.
+    assert_close(got[full_rank], expected[full_rank], atol=1e-9, rtol=0, what="weights")
+    assert_objective_and_direction_match(grams, got, expected)
+
+
+def test_exact_solver_with_two_tasks_and_closed_form():
+    grams = random_grams(2, num_seg=12)
+    assert_close(mgda_closed_form_triton(grams), mgda_closed_form(grams), atol=1e-12, rtol=0, what="closed")
+    assert_close(mgda_exact_triton(grams), mgda_closed_form(grams), atol=1e-9, rtol=0, what="exact T=2")
+    w = bm.solve(grams, "mgda", backend="triton", solver="exact")
+    assert_close(w, bm.solve(grams, "mgda", backend="torch", solver="exact"), atol=1e-7, rtol=0, what="api")
+
+
+@pytest.mark.parametrize("num_tasks", [2, 4, 8, 11])
+def test_pgd_solver_matches_torch(num_tasks):
+    grams = random_grams(num_tasks, num_seg=3, seed=1)
+    got = mgda_pgd_triton(grams, max_iter=60)
+    expected = mgda_pgd(grams, max_iter=60, tol=0.0)
+    assert_close(got, expected, atol=1e-9, rtol=0, what="pgd weights")
+    if num_tasks > 8:  # solver="auto" uses PGD above 8 tasks
+        w = bm.solve(grams, "mgda", backend="triton", max_iter=60, tol=0.0)
+        assert_close(w, expected.float(), atol=1e-6, rtol=0, what="auto above 8 tasks")
+
+
+def assert_objective_and_direction_match(grams, got, expected):
+    """Compare what is unique even when the minimiser is not: the objective w^T M w and the
+    min-norm direction d = w^T G (through its squared distance (w1-w2)^T M (w1-w2))."""
+    scale = grams.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
+    obj_got = torch.einsum("st,stu,su->s", got, grams, got)
+    obj_exp = torch.einsum("st,stu,su->s", expected, grams, expected)
+    assert_close(obj_got / scale, obj_exp / scale, atol=1e-8, rtol=0, what="objective")
+    diff = got - expected
+    dist2 = torch.einsum("st,stu,su->s", diff, grams, diff).clamp_min(0)
+    assert_close((dist2 / scale).sqrt(), torch.zeros_like(scale), atol=1e-4, rtol=0, what="|d1 - d2|")
+    torch.testing.assert_close(got.sum(-1), torch.ones_like(got[:, 0]), atol=1e-6, rtol=0)
+    assert (got >= 0).all()
+
+
+DEGENERATE = {
+    "zero": lambda t: torch.zeros(t, 30),
+    "identical": lambda t: torch.randn(30).expand(t, 30).clone(),
+    "colinear": lambda t: torch.randn(30) * torch.arange(1.0, t + 1)[:, None],
+    "opposite": lambda t: torch.randn(30) * torch.tensor([(-2.0) ** k for k in range(t)])[:, None],
+    "orthogonal": lambda t: torch.eye(t, 30) * torch.arange(1.0, t + 1)[:, None],
+    "one-zero-task": lambda t: torch.cat([torch.zeros(1, 30), torch.randn(t - 1, 30)]),
+}
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 5, 8])
+@pytest.mark.parametrize("case", list(DEGENERATE))
+def test_solver_on_degenerate_grams(num_tasks, case):
+    grads = DEGENERATE[case](num_tasks).to(DEVICE)
+    grams = gram_reference(as_task_grads(grads), Segments.single(30)).double()
+    mgda = get_method("mgda")
+    for solver in ("auto", "exact") if num_tasks > 2 else ("auto", "exact", "closed_form"):
+        options = dict(mgda.defaults, solver=solver)
+        got = TritonBackend().solve(grams, mgda, options)  # float64, before the API's float32 cast
+        expected = mgda.fn(grams, **options)
+        assert torch.isfinite(got).all()
+        assert_objective_and_direction_match(grams, got, expected)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 8])
+def test_rank_one_grams_of_length_one_segments(num_tasks):
+    # Every segment of length 1 has a rank-1 Gram g g^T: many minimisers when signs agree.
+    grads = random_grads(num_tasks, 40, device=DEVICE)
+    grads[:, :10] = grads[0, :10].abs()  # identical positive entries
+    segs = Segments.chunks(40, 1)
+    out, info = bm.fused_bucket_moo(grads, segments=segs, backend="triton", return_info=True)
+    mgda = get_method("mgda")
+    gram64 = info.gram.double()
+    expected_w = mgda.fn(gram64, **mgda.defaults)
+    assert_objective_and_direction_match(gram64, TritonBackend().solve(gram64, mgda, mgda.defaults), expected_w)
+    expected = torch.empty(40, dtype=torch.float64, device=DEVICE)
+    combine_reference(as_task_grads(grads), expected_w, segs, expected)
+    assert_close(out, expected, atol=1e-4, rtol=1e-4, what="combined")
+
+
+def test_fused_is_deterministic():
+    grads = random_grads(6, 2000, torch.bfloat16, device=DEVICE)
+    backend = TritonBackend(gram_chunk=128, combine_chunk=96)
+    segs = Segments(offsets(1, 1500, 0, 7, 492))
+    tg = as_task_grads(grads)
+    results = []
+    for _ in range(2):
+        gram = backend.gram(tg, segs)
+        w = backend.solve(gram.double(), get_method("mgda"), {"solver": "auto"})
+        out = torch.empty(2000, dtype=torch.bfloat16, device=DEVICE)
+        backend.combine(tg, w.float(), segs, out)
+        results.append((gram, w, out))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter set-up")
+def test_runs_under_the_interpreter_on_cpu():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
