@@ -69,6 +69,16 @@ std::vector<int64_t> chunk_starts(const int64_t* offsets, int64_t S) {
   return first;
 }
 
+// Chunks handed out at a time by the dynamic schedule: about kChunk elements' worth, so that
+// layouts with many tiny segments do not pay one scheduling step per segment. (Dynamic, not
+// static: on a machine shared with other processes a descheduled thread then delays
+// nobody. Which thread runs a chunk never changes the result.)
+inline int64_t dynamic_grain(int64_t num_chunks, int64_t n) {
+  if (n <= 0) return 1;
+  int64_t g = (num_chunks * kChunk + n - 1) / n;
+  return g < 1 ? 1 : g;
+}
+
 // Segment of chunk c (skips empty segments: the last s with first[s] <= c).
 inline int64_t segment_of(const std::vector<int64_t>& first, int64_t c) {
   return int64_t(std::upper_bound(first.begin(), first.end(), c) - first.begin()) - 1;
@@ -87,10 +97,11 @@ void gram(const void* const* grads, int T, DType dtype, const int64_t* offsets, 
   const int64_t N = offsets[S];
   std::vector<double> partial(size_t(C) * P);
   const int nt = threads_for(num_threads);
+  const int64_t grain = dynamic_grain(C, N);
 #pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
   {
     std::vector<double> scratch(T > 8 ? static_cast<size_t>(T) * 256 : 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, grain)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t s = segment_of(first, c);
       const int64_t begin = offsets[s] + (c - first[size_t(s)]) * kChunk;
@@ -124,10 +135,11 @@ void combine(void* out, const void* const* grads, int T, DType dtype, const floa
   const int64_t C = first[size_t(S)];
   const int64_t N = offsets[S];
   const int nt = threads_for(num_threads);
+  const int64_t grain = dynamic_grain(C, N);
 #pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
   {
     std::vector<double> w(static_cast<size_t>(T));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, grain)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t s = segment_of(first, c);
       const int64_t begin = offsets[s] + (c - first[size_t(s)]) * kChunk;

@@ -15,7 +15,11 @@ namespace bucketmoo {
 namespace cpu {
 namespace BUCKETMOO_ISA_NS {
 
-constexpr int kLanes = 8;
+constexpr int kLanes = 8;  // lanes of the generic gram loop and of the tail
+// Lanes of the register-blocked gram: T(T+1)/2 accumulators x lanes must fit the vector
+// registers (AVX2: 16 x 4 doubles). Depends on T only, never on the ISA variant.
+template <int T>
+constexpr int gram_lanes() { return T <= 2 ? 8 : 4; }
 constexpr int kBlock = 256;  // elements per combine / generic-gram block (multiple of kLanes)
 
 inline float bits_to_float(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
@@ -65,22 +69,23 @@ template <int T, typename Src>
 inline void gram_chunk_fixed(const Src* const* g, DType dt, int64_t begin, int64_t end,
                              double* partial) {
   constexpr int P = T * (T + 1) / 2;
-  double acc[P][kLanes];
+  constexpr int L = gram_lanes<T>();
+  double acc[P][L];
   for (int p = 0; p < P; ++p)
-    for (int l = 0; l < kLanes; ++l) acc[p][l] = 0.0;
+    for (int l = 0; l < L; ++l) acc[p][l] = 0.0;
   int64_t i = begin;
-  const int64_t full_end = begin + (end - begin) / kLanes * kLanes;
-  for (; i < full_end; i += kLanes) {
-    double x[T][kLanes];
+  const int64_t full_end = begin + (end - begin) / L * L;
+  for (; i < full_end; i += L) {
+    double x[T][L];
     for (int t = 0; t < T; ++t)
-      for (int l = 0; l < kLanes; ++l) {
+      for (int l = 0; l < L; ++l) {
         if constexpr (sizeof(Src) == 4) x[t][l] = double(load(g[t], i + l));
         else x[t][l] = double(load(g[t], i + l, dt));
       }
     int p = 0;
     for (int a = 0; a < T; ++a)
       for (int b = a; b < T; ++b, ++p)
-        for (int l = 0; l < kLanes; ++l) acc[p][l] += x[a][l] * x[b][l];
+        for (int l = 0; l < L; ++l) acc[p][l] += x[a][l] * x[b][l];
   }
   for (int l = 0; i < end; ++i, ++l) {  // tail: element i goes to lane l
     double x[T];
@@ -94,7 +99,7 @@ inline void gram_chunk_fixed(const Src* const* g, DType dt, int64_t begin, int64
   }
   for (int p = 0; p < P; ++p) {
     double s = 0.0;
-    for (int l = 0; l < kLanes; ++l) s += acc[p][l];
+    for (int l = 0; l < L; ++l) s += acc[p][l];
     partial[p] = s;
   }
 }

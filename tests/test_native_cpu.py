@@ -1,0 +1,383 @@
+"""The native ``cpu`` backend (bucketmoo_kernels._cpu) against the torch reference.
+
+Covers gram / combine / fused over T, dtypes and segment layouts, list vs stacked input,
+out aliasing, every native solver against the method's torch function (random and
+degenerate Grams), thread-count independence, the ISA variants, ``torch.library.opcheck``
+on every op, and the input checks of the binding. Skipped when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bucketmoo_kernels as bm
+from bucketmoo_kernels.inputs import Segments, as_task_grads
+from bucketmoo_kernels.methods import cagrad, mgda, pcgrad, simplex
+from bucketmoo_kernels.reference import combine_reference, gram_reference
+
+from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads
+
+native = pytest.importorskip("bucketmoo_kernels.native")
+if native._cpu is None:
+    pytest.skip(f"the CPU extension is not built: {native.load_errors().get('_cpu')}",
+                allow_module_level=True)
+
+ops = torch.ops.bucketmoo
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 16384  # csrc/cpu/bucketmoo_cpu.h kChunk: sizes above it exercise the chunk reduction
+
+
+def _segments(layout: str, n: int) -> Segments:
+    return bm.inputs.as_segments(LAYOUTS[layout](n), n)
+
+
+def _gram_tol(dtype):
+    return dict(atol=1e-5, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- gram / combine / fused
+@pytest.mark.parametrize("num_tasks", range(2, 9))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_matches_reference(num_tasks, dtype, layout):
+    n = 1000 + 37 * num_tasks
+    gen = torch.Generator().manual_seed(num_tasks)
+    grads = random_grads(num_tasks, n, dtype, generator=gen)
+    segs = LAYOUTS[layout](n)
+    out, info = bm.fused_bucket_moo(grads, segments=segs, backend="cpu", return_info=True)
+    ref_gram = bm.gram(grads, segs, backend="torch")
+    assert_close(info.gram, ref_gram, what="gram", **_gram_tol(dtype))
+    # Same weights through the reference combine must give the same bits.
+    expected = bm.combine(grads, info.weights, segs, backend="torch")
+    assert torch.equal(out, expected), "combine differs from the float64 reference"
+    ref_out = bm.fused_bucket_moo(grads, segments=segs, backend="torch")
+    atol, rtol = DTYPE_TOLERANCES[dtype]
+    assert_close(out, ref_out, atol=atol, rtol=rtol, what="fused vs torch backend")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
+def test_gram_and_combine_sizes(dtype, n):
+    grads = random_grads(3, n, dtype, generator=torch.Generator().manual_seed(n))
+    segs = Segments.single(n) if n else Segments(torch.tensor([0, 0]))
+    tg = as_task_grads(grads)
+    assert_close(bm.gram(grads, segs, backend="cpu"), gram_reference(tg, segs), what="gram",
+                 **_gram_tol(dtype))
+    weights = torch.tensor([[0.5, -0.25, 2.0]])
+    out = bm.combine(grads, weights, segs, backend="cpu")
+    expected = combine_reference(tg, weights, segs, torch.empty_like(out))
+    assert torch.equal(out, expected)
+
+
+def test_more_tasks_than_eight_uses_the_iterative_solver():
+    grads = random_grads(11, 900, generator=torch.Generator().manual_seed(3))
+    out, info = bm.fused_bucket_moo(grads, segments=100, backend="cpu", return_info=True)
+    gram64 = info.gram.double()
+    w_ref = mgda.mgda_weights(gram64)  # pgd for T > 8
+    w = info.weights.double()
+    obj = torch.einsum("st,stu,su->s", w, gram64, w)
+    obj_ref = torch.einsum("st,stu,su->s", w_ref, gram64, w_ref)
+    scale = gram64.diagonal(dim1=-2, dim2=-1).amax(-1)
+    assert (obj <= obj_ref + 1e-6 * scale).all()
+    expected = bm.combine(grads, info.weights, 100, backend="torch")
+    assert torch.equal(out, expected)
+
+
+def test_list_and_stacked_and_strided_inputs_agree():
+    grads = random_grads(4, 3000, generator=torch.Generator().manual_seed(1))
+    segs = offsets(100, 0, 2000, 900)
+    a = bm.fused_bucket_moo(grads, segments=segs, backend="cpu")
+    b = bm.fused_bucket_moo(list(grads.unbind(0)), segments=segs, backend="cpu")
+    wide = torch.zeros(4, 3000, 2)
+    wide[..., 0] = grads
+    c = bm.fused_bucket_moo([wide[t, :, 0] for t in range(4)], segments=segs, backend="cpu")
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("row", [0, 2])
+def test_out_may_alias_an_input(dtype, row):
+    grads = random_grads(3, 2 * CHUNK + 11, dtype, generator=torch.Generator().manual_seed(row))
+    expected = bm.fused_bucket_moo(grads.clone(), segments=5000, backend="cpu")
+    result = bm.fused_bucket_moo(grads, segments=5000, out=grads[row], backend="cpu")
+    assert result.data_ptr() == grads[row].data_ptr()
+    assert torch.equal(grads[row], expected)
+    rows = [r.clone() for r in grads.unbind(0)]
+    expected = bm.fused_bucket_moo([r.clone() for r in rows], backend="cpu")
+    bm.fused_bucket_moo(rows, out=rows[row], backend="cpu")
+    assert torch.equal(rows[row], expected)
+
+
+def test_strided_out_is_written():
+    grads = random_grads(3, 500, generator=torch.Generator().manual_seed(2))
+    buf = torch.zeros(1000)
+    out = buf[::2]
+    bm.fused_bucket_moo(grads, out=out, backend="cpu")
+    assert torch.equal(out, bm.fused_bucket_moo(grads, backend="cpu"))
+    assert (buf[1::2] == 0).all()
+
+
+# ---------------------------------------------------------------- threads and ISA variants
+def _run_all(grads, segs):
+    g = bm.gram(grads, segs, backend="cpu")
+    w = bm.solve(g, "mgda", backend="cpu")
+    out = bm.combine(grads, w, segs, backend="cpu")
+    return g, w, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bit_identical_with_one_and_two_threads(dtype):
+    n = 7 * CHUNK + 321
+    grads = random_grads(4, n, dtype, generator=torch.Generator().manual_seed(5))
+    layouts = [Segments.single(n), Segments.chunks(n, 3 * CHUNK + 7),
+               bm.inputs.as_segments(LAYOUTS["uneven"](n), n)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [_run_all(grads, s) for s in layouts]
+        torch.set_num_threads(2)
+        two = [_run_all(grads, s) for s in layouts]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+_ISA_SCRIPT = """
+import sys, torch, bucketmoo_kernels as bm
+from bucketmoo_kernels import native
+g = torch.Generator().manual_seed(9)
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    grads = (torch.randn(5, 40000, generator=g) * 3).to(dtype)
+    gram = bm.gram(grads, 1000, backend="cpu")
+    w = torch.rand(gram.shape[0], 5, generator=g)
+    out += [gram, bm.combine(grads, w, 1000, backend="cpu")]
+torch.save((native.cpu_isa(), out), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_isa_variants_give_the_same_bits(tmp_path):
+    """The AVX2 and baseline loops sum in the same order and every product is exact in
+    float64, so they must agree bit for bit."""
+    results = {}
+    for isa in ("baseline", "auto"):
+        env = dict(os.environ)
+        env.pop("BUCKETMOO_CPU_ISA", None)
+        if isa == "baseline":
+            env["BUCKETMOO_CPU_ISA"] = "baseline"
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env, cwd=ROOT)
+        results[isa] = torch.load(path)
+    assert results["baseline"][0] == "baseline"
+    for a, b in zip(results["baseline"][1], results["auto"][1]):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- solvers vs torch methods
+def _random_grams(num_seg, num_tasks, seed, rank=None):
+    gen = torch.Generator().manual_seed(seed)
+    n = rank if rank is not None else num_tasks + 5
+    g = torch.randn(num_seg, num_tasks, n, generator=gen, dtype=torch.float64)
+    g[:, 1::2] -= 0.7 * g[:, :1]  # conflicts
+    return g @ g.transpose(1, 2)
+
+
+def _degenerate_grams(num_tasks):
+    """Zero, identical, colinear +-, rank one/two, tiny and huge scales: [S, T, T] f64."""
+    gen = torch.Generator().manual_seed(num_tasks)
+    v = torch.randn(6, generator=gen, dtype=torch.float64)
+    cases = [torch.zeros(num_tasks, 6, dtype=torch.float64),
+             v.expand(num_tasks, 6).clone(),
+             torch.stack([v * (1 if t % 2 else -2) for t in range(num_tasks)]),
+             torch.randn(num_tasks, 1, generator=gen, dtype=torch.float64) * v,
+             torch.randn(num_tasks, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 6, generator=gen, dtype=torch.float64),
+             torch.randn(num_tasks, 6, generator=gen, dtype=torch.float64) * 1e-30,
+             torch.randn(num_tasks, 6, generator=gen, dtype=torch.float64) * 1e30]
+    cases[1][0] *= 0  # one zero gradient among identical ones
+    g = torch.stack(cases)
+    return g @ g.transpose(1, 2)
+
+
+def _d_distance(w1, w2, gram):
+    """|d1 - d2|^2 / max diag: distance of the combined gradients, from the Gram only."""
+    diff = (w1 - w2).nan_to_num(float("inf"))
+    num = torch.einsum("st,stu,su->s", diff, gram, diff).abs()
+    return num / gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
+
+
+def _assert_simplex(w):
+    assert torch.isfinite(w).all()
+    assert (w >= 0).all()
+    assert_close(w.sum(-1), torch.ones(w.shape[0], dtype=w.dtype), atol=1e-12, rtol=0, what="sum")
+
+
+@pytest.mark.parametrize("num_tasks", range(1, 9))
+@pytest.mark.parametrize("solver", ["auto", "closed_form", "exact", "pgd"])
+def test_mgda_solvers_match_torch(num_tasks, solver):
+    if solver == "closed_form" and num_tasks != 2:
+        pytest.skip("closed form is T = 2 only")
+    code = native.MGDA_SOLVER_CODES[solver]
+    for gram in (_random_grams(20, num_tasks, num_tasks), _degenerate_grams(num_tasks)):
+        kw = dict(max_iter=300, tol=0.0) if solver == "pgd" else {}
+        w = ops.solve_mgda(gram, code, kw.get("max_iter", 500), kw.get("tol", 1e-10))
+        w_ref = mgda.mgda_weights(gram, solver=solver, **kw)
+        _assert_simplex(w)
+        # The min-norm point d is unique even where w is not: compare d (and w where unique).
+        assert (_d_distance(w, w_ref, gram) <= 1e-9).all()
+    random = _random_grams(20, num_tasks, num_tasks)
+    w = ops.solve_mgda(random, code, 300, 0.0)
+    tol = 1e-6 if solver == "pgd" else 1e-9
+    assert_close(w, mgda.mgda_weights(random, solver=solver, max_iter=300, tol=0.0), atol=tol, rtol=0,
+                 what="weights on full-rank Grams")
+
+
+def test_mgda_pgd_many_tasks_matches_torch():
+    gram = _random_grams(10, 20, 1, rank=30)
+    w = ops.solve_mgda(gram, 3, 200, 0.0)
+    assert_close(w, mgda.mgda_pgd(gram, max_iter=200, tol=0.0), atol=1e-7, rtol=0, what="pgd T=20")
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_pcgrad_matches_torch(num_tasks, seed):
+    orders = pcgrad.pcgrad_orders(num_tasks, seed)
+    for gram in (_random_grams(30, num_tasks, seed), _degenerate_grams(num_tasks)):
+        w = ops.solve_pcgrad(gram, orders)
+        assert_close(w, pcgrad.pcgrad_weights(gram, seed=seed), atol=1e-12, rtol=1e-9, what="pcgrad")
+
+
+@pytest.mark.parametrize("num_tasks", range(1, 9))
+@pytest.mark.parametrize("c,rescale", [(0.0, 1), (0.4, 1), (0.4, 0), (1.0, 2), (2.5, 1)])
+def test_cagrad_matches_torch(num_tasks, c, rescale):
+    random = _random_grams(20, num_tasks, num_tasks + 11)
+    w = ops.solve_cagrad(random, c, rescale)
+    assert_close(w, cagrad.cagrad_weights(random, c=c, rescale=rescale), atol=1e-8, rtol=0,
+                 what="cagrad weights")
+    degenerate = _degenerate_grams(num_tasks)
+    w = ops.solve_cagrad(degenerate, c, rescale)
+    w_ref = cagrad.cagrad_weights(degenerate, c=c, rescale=rescale)
+    assert torch.isfinite(w).all()
+    assert (_d_distance(w, w_ref, degenerate) <= 1e-8).all()
+
+
+def test_native_solve_through_the_api_matches_torch():
+    grams = bm.gram(random_grads(5, 300, generator=torch.Generator().manual_seed(0)), 37, backend="torch")
+    for method in ("mgda", "pcgrad", "cagrad", "mean"):
+        assert_close(bm.solve(grams, method, backend="cpu"), bm.solve(grams, method, backend="torch"),
+                     atol=1e-6, rtol=0, what=method)
+
+
+def test_header_constants_match_simplex_contract():
+    text = (ROOT / "csrc" / "common" / "bucketmoo_solvers.h").read_text()
+
+    def const(name):
+        return float(re.search(rf"{name}\s*=\s*([0-9.e+-]+);", text).group(1))
+
+    assert const("kRidgeRel") == simplex.RIDGE_REL
+    assert const("kRidgeAbs") == simplex.RIDGE_ABS
+    assert const("kTieRel") == simplex.TIE_REL
+    assert const("kFeasibleTol") == simplex.FEASIBLE_TOL
+    assert int(const("kMaxExactTasks")) == simplex.MAX_EXACT_TASKS
+
+
+# ---------------------------------------------------------------- the ops themselves
+def test_schemas_match_the_python_copy():
+    for name, schema in native.SCHEMAS.items():
+        assert str(getattr(ops, name).default._schema) == f"bucketmoo::{schema}"
+
+
+def _small_args():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(50, generator=gen) for _ in range(3)]
+    off = offsets(10, 0, 40)
+    gram = _random_grams(3, 3, 0)
+    return grads, off, gram
+
+
+@pytest.mark.parametrize("op", ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_"])
+def test_opcheck(op):
+    grads, off, gram = _small_args()
+    args = {
+        "gram": (grads, off),
+        "solve_mgda": (gram, 0, 100, 1e-10),
+        "solve_pcgrad": (gram, pcgrad.pcgrad_orders(3, 0)),
+        "solve_cagrad": (gram, 0.4, 1),
+        "combine_": (torch.empty(50), grads, torch.rand(3, 3), off),
+    }[op]
+    torch.library.opcheck(getattr(ops, op).default, args)
+
+
+def test_ops_compile_with_fullgraph():
+    grads, off, _ = _small_args()
+
+    def fused(g0, g1, g2, offs):
+        gram = ops.gram([g0, g1, g2], offs)
+        w = ops.solve_mgda(gram.double(), 0, 100, 1e-10).float()
+        out = torch.empty_like(g0)
+        ops.combine_(out, [g0, g1, g2], w, offs)
+        return out
+
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*grads, off), fused(*grads, off))
+
+
+def _raises(match, fn, *args):
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+def test_bad_inputs_raise_clear_errors_before_writing():
+    grads, off, gram = _small_args()
+    out = torch.full((50,), 7.0)
+    w = torch.rand(3, 3)
+    _raises("grads must be float32, bfloat16 or float16", ops.gram, [g.double() for g in grads], off)
+    _raises(r"grads\[1\] has dtype", ops.gram, [grads[0], grads[1].half(), grads[2]], off)
+    _raises(r"grads\[2\] has 49 elements", ops.gram, [grads[0], grads[1], grads[2][:49]], off)
+    _raises("at least one task", ops.gram, [], off)
+    _raises("must be 1-D", ops.gram, [g.view(5, 10) for g in grads], off)
+    _raises("unit stride", ops.gram, [torch.randn(100)[::2] for _ in range(3)], off)
+    _raises("offsets must be int64", ops.gram, grads, off.int())
+    _raises("offsets must start at 0 and end at N=50", ops.gram, grads, offsets(10, 0, 41))
+    _raises("non-decreasing", ops.gram, grads, torch.tensor([0, 30, 20, 50]))
+    _raises("S\\+1 >= 2", ops.gram, grads, torch.tensor([0]))
+    # combine_: every check runs before anything is written
+    _raises("weights must have shape", ops.combine_, out, grads, torch.rand(2, 3), off)
+    _raises("weights must be float32", ops.combine_, out, grads, w.double(), off)
+    _raises("out must have the gradients' dtype", ops.combine_, out.half(), grads, w, off)
+    _raises("out must be a 1-D tensor of N=50", ops.combine_, torch.empty(49), grads, w, off)
+    _raises("offsets must start at 0", ops.combine_, out, grads, w, offsets(10, 0, 39))
+    assert (out == 7.0).all()
+    # solvers
+    _raises("gram must be float64", ops.solve_mgda, gram.float(), 0, 10, 0.0)
+    _raises("gram must have shape", ops.solve_mgda, gram[:, :2], 0, 10, 0.0)
+    _raises("solver must be 0", ops.solve_mgda, gram, 4, 10, 0.0)
+    _raises("closed-form solver needs T = 2", ops.solve_mgda, gram, 1, 10, 0.0)
+    _raises("exact solver handles at most 8", ops.solve_mgda, _random_grams(1, 9, 0), 2, 10, 0.0)
+    _raises("1 <= T <= 32", ops.solve_mgda, _random_grams(1, 33, 0, rank=3), 3, 10, 0.0)
+    _raises("cagrad: the native solver handles 1 <= T <= 8", ops.solve_cagrad, _random_grams(1, 9, 0), 0.4, 1)
+    _raises("c must be >= 0", ops.solve_cagrad, gram, -1.0, 1)
+    _raises("rescale must be 0, 1 or 2", ops.solve_cagrad, gram, 0.4, 3)
+    _raises("orders must have shape", ops.solve_pcgrad, gram, torch.zeros(3, 3, dtype=torch.int64))
+    _raises("another task index", ops.solve_pcgrad, gram, torch.tensor([[0, 1], [0, 2], [0, 1]]))
+
+
+def test_backend_errors_and_fallbacks():
+    with pytest.raises(RuntimeError, match="runs on cpu tensors"):
+        bm.get_backend("cpu", "meta")
+    missing = native.NativeBackend("cpu", "cpu", None, "bucketmoo_kernels._cpu did not load (x)")
+    assert "did not load" in missing.unavailable_reason(torch.device("cpu"))
+    # Options the native solver rejects go to the torch function, which raises ValueError.
+    with pytest.raises(ValueError, match="closed-form"):
+        bm.solve(_random_grams(1, 3, 0).float(), "mgda", backend="cpu", solver="closed_form")
+    with pytest.raises(ValueError, match="cagrad option c"):
+        bm.solve(_random_grams(1, 3, 0).float(), "cagrad", backend="cpu", c=-1.0)
