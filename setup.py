@@ -89,12 +89,19 @@ def _cuda_extension(torch, cpp_extension):
             return None
     _say(f"building the CUDA extension for archs {os.environ.get('BUCKETMOO_CUDA_ARCHS', '80;90')}"
          + (" (forced)" if forced else ""))
-    return cpp_extension.CUDAExtension(
-        "bucketmoo_kernels._cuda", _rel(cu_sources + [binding]),
-        include_dirs=[ROOT],
-        extra_compile_args={"cxx": ["-O3", "-DNDEBUG"],
-                            "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
-                                     "-lineinfo"] + _cuda_archs()})
+    try:
+        return cpp_extension.CUDAExtension(
+            "bucketmoo_kernels._cuda", _rel(cu_sources + [binding]),
+            include_dirs=[ROOT],
+            extra_compile_args={"cxx": ["-O3", "-DNDEBUG"],
+                                "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
+                                         "-lineinfo"] + _cuda_archs()})
+    except (OSError, RuntimeError) as exc:
+        if forced:
+            raise RuntimeError(f"BUCKETMOO_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be "
+                               f"configured: {exc}") from exc
+        _say(f"skipping the CUDA extension: {exc}")
+        return None
 
 
 def _extensions():
