@@ -25,6 +25,7 @@ import torch
 
 from .dispatch import register_backend
 from .inputs import Segments, TaskGrads
+from .reference import combine_reference, gram_reference
 from .methods.pcgrad import pcgrad_orders
 from .methods.simplex import MAX_EXACT_TASKS
 
@@ -128,7 +129,9 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 class NativeBackend:
     """``cpu`` or ``cuda``: the ``torch.ops.bucketmoo`` operators of a compiled module.
 
-    Gram and combine run natively for every T; the native solvers cover ``mgda`` (all
+    Gram and combine run natively up to the module's task limit (``max_tasks()`` of the
+    module when it has one: the CUDA kernels take T <= 8; the CPU ones any T) and through
+    the torch reference above it (logged once). The native solvers cover ``mgda`` (all
     solvers; T <= 32), ``pcgrad`` (T <= 32) and ``cagrad`` (T <= 8). Any other method, or a
     configuration the native solver rejects, returns None from :meth:`solve` so that the
     method's torch function runs (and raises its own error for bad options).
@@ -139,6 +142,18 @@ class NativeBackend:
         self.device_type = device_type
         self._module = module
         self._error = error
+        limit = getattr(module, "max_tasks", None)
+        self.max_tasks = int(limit()) if callable(limit) else None
+        self._logged_fallback = False
+
+    def _native_tasks(self, num_tasks: int) -> bool:
+        if self.max_tasks is None or num_tasks <= self.max_tasks:
+            return True
+        if not self._logged_fallback:
+            self._logged_fallback = True
+            logger.info("bucketmoo_kernels: the %s kernels take at most %d tasks; T = %d runs the "
+                        "torch reference for gram/combine", self.name, self.max_tasks, num_tasks)
+        return False
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if self._module is None:
@@ -148,6 +163,8 @@ class NativeBackend:
         return None
 
     def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
+        if not self._native_tasks(grads.num_tasks):
+            return gram_reference(grads, segments)
         rows = [_unit_stride(g) for g in grads.rows]
         return torch.ops.bucketmoo.gram(rows, segments.on(grads.device))
 
@@ -182,6 +199,9 @@ class NativeBackend:
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
                 out: torch.Tensor) -> None:
+        if not self._native_tasks(grads.num_tasks):
+            combine_reference(grads, weights, segments, out)
+            return
         rows = [_unit_stride(g) for g in grads.rows]
         weights = weights.to(torch.float32).contiguous()
         offsets = segments.on(grads.device)

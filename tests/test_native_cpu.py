@@ -381,3 +381,19 @@ def test_backend_errors_and_fallbacks():
         bm.solve(_random_grams(1, 3, 0).float(), "mgda", backend="cpu", solver="closed_form")
     with pytest.raises(ValueError, match="cagrad option c"):
         bm.solve(_random_grams(1, 3, 0).float(), "cagrad", backend="cpu", c=-1.0)
+
+
+def test_task_limit_of_a_module_falls_back_to_the_reference():
+    class Limited:  # a compiled module whose kernels take at most 2 tasks (like _cuda's 8)
+        @staticmethod
+        def max_tasks():
+            return 2
+
+    backend = native.NativeBackend("limited", "cpu", Limited(), None)
+    grads = random_grads(3, 120, generator=torch.Generator().manual_seed(4))
+    tg, segs = as_task_grads(grads), Segments.chunks(120, 50)
+    assert torch.equal(backend.gram(tg, segs), gram_reference(tg, segs))
+    w = torch.rand(3, 3)
+    out = torch.empty(120)
+    backend.combine(tg, w, segs, out)
+    assert torch.equal(out, combine_reference(tg, w, segs, torch.empty(120)))
