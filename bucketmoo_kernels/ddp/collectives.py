@@ -30,9 +30,11 @@ _ALL_GATHER_DEVICES = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}, "mpi": {"cpu",
                        "ucc": {"cpu", "cuda"}, "xccl": {"xpu"}, "fake": {"cpu", "cuda"}}
 
 
-def all_to_all_flat(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
-    """``output[p*m:(p+1)*m]`` on rank q receives ``input[q*m:(q+1)*m]`` of rank p (blocking)."""
-    dist.all_to_all_single(output, input, group=group)
+def all_to_all_flat(output: torch.Tensor, input: torch.Tensor, group=None, *,
+                    output_split_sizes=None, input_split_sizes=None) -> None:
+    """Rank q's ``output`` chunk p receives rank p's ``input`` chunk q (blocking); chunks are
+    equal or given by the split sizes."""
+    dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group)
 
 
 def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None) -> None:

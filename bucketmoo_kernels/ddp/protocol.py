@@ -7,8 +7,8 @@ write step 4's combined shard as the reduce-scatter output.
 
 Sharded protocol (P ranks, T tasks, bucket of n elements, shard length m = ceil(n / P)):
 
-1. :func:`scatter_tasks` -- pad the bucket to P*m, ``all_to_all`` so that rank p holds
-   shard p of every rank's bucket ([P, m]); average the rows of ranks that train the same
+1. :func:`scatter_tasks` -- ``all_to_all`` (uneven splits: the last shard may be shorter)
+   so that rank p holds shard p of every rank's bucket ([P, m]); average the rows of ranks that train the same
    task -> [T, m]; partial Gram of the shard per segment ([S, T, T], fp32).
 2. :func:`reduce_gram` -- ``all_reduce`` (sum) of the partial Grams: every rank now holds
    the Gram of the whole bucket, bit-identical everywhere.
@@ -19,8 +19,10 @@ Sharded protocol (P ranks, T tasks, bucket of n elements, shard length m = ceil(
 Bytes sent per rank: (P-1)/P n in step 1 and (P-1)/P n in step 4 -- the volume of a ring
 all-reduce -- plus the S*T*T floats of step 2. Extra memory: the P*m receive buffer, the
 T*m task rows (a view of the receive buffer when rank t trains task t), the m-element
-combined shard and the P*m gather buffer (skipped when the bucket needs no padding and no
-compression): O(n) per bucket in flight.
+combined shard, the P*m gather buffer (skipped when P divides n and there is no
+compression: the all-gather then writes the bucket directly) and, with compression, the
+half-precision copy of the bucket: O(n) per bucket in flight, at most 2.5 n without
+compression.
 
 Replicas stay bit-identical by construction: every element of the final bucket is written
 by exactly one rank (the owner of its shard) and all ranks receive the same all-gather.
@@ -40,7 +42,7 @@ from ..api import combine, gram, solve
 from ..inputs import Segments
 from . import collectives
 
-__all__ = ["TaskLayout", "ShardedTasks", "shard_length", "shard_segments", "scatter_tasks",
+__all__ = ["TaskLayout", "ShardedTasks", "shard_length", "local_shard_length", "shard_segments", "scatter_tasks",
            "reduce_gram", "solve_weights", "combine_shard", "gather_combined", "sharded_moo",
            "allgather_tasks"]
 
@@ -119,17 +121,23 @@ def shard_length(numel: int, world_size: int) -> int:
     return -(-numel // world_size)
 
 
-def shard_segments(segments: Segments, shard_index: int, shard_len: int) -> Segments:
-    """The part of ``segments`` that falls into shard ``shard_index`` of length ``shard_len``.
+def local_shard_length(numel: int, world_size: int, shard_index: int) -> int:
+    """Elements of the bucket that shard ``shard_index`` really holds: m, or less for the last
+    shard(s) of a bucket whose length is not a multiple of P (the rest is padding)."""
+    m = shard_length(numel, world_size)
+    return max(0, min(m, numel - shard_index * m))
 
-    Segment s keeps its index (empty where it misses the shard); the padding past the end
-    of the bucket is appended to the last segment (it holds zeros, so it changes neither
-    the Gram nor the meaningful part of the combined gradient).
+
+def shard_segments(segments: Segments, shard_index: int, shard_len: int) -> Segments:
+    """The part of ``segments`` that falls into shard ``shard_index`` (shards of ``shard_len``
+    elements starting at ``shard_index * shard_len``), as offsets local to the shard.
+
+    Segment s keeps its index (empty where it misses the shard). The result covers
+    ``min(shard_len, N - start)`` elements (clamped at 0): the shard's real data, no padding.
     """
     start = shard_index * shard_len
-    offsets = (segments.offsets - start).clamp(0, shard_len)
-    offsets[-1] = shard_len
-    return Segments(offsets)
+    length = max(0, min(shard_len, segments.numel - start))
+    return Segments((segments.offsets - start).clamp(0, length))
 
 
 @dataclass
@@ -137,9 +145,10 @@ class ShardedTasks:
     """Step 1's output on one rank.
 
     Attributes:
-        rows: ``[T, m]`` this rank's shard of every task gradient, in the wire dtype.
+        rows: ``[T, m_p]`` this rank's shard of every task gradient, in the wire dtype
+            (m_p = m, or less for the last shard(s); see :func:`local_shard_length`).
         segments: the segment layout restricted to the shard (same S as the bucket's).
-        shard_len: m.
+        shard_len: m, the shard stride.
         numel: n, the bucket length.
         partial_gram: ``[S, T, T]`` float32 Gram of the shard (sum over ranks = bucket Gram).
         extra_bytes: bytes this step allocated (receive buffer, send copy, task rows).
@@ -190,18 +199,17 @@ def scatter_tasks(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, *, 
     rank = collectives.group_rank(group)
     n = flat.numel()
     m = shard_length(n, world)
+    own_len = local_shard_length(n, world, rank)
     wire = wire_dtype or flat.dtype
-    extra = 0
-    if n == world * m and wire == flat.dtype:
-        send = flat
-    else:
-        send = torch.zeros(world * m, dtype=wire, device=flat.device)
-        send[:n].copy_(flat)
-        extra += send.numel() * send.element_size()
-    received = torch.empty(world * m, dtype=wire, device=flat.device)
+    send = flat if wire == flat.dtype else flat.to(wire)
+    extra = 0 if send is flat else send.numel() * send.element_size()
+    # Uneven splits: shard p is flat[p*m : min((p+1)*m, n)], so no padded copy is needed.
+    received = torch.empty(world * own_len, dtype=wire, device=flat.device)
     extra += received.numel() * received.element_size()
-    collectives.all_to_all_flat(received, send, group)
-    rows, rows_extra = _group_rows(received.view(world, m), tasks)
+    collectives.all_to_all_flat(received, send, group,
+                                output_split_sizes=[own_len] * world,
+                                input_split_sizes=[local_shard_length(n, world, p) for p in range(world)])
+    rows, rows_extra = _group_rows(received.view(world, own_len), tasks)
     extra += rows_extra
     segs = local_segments if local_segments is not None else shard_segments(segments, rank, m)
     partial = gram(rows, segs, backend=backend)
@@ -240,8 +248,12 @@ def gather_combined(sharded: ShardedTasks, weights: torch.Tensor, flat: torch.Te
     """
     world = collectives.group_size(group)
     m, n = sharded.shard_len, sharded.numel
-    own = combine_shard(sharded, weights, backend=backend)
+    own_len = sharded.rows.shape[1]
+    own = torch.empty(m, dtype=sharded.rows.dtype, device=flat.device)
     extra = own.numel() * own.element_size()
+    if own_len < m:
+        own[own_len:].zero_()
+    combine_shard(sharded, weights, out=own[:own_len], backend=backend)
     if n == world * m and own.dtype == flat.dtype:
         collectives.all_gather_flat(flat, own, group)
         return extra

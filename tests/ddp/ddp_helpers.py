@@ -76,8 +76,22 @@ def _scenario_worker(rank: int, world: int, scenarios: dict) -> dict:
 IN, HIDDEN, OUT = 6, 10, 3
 
 
-def make_model(dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+class TwoHeads(torch.nn.Module):
+    """A shared trunk and one head per task: each task leaves the other head unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(HIDDEN, OUT) for _ in range(2)])
+
+    def forward(self, x, task: int = 0):
+        return self.heads[task](self.trunk(x))
+
+
+def make_model(dtype=torch.float32, seed: int = 0, two_heads: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if two_heads:
+        return TwoHeads().to(dtype)
     model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN),
                                 torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
     return model.to(dtype)
@@ -92,9 +106,10 @@ def batch(step: int, rank: int, micro: int, dtype=torch.float32):
     return x.to(dtype), y.to(dtype)
 
 
-def loss_of(model, data) -> torch.Tensor:
+def loss_of(model, data, task: int | None = None) -> torch.Tensor:
     x, y = data
-    return torch.nn.functional.mse_loss(model(x), y)
+    pred = model(x) if task is None else model(x, task)
+    return torch.nn.functional.mse_loss(pred, y)
 
 
 def flat_params(module: torch.nn.Module) -> torch.Tensor:
@@ -102,18 +117,19 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- reference
-def task_gradients(model: torch.nn.Module, datas: list[list]) -> list[list[torch.Tensor]]:
+def task_gradients(model: torch.nn.Module, datas: list[list], two_heads: bool = False) -> list[list[torch.Tensor]]:
     """For each task: the average over its ranks of the sum over micro-batches of the
     gradient (one list of per-parameter tensors per task). ``datas[t]`` = list over the
     task's ranks of lists of micro-batches."""
     out = []
     params = list(model.parameters())
-    for per_rank in datas:
+    for task, per_rank in enumerate(datas):
         acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for micros in per_rank:
             grads = [torch.zeros_like(p) for p in params]
             for data in micros:
-                g = torch.autograd.grad(loss_of(model, data), params, allow_unused=True)
+                g = torch.autograd.grad(loss_of(model, data, task if two_heads else None), params,
+                                        allow_unused=True)
                 grads = [a + (b if b is not None else 0) for a, b in zip(grads, g)]
             acc = [a + b.float() for a, b in zip(acc, grads)]
         out.append([(a / len(per_rank)).to(params[0].dtype) for a in acc])
@@ -167,11 +183,12 @@ def train(rank: int, world: int, cfg: dict) -> dict:
     method = cfg.get("method", "mgda")
     granularity = cfg.get("granularity", "bucket")
     options = dict(cfg.get("options", {}))
-    model = make_model(dtype)
+    two_heads = cfg.get("two_heads", False)
+    model = make_model(dtype, two_heads=two_heads)
     ref_model = copy.deepcopy(model)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, bucket_cap_mb=cfg.get("bucket_cap_mb", 0.0004), gradient_as_bucket_view=cfg.get("grad_view", False),
-        find_unused_parameters=cfg.get("find_unused", False))
+        find_unused_parameters=two_heads)
     state = None
     if mode != "plain":
         state = BucketMOOState(method=method, mode=mode, granularity=granularity, task_of_rank=cfg.get("task_of_rank"),
@@ -190,28 +207,31 @@ def train(rank: int, world: int, cfg: dict) -> dict:
                     loss_of(ddp, batch(step, rank, t, dtype)).backward()
             datas = [[[batch(step, r, t, dtype)] for r in range(world)] for t in range(num_tasks)]
         else:
+            task_of_rank = cfg.get("task_of_rank") or list(range(world))
+            head = task_of_rank[rank] if two_heads else None
             for m in range(micro):
                 if m < micro - 1:
                     with ddp.no_sync():
-                        loss_of(ddp, batch(step, rank, m, dtype)).backward()
+                        loss_of(ddp, batch(step, rank, m, dtype), head).backward()
                 else:
-                    loss_of(ddp, batch(step, rank, m, dtype)).backward()
-            task_of_rank = cfg.get("task_of_rank") or list(range(world))
+                    loss_of(ddp, batch(step, rank, m, dtype), head).backward()
             num_tasks = max(task_of_rank) + 1
             datas = [[[batch(step, r, m, dtype) for m in range(micro)] for r in range(world) if task_of_rank[r] == t]
                      for t in range(num_tasks)]
         if cfg.get("check") and state is not None:
             ref_model.load_state_dict(ddp.module.state_dict())
-            tg = task_gradients(ref_model, datas)
+            tg = task_gradients(ref_model, datas, two_heads)
             expected = reference_combined(ref_model, ddp.module, state, tg, method, granularity, options, step)
             params = list(ddp.module.parameters())
             worst = 0.0
             for idx, exp in expected:
-                got = torch.cat([params[i].grad.reshape(-1) for i in idx])
+                got = torch.cat([(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i]))
+                                 .reshape(-1) for i in idx])
                 scale = exp.abs().max().float().clamp_min(1e-6)
                 worst = max(worst, float((got.float() - exp.float()).abs().max() / scale))
             errs.append(worst)
-        grads_seen.append(torch.cat([p.grad.reshape(-1).float() for p in ddp.module.parameters()]))
+        grads_seen.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                     for p in ddp.module.parameters()]))
         opt.step()
     result = {"params": flat_params(ddp.module), "errs": errs, "grads": grads_seen}
     if state is not None:
@@ -225,3 +245,15 @@ def train(rank: int, world: int, cfg: dict) -> dict:
             result["diag"] = state.diagnostics.summary()
             result["diag_b0"] = state.diagnostics.to_tensors(state.diagnostics.buckets()[-1])
     return result
+
+
+def nonfinite_worker(rank: int, world: int) -> dict:
+    """One backward where rank 1's data holds an Inf: the hook must not raise, and the
+    combined gradient must be non-finite on every rank (so GradScaler skips the step)."""
+    ddp = torch.nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.0004)
+    ddp.register_comm_hook(BucketMOOState(method="mgda"), bucket_moo_hook)
+    x, y = batch(0, rank, 0)
+    if rank == 1:
+        x[0, 0] = float("inf")
+    loss_of(ddp, (x, y)).backward()
+    return {"finite": all(bool(torch.isfinite(p.grad).all()) for p in ddp.module.parameters())}

@@ -9,7 +9,7 @@ size runs all scenarios; the tests below read their results.
 import pytest
 import torch
 
-from ddp_helpers import run_scenarios
+from ddp_helpers import nonfinite_worker, run_distributed, run_scenarios
 
 BF16 = torch.bfloat16
 W2 = {
@@ -33,6 +33,7 @@ W2 = {
     "pcgrad": {"check": True, "method": "pcgrad", "options": {"seed": 3}},
     "cagrad": {"check": True, "method": "cagrad", "granularity": "param"},
     "diag": {"check": True, "record": True, "steps": 3},
+    "unused_params": {"check": True, "two_heads": True, "granularity": "param"},
 }
 W4 = {
     "plain": {"mode": "plain", "steps": 3},
@@ -129,12 +130,12 @@ def test_extra_memory_is_o_bucket(world2, world4):
         res = results[0]["mgda"]
         largest = res["largest_bucket_bytes"]
         model_bytes = sum(res["bucket_numels"].values()) * res["element_size"]
-        # send copy (padding) + receive + own shard + gather: < 3.5 buckets (+ padding)
-        assert res["peak_extra_bytes"] <= 3.5 * largest + 64 * world, (world, res["peak_extra_bytes"], largest)
+        # receive (n) + own shard (n/P) + gather (n, when P does not divide n): <= 2.5 buckets + padding
+        assert res["peak_extra_bytes"] <= 2.5 * largest + 16 * world, (world, res["peak_extra_bytes"], largest)
         if world == 4:
             ag = results[0]["mgda_allgather"]
             assert ag["peak_extra_bytes"] >= world * max(ag["bucket_numels"].values()) * ag["element_size"]
-            assert ag["peak_extra_bytes"] > 3.5 * ag["largest_bucket_bytes"]
+            assert ag["peak_extra_bytes"] > 2.5 * ag["largest_bucket_bytes"]
         glob = results[0]["mgda_global"]
         assert glob["peak_extra_bytes"] >= model_bytes
 
@@ -150,3 +151,8 @@ def test_diagnostics_recorded(world2):
     assert (d["combined_norm"] <= d["mean_norm"] * (1 + 1e-5) + 1e-7).all()  # MGDA: min-norm point
     torch.testing.assert_close(d["residual"], d["combined_norm"], atol=1e-5, rtol=1e-4)
     assert (d["cosine"].abs() <= 1 + 1e-5).all()
+
+
+def test_nonfinite_gradients_propagate_without_error():
+    results = run_distributed(nonfinite_worker, 2)
+    assert [r["finite"] for r in results] == [False, False]

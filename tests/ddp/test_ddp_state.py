@@ -10,7 +10,7 @@ import bucketmoo_kernels as bmk
 from bucketmoo_kernels.ddp import BucketMOOState, DiagnosticsLog, TaskLayout, bucket_moo_hook
 from bucketmoo_kernels.ddp.collectives import check_backend
 from bucketmoo_kernels.ddp.diagnostics import BucketRecord
-from bucketmoo_kernels.ddp.protocol import shard_length, shard_segments
+from bucketmoo_kernels.ddp.protocol import local_shard_length, shard_length, shard_segments
 
 
 @pytest.mark.parametrize("kwargs,exc,words", [
@@ -57,7 +57,7 @@ def test_task_layout_groups():
     assert TaskLayout.build(None, 3).identity
 
 
-@pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1, 4), (17, 2)])
+@pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1, 4), (17, 2), (5, 4)])
 def test_shard_segments_partition_the_segments(n, world):
     segs = bmk.Segments(torch.tensor([0, n // 3, n // 3, n]))  # includes an empty segment
     m = shard_length(n, world)
@@ -65,11 +65,11 @@ def test_shard_segments_partition_the_segments(n, world):
     lengths = torch.zeros(segs.num_segments, dtype=torch.int64)
     for p in range(world):
         local = shard_segments(segs, p, m)
-        assert local.numel == m and local.num_segments == segs.num_segments
+        assert local.numel == local_shard_length(n, world, p) == max(0, min(m, n - p * m))
+        assert local.num_segments == segs.num_segments
         lengths += local.lengths
-    expected = segs.lengths.clone()
-    expected[-1] += m * world - n  # the padding goes to the last segment
-    assert torch.equal(lengths, expected)
+    assert torch.equal(lengths, segs.lengths)
+    assert sum(local_shard_length(n, world, p) for p in range(world)) == n
 
 
 def test_check_backend():
