@@ -177,8 +177,8 @@ cudaError_t dispatch_tasks(int num_tasks, Fn&& fn) {
     case 8: return fn(scalar_t{}, std::integral_constant<int, 8>{});
     default: return cudaErrorInvalidValue;
   }
-  static_assert(kMaxTasks == 8, "extend dispatch_tasks when kMaxTasks changes");
 }
+static_assert(kMaxTasks == 8, "dispatch_tasks instantiates T = 1..8: extend it with kMaxTasks");
 
 template <typename Fn>
 cudaError_t dispatch_dtype_tasks(GradDType dtype, int num_tasks, Fn&& fn) {
