@@ -397,3 +397,19 @@ def test_task_limit_of_a_module_falls_back_to_the_reference():
     out = torch.empty(120)
     backend.combine(tg, w, segs, out)
     assert torch.equal(out, combine_reference(tg, w, segs, torch.empty(120)))
+
+
+@pytest.mark.slow
+def test_large_fp32_combine_with_streaming_stores():
+    """Outputs >= 64 MB that alias no input take the non-temporal store path (unaligned
+    start and odd tail included)."""
+    n = (16 << 20) + 3
+    grads = torch.randn(2, n, generator=torch.Generator().manual_seed(8))
+    buf = torch.empty(n + 1)
+    out = buf[1:]
+    segs = Segments(torch.tensor([0, 5, n // 2, n], dtype=torch.int64))
+    weights = torch.tensor([[0.5, 0.5], [1.5, -0.25], [0.125, 3.0]])
+    bm.combine(grads, weights, segs, out=out, backend="cpu")
+    lengths = segs.lengths
+    expected = (torch.repeat_interleave(weights.double(), lengths, dim=0).T * grads.double()).sum(0)
+    assert torch.equal(out, expected.float())

@@ -19,7 +19,7 @@ namespace {
 
 using GramChunkFn = void (*)(const void* const*, int, DType, int64_t, int64_t, double*, double*);
 using CombineRangeFn = void (*)(void*, const void* const*, int, DType, const double*, int64_t,
-                                int64_t);
+                                int64_t, bool);
 
 struct Variant {
   GramChunkFn gram_chunk;
@@ -48,6 +48,10 @@ const Variant& variant() {
 // Below this many elements in all, the loops run on the calling thread only (same chunks,
 // so the same result).
 constexpr int64_t kParallelMin = 2 * kChunk;
+
+// Outputs at least this large (bytes) are written with non-temporal stores when they alias
+// no input: far beyond the last-level cache, a normal store would first read every line.
+constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
 
 int threads_for(int num_threads) {
 #ifdef _OPENMP
@@ -136,6 +140,8 @@ void combine(void* out, const void* const* grads, int T, DType dtype, const floa
   const int64_t N = offsets[S];
   const int nt = threads_for(num_threads);
   const int64_t grain = dynamic_grain(C, N);
+  bool stream = dtype == DType::kFloat32 && N * 4 >= kStreamMinBytes;
+  for (int t = 0; t < T; ++t) stream = stream && grads[t] != out;
 #pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
   {
     std::vector<double> w(static_cast<size_t>(T));
@@ -145,7 +151,7 @@ void combine(void* out, const void* const* grads, int T, DType dtype, const floa
       const int64_t begin = offsets[s] + (c - first[size_t(s)]) * kChunk;
       const int64_t end = std::min(begin + kChunk, offsets[s + 1]);
       for (int t = 0; t < T; ++t) w[size_t(t)] = double(weights[s * T + t]);
-      v.combine_range(out, grads, T, dtype, w.data(), begin, end);
+      v.combine_range(out, grads, T, dtype, w.data(), begin, end, stream);
     }
   }
 }

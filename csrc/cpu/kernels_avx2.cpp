@@ -25,8 +25,8 @@ void gram_chunk_avx2(const void* const* grads, int T, DType dt, int64_t begin, i
 
 __attribute__((target("avx2,fma,f16c")))
 void combine_range_avx2(void* out, const void* const* grads, int T, DType dt, const double* w,
-                        int64_t begin, int64_t end) {
-  isa_avx2::combine_range(out, grads, T, dt, w, begin, end);
+                        int64_t begin, int64_t end, bool stream) {
+  isa_avx2::combine_range(out, grads, T, dt, w, begin, end, stream);
 }
 
 }  // namespace cpu

@@ -17,8 +17,8 @@ void gram_chunk_baseline(const void* const* grads, int T, DType dt, int64_t begi
 }
 
 void combine_range_baseline(void* out, const void* const* grads, int T, DType dt,
-                            const double* w, int64_t begin, int64_t end) {
-  isa_baseline::combine_range(out, grads, T, dt, w, begin, end);
+                            const double* w, int64_t begin, int64_t end, bool stream) {
+  isa_baseline::combine_range(out, grads, T, dt, w, begin, end, stream);
 }
 
 }  // namespace cpu

@@ -170,7 +170,7 @@ inline void gram_chunk(const void* const* grads, int T, DType dt, int64_t begin,
 // All T reads of a block happen before its writes, so `out` may alias any g[t].
 template <typename Src>
 inline void combine_block(void* out, const Src* const* g, int T, DType dt, const double* w,
-                          int64_t b0, int n) {
+                          int64_t b0, int n, bool stream) {
   double acc[kBlock];
   for (int k = 0; k < n; ++k) {
     if constexpr (sizeof(Src) == 4) acc[k] = w[0] * double(load(g[0], b0 + k));
@@ -185,6 +185,17 @@ inline void combine_block(void* out, const Src* const* g, int T, DType dt, const
   }
   if (dt == DType::kFloat32) {
     float* o = static_cast<float*>(out) + b0;
+#if BUCKETMOO_HAVE_STREAM_STORES
+    if (stream) {  // non-temporal stores: no read-for-ownership of the output lines
+      int k = 0;
+      for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 15u) != 0; ++k) o[k] = float(acc[k]);
+      for (; k + 4 <= n; k += 4)
+        _mm_stream_ps(o + k, _mm_set_ps(float(acc[k + 3]), float(acc[k + 2]), float(acc[k + 1]),
+                                        float(acc[k])));
+      for (; k < n; ++k) o[k] = float(acc[k]);
+      return;
+    }
+#endif
     for (int k = 0; k < n; ++k) o[k] = float(acc[k]);
   } else if (dt == DType::kBFloat16) {
     uint16_t* o = static_cast<uint16_t*>(out) + b0;
@@ -195,16 +206,21 @@ inline void combine_block(void* out, const Src* const* g, int T, DType dt, const
   }
 }
 
-// w: the segment's T weights as double (exact copies of the float32 weights).
+// w: the segment's T weights as double (exact copies of the float32 weights). stream: use
+// non-temporal stores for a float32 output (only when it aliases no input and is far larger
+// than the caches; the caller decides). Ends with a store fence when it streamed.
 inline void combine_range(void* out, const void* const* grads, int T, DType dt, const double* w,
-                          int64_t begin, int64_t end) {
+                          int64_t begin, int64_t end, bool stream) {
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int n = int(end - b0 < kBlock ? end - b0 : kBlock);
     if (dt == DType::kFloat32)
-      combine_block(out, reinterpret_cast<const float* const*>(grads), T, dt, w, b0, n);
+      combine_block(out, reinterpret_cast<const float* const*>(grads), T, dt, w, b0, n, stream);
     else
-      combine_block(out, reinterpret_cast<const uint16_t* const*>(grads), T, dt, w, b0, n);
+      combine_block(out, reinterpret_cast<const uint16_t* const*>(grads), T, dt, w, b0, n, stream);
   }
+#if BUCKETMOO_HAVE_STREAM_STORES
+  if (stream) _mm_sfence();
+#endif
 }
 
 }  // namespace BUCKETMOO_ISA_NS

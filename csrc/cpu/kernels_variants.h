@@ -13,18 +13,26 @@
 #define BUCKETMOO_HAVE_AVX2_VARIANT 0
 #endif
 
+// SSE non-temporal stores (part of baseline x86-64) for the float32 combine output.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BUCKETMOO_HAVE_STREAM_STORES 1
+#else
+#define BUCKETMOO_HAVE_STREAM_STORES 0
+#endif
+
 namespace bucketmoo {
 namespace cpu {
 
 void gram_chunk_baseline(const void* const* grads, int T, DType dt, int64_t begin, int64_t end,
                          double* partial, double* scratch);
 void combine_range_baseline(void* out, const void* const* grads, int T, DType dt,
-                            const double* w, int64_t begin, int64_t end);
+                            const double* w, int64_t begin, int64_t end, bool stream);
 #if BUCKETMOO_HAVE_AVX2_VARIANT
 void gram_chunk_avx2(const void* const* grads, int T, DType dt, int64_t begin, int64_t end,
                      double* partial, double* scratch);
 void combine_range_avx2(void* out, const void* const* grads, int T, DType dt, const double* w,
-                        int64_t begin, int64_t end);
+                        int64_t begin, int64_t end, bool stream);
 #endif
 
 }  // namespace cpu
