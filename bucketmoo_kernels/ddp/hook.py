@@ -178,6 +178,7 @@ def _stashed_row(state: BucketMOOState, task: int, buf: torch.Tensor, params) ->
         return flat
     # DDP rebuilt its buckets since this task was stashed (it does so once, after the first
     # backward): assemble the row from the per-parameter views of the stash.
+    state.stash_reassembled += 1
     parts = [entry["views"].get(id(p)) for p in params]
     parts = [v if v is not None else buf.new_zeros(p.numel()) for v, p in zip(parts, params)]
     return torch.cat(parts) if parts else buf.new_zeros(0)

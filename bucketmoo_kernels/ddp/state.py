@@ -101,7 +101,9 @@ class BucketMOOState:
 
     Statistics: ``step`` (completed optimizer steps), ``peak_extra_bytes`` (largest memory the
     hook allocated for one bucket in flight; for ``global`` and ``stash``, for the whole
-    step) and ``largest_bucket_bytes`` (the largest bucket seen), both since construction.
+    step) and ``largest_bucket_bytes`` (the largest bucket seen), both since construction;
+    ``stash_reassembled`` counts stashed rows rebuilt from per-parameter views because DDP
+    rebuilt its buckets between the tasks of a step (it does so once, in the first step).
 
     Non-finite gradients are not checked (no host sync): NaN/Inf propagate into the combined
     gradient, so ``torch.amp.GradScaler`` sees them and skips the step.
@@ -130,6 +132,7 @@ class BucketMOOState:
         "step",
         "peak_extra_bytes",
         "largest_bucket_bytes",
+        "stash_reassembled",
         "diagnostics",
         # internal buffers (not checkpointed)
         "losses",
@@ -200,6 +203,7 @@ class BucketMOOState:
         self.step = 0
         self.peak_extra_bytes = 0
         self.largest_bucket_bytes = 0
+        self.stash_reassembled = 0
         self.diagnostics = DiagnosticsLog(max_diagnostic_steps)
         self._reset_buffers()
         if mode == "ranks" and dist.is_available() and dist.is_initialized():
@@ -218,6 +222,11 @@ class BucketMOOState:
         self._hook_calls = 0
         self._step_extra_bytes = 0
         self._checked = False
+
+    def task_layout(self) -> TaskLayout:
+        """Ranks mode: the validated :class:`TaskLayout` of the process group (built on first use;
+        ``ValueError`` naming ``task_of_rank`` when the ranks do not fit the tasks)."""
+        return self._task_layout()
 
     def _task_layout(self) -> TaskLayout:
         if self._tasks is None:

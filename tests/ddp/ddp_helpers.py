@@ -238,6 +238,7 @@ def train(rank: int, world: int, cfg: dict) -> dict:
         result["peak_extra_bytes"] = state.peak_extra_bytes
         result["step"] = state.step
         result["largest_bucket_bytes"] = state.largest_bucket_bytes
+        result["stash_reassembled"] = state.stash_reassembled
         result["bucket_numels"] = {b: sum(p.numel() for p in ps) for b, ps in state.bucket_params.items()}
         result["element_size"] = torch.empty(0, dtype=dtype).element_size()
         if state.record_diagnostics:
