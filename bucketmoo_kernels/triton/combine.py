@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..inputs import Segments, TaskGrads
 from .gram import _row_offsets
-from .tiles import INTERPRET, TILE_COLS, next_pow2, row_addressing, tile_table
+from .tiles import INTERPRET, TILE_COLS, next_pow2, on_device, row_addressing, tile_table
 
 __all__ = ["combine_triton", "COMBINE_BLOCK", "COMBINE_CHUNK"]
 
@@ -49,12 +49,15 @@ def _combine_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, tile
 def _launch_combine(grads: TaskGrads, weights: torch.Tensor, segments: Segments, out: torch.Tensor,
                     chunk: int, block: int) -> None:
     num_tasks = grads.num_tasks
+    if grads.numel == 0:  # nothing to write (and an empty tensor may have a null pointer)
+        return
     tiles = tile_table(segments, chunk, grads.device)
     rows = row_addressing(grads)
-    _combine_kernel[(tiles.num_tiles,)](
-        rows.base, rows.stride, *rows.deltas, weights, tiles.table, out,
-        T=num_tasks, TP=max(2, next_pow2(num_tasks)), BLOCK_N=block, NCOLS=TILE_COLS,
-        USE_DELTAS=rows.use_deltas, num_warps=4)
+    with on_device(grads.device):
+        _combine_kernel[(tiles.num_tiles,)](
+            rows.base, rows.stride, *rows.deltas, weights, tiles.table, out,
+            T=num_tasks, TP=max(2, next_pow2(num_tasks)), BLOCK_N=block, NCOLS=TILE_COLS,
+            USE_DELTAS=rows.use_deltas, num_warps=4)
 
 
 def combine_triton(grads: TaskGrads, weights: torch.Tensor, segments: Segments, out: torch.Tensor, *,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..inputs import Segments, TaskGrads
-from .tiles import INTERPRET, TILE_COLS, gram_counters, next_pow2, row_addressing, tile_table
+from .tiles import INTERPRET, TILE_COLS, gram_counters, next_pow2, on_device, row_addressing, tile_table
 
 __all__ = ["gram_triton", "GRAM_BLOCK", "GRAM_CHUNK"]
 
@@ -92,6 +92,8 @@ def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, par
 def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int) -> torch.Tensor:
     num_tasks = grads.num_tasks
     device = grads.device
+    if grads.numel == 0:  # nothing to read (and an empty tensor may have a null pointer)
+        return torch.zeros(segments.num_segments, num_tasks, num_tasks, dtype=torch.float32, device=device)
     tiles = tile_table(segments, chunk, device)
     out = torch.empty(segments.num_segments, num_tasks, num_tasks, dtype=torch.float32, device=device)
     partial = torch.empty(max(1, tiles.num_slots) * num_tasks * num_tasks, dtype=torch.float32,
@@ -100,10 +102,11 @@ def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int) -
     rows = row_addressing(grads)
     tp = max(16, next_pow2(num_tasks))
     upcast = INTERPRET or rows.base.dtype == torch.float32
-    _gram_kernel[(tiles.num_tiles,)](
-        rows.base, rows.stride, *rows.deltas, tiles.table, partial, counters, out,
-        T=num_tasks, TP=tp, BLOCK_N=block, NCOLS=TILE_COLS, USE_DELTAS=rows.use_deltas,
-        UPCAST=upcast, num_warps=4)
+    with on_device(device):
+        _gram_kernel[(tiles.num_tiles,)](
+            rows.base, rows.stride, *rows.deltas, tiles.table, partial, counters, out,
+            T=num_tasks, TP=tp, BLOCK_N=block, NCOLS=TILE_COLS, USE_DELTAS=rows.use_deltas,
+            UPCAST=upcast, num_warps=4)
     return out
 
 

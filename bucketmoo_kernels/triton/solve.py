@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..methods import simplex
+from .tiles import next_pow2, on_device
 
 __all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton"]
 
@@ -99,7 +100,7 @@ def _mgda_exact_kernel(g_ptr, c_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, K
     # Gauss-Jordan without pivoting, all subsets at once.
     row_i = i[None, :, None]
     col_j = i[None, None, :]
-    for p in tl.static_range(T):
+    for p in range(T):
         row_p = tl.sum(tl.where(row_i == p, a, 0.0), axis=1)  # [KP, TP] = a[k, p, :]
         col_p = tl.sum(tl.where(col_j == p, a, 0.0), axis=2)  # [KP, TP] = a[k, :, p]
         piv = tl.sum(tl.where(i[None, :] == p, row_p, 0.0), axis=1)  # [KP]
@@ -181,9 +182,12 @@ def mgda_closed_form_triton(gram: torch.Tensor) -> torch.Tensor:
     gram = gram.to(torch.float64).contiguous()
     num_seg = gram.shape[0]
     out = torch.empty(num_seg, 2, dtype=torch.float64, device=gram.device)
+    if num_seg == 0:
+        return out
     block = 256
-    _mgda_closed_form_kernel[(triton.cdiv(num_seg, block),)](
-        gram, _contract_constants(gram.device), out, num_seg, BLOCK_S=block)
+    with on_device(gram.device):
+        _mgda_closed_form_kernel[(triton.cdiv(num_seg, block),)](
+            gram, _contract_constants(gram.device), out, num_seg, BLOCK_S=block)
     return out
 
 
@@ -195,11 +199,14 @@ def mgda_exact_triton(gram: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the exact Triton MGDA solver needs 2 <= T <= {simplex.MAX_EXACT_TASKS}; "
                          f"got T = {num_tasks}")
     out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    if num_seg == 0:
+        return out
     tp = next_pow2(num_tasks)
     kp = 1 << num_tasks
     warps = 4 if kp * tp * tp <= 4096 else 8
-    _mgda_exact_kernel[(num_seg,)](gram, _contract_constants(gram.device), out,
-                                   T=num_tasks, TP=tp, KP=kp, num_warps=warps)
+    with on_device(gram.device):
+        _mgda_exact_kernel[(num_seg,)](gram, _contract_constants(gram.device), out,
+                                       T=num_tasks, TP=tp, KP=kp, num_warps=warps)
     return out
 
 
@@ -209,10 +216,10 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
     gram = gram.to(torch.float64).contiguous()
     num_seg, num_tasks, _ = gram.shape
     out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
-    _mgda_pgd_kernel[(num_seg,)](gram, _contract_constants(gram.device), out, int(max_iter),
-                                 T=num_tasks, TP=max(2, next_pow2(num_tasks)), num_warps=1)
+    if num_seg == 0:
+        return out
+    tp = max(2, next_pow2(num_tasks))
+    with on_device(gram.device):
+        _mgda_pgd_kernel[(num_seg,)](gram, _contract_constants(gram.device), out, int(max_iter),
+                                     T=num_tasks, TP=tp, num_warps=1 if tp <= 8 else 4 if tp <= 32 else 8)
     return out
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()

@@ -7,6 +7,7 @@ device and chunk length, so a DDP hook that reuses its layout pays for them once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from ..inputs import Segments, TaskGrads
 
 __all__ = ["INTERPRET", "TILE_COLS", "TileTable", "tile_table", "gram_counters", "RowAddressing",
-           "row_addressing", "MAX_POINTER_ROWS", "next_pow2"]
+           "row_addressing", "MAX_POINTER_ROWS", "next_pow2", "on_device"]
 
 #: Whether the kernels of this package were created under ``TRITON_INTERPRET=1`` (``triton.jit``
 #: reads the variable when it decorates, i.e. when this package is imported).
@@ -31,6 +32,14 @@ MAX_POINTER_ROWS = 8
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def on_device(device: torch.device):
+    """Context that makes ``device`` current for a launch (Triton launches on the current
+    CUDA device, which need not be the tensors' one)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
