@@ -258,3 +258,34 @@ def nonfinite_worker(rank: int, world: int) -> dict:
         x[0, 0] = float("inf")
     loss_of(ddp, (x, y)).backward()
     return {"finite": all(bool(torch.isfinite(p.grad).all()) for p in ddp.module.parameters())}
+
+
+def protocol_worker(rank: int, world: int) -> dict:
+    """The flat-tensor protocol (what FSDP reuses) on awkward bucket lengths -- including
+    lengths where the last shards are short or empty -- against ``fused_bucket_moo`` on the
+    stacked task gradients. Returns the worst relative error per case."""
+    from bucketmoo_kernels.ddp.protocol import TaskLayout, allgather_tasks, sharded_moo
+
+    out = {}
+    for layout in (None, [0, 1] * (world // 2)):
+        tasks = TaskLayout.build(layout, world)
+        for n in (1, 5, 7, 64, 130):
+            flats = [torch.randn(n, generator=torch.Generator().manual_seed(100 * r + n)) for r in range(world)]
+            rows = [torch.stack([flats[r] for r in rs]).mean(0) for rs in tasks.ranks_of_task]
+            for segs in (None, bmk.Segments.from_lengths([n // 2, 0, n - n // 2]), 3):
+                seg_obj = bmk.inputs.as_segments(segs, n)
+                expected = bmk.fused_bucket_moo(rows, method="mgda", segments=seg_obj)
+                for wire in (None, torch.bfloat16):
+                    flat = flats[rank].clone()
+                    gram_matrix, weights, _ = sharded_moo(flat, seg_obj, tasks, "mgda", wire_dtype=wire)
+                    tol_scale = expected.abs().max().clamp_min(1e-6)
+                    key = (str(layout), n, str(segs), str(wire))
+                    out[key] = float((flat - expected).abs().max() / tol_scale)
+                    if wire is None:
+                        ref_gram = bmk.gram(rows, seg_obj)
+                        out[key + ("gram",)] = float((gram_matrix - ref_gram).abs().max()
+                                                     / ref_gram.abs().max().clamp_min(1e-6))
+                got_rows, _ = allgather_tasks(flats[rank], tasks)
+                out[(str(layout), n, str(segs), "allgather")] = float(
+                    (torch.stack(list(got_rows)) - torch.stack(rows)).abs().max())
+    return out
