@@ -322,3 +322,53 @@ def test_fused_is_deterministic():
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter set-up")
 def test_runs_under_the_interpreter_on_cpu():
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import bucketmoo_kernels.triton.combine as C
+import bucketmoo_kernels.triton.gram as G
+import bucketmoo_kernels.triton.solve as S
+
+target = GPUTarget("cuda", 90, 32)
+rows = {"stride_t": "i64", **{f"d{i}": "i64" for i in range(8)}}
+jobs = []
+for dt, deltas in (("*fp32", False), ("*bf16", True)):
+    jobs.append((G._gram_kernel, {"x_ptr": dt, **rows, "tiles_ptr": "*i64", "partial_ptr": "*fp32",
+                 "count_ptr": "*i32", "out_ptr": "*fp32", "T": "constexpr", "TP": "constexpr",
+                 "BLOCK_N": "constexpr", "NCOLS": "constexpr", "USE_DELTAS": "constexpr", "UPCAST": "constexpr"},
+                 {"T": 5, "TP": 16, "BLOCK_N": 256, "NCOLS": 6, "USE_DELTAS": deltas, "UPCAST": dt == "*fp32"}, 4))
+    jobs.append((C._combine_kernel, {"x_ptr": dt, **rows, "w_ptr": "*fp32", "tiles_ptr": "*i64", "out_ptr": dt,
+                 "T": "constexpr", "TP": "constexpr", "BLOCK_N": "constexpr", "NCOLS": "constexpr",
+                 "USE_DELTAS": "constexpr"}, {"T": 5, "TP": 8, "BLOCK_N": 1024, "NCOLS": 6, "USE_DELTAS": deltas}, 4))
+f64 = {"g_ptr": "*fp64", "c_ptr": "*fp64", "w_ptr": "*fp64"}
+jobs.append((S._mgda_closed_form_kernel, {**f64, "S": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 256}, 4))
+jobs.append((S._mgda_exact_kernel, {**f64, "T": "constexpr", "TP": "constexpr", "KP": "constexpr"},
+             {"T": 4, "TP": 4, "KP": 16}, 4))
+jobs.append((S._mgda_pgd_kernel, {**f64, "max_iter": "i32", "T": "constexpr", "TP": "constexpr"},
+             {"T": 11, "TP": 16}, 4))
+for fn, sig, const, warps in jobs:
+    kernel = triton.compile(ASTSource(fn, sig, const), target=target, options={"num_warps": warps})
+    assert "cubin" in kernel.asm, fn
+print("compiled", len(jobs))
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter never runs Triton's compiler: compile every kernel for sm_90 (PTX and
+    cubin) in a fresh process without TRITON_INTERPRET, so that GPU-only errors show up here."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("no ptxas for Triton's CUDA backend here")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 7" in result.stdout
