@@ -31,15 +31,17 @@ _ALL_GATHER_DEVICES = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}, "mpi": {"cpu",
 
 
 def all_to_all_flat(output: torch.Tensor, input: torch.Tensor, group=None, *,
-                    output_split_sizes=None, input_split_sizes=None) -> None:
-    """Rank q's ``output`` chunk p receives rank p's ``input`` chunk q (blocking); chunks are
-    equal or given by the split sizes."""
-    dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group)
+                    output_split_sizes=None, input_split_sizes=None, async_op: bool = False):
+    """Rank q's ``output`` chunk p receives rank p's ``input`` chunk q; chunks are equal or
+    given by the split sizes. Returns the work handle when ``async_op``."""
+    return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
+                                  async_op=async_op)
 
 
-def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
-    """``output`` (``P * m``) receives every rank's ``input`` (``m``), in rank order (blocking)."""
-    _ALL_GATHER(output, input, group=group)
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None, *, async_op: bool = False):
+    """``output`` (``P * m``) receives every rank's ``input`` (``m``), in rank order. Returns the
+    work handle when ``async_op``."""
+    return _ALL_GATHER(output, input, group=group, async_op=async_op)
 
 
 def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group=None) -> None:

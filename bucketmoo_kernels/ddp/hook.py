@@ -22,8 +22,8 @@ from ..api import combine, fused_bucket_moo, gram
 from ..inputs import Segments
 from . import collectives
 from .diagnostics import BucketRecord
-from .protocol import (allgather_tasks, gather_combined, reduce_gram, scatter_tasks, sharded_moo,
-                       solve_weights)
+from .protocol import (allgather_tasks, finish_scatter_tasks, gather_combined, reduce_gram, scatter_tasks,
+                       sharded_moo, solve_weights, start_gather_combined, start_scatter_tasks)
 from .state import BucketMOOState, parse_granularity
 
 __all__ = ["bucket_moo_hook"]
@@ -107,6 +107,34 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
     return fut
 
 
+def _finish_inflight(state: BucketMOOState) -> None:
+    """Finish the bucket whose all-to-all is in flight: Gram, all-reduce, solve, combine,
+    launch the all-gather; its future completes when the all-gather lands."""
+    inflight, state._inflight = state._inflight, None
+    if inflight is None:
+        return
+    handle, buf, index, fut = inflight
+    group = state.process_group
+    try:
+        sharded = finish_scatter_tasks(handle)
+        gram_matrix = reduce_gram(sharded.partial_gram, group)
+        weights = solve_weights(gram_matrix, state.method, **_solve_kwargs(state))
+        gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.backend)
+    except BaseException as exc:
+        fut.set_exception(exc)
+        raise
+    state.note_extra_bytes(sharded.extra_bytes + extra)
+    _record(state, index, gram_matrix, weights)
+
+    def done(f: torch.futures.Future) -> None:
+        try:
+            fut.set_result(f.value())
+        except BaseException as exc:  # noqa: BLE001  (handed to DDP through the future)
+            fut.set_exception(exc)
+
+    gather_fut.add_done_callback(done)
+
+
 def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
     buf = bucket.buffer()
     index, is_last = bucket.index(), bucket.is_last()
@@ -116,6 +144,7 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
     if index == 0:
         state._pending = []
         state._step_extra_bytes = 0
+        state._inflight = None  # left over from a backward that failed half-way
 
     if (state.method == "mean" and state.normalization == "none" and state.compress is None
             and not state.record_diagnostics):
@@ -133,6 +162,17 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
         params = state.bucket_params.get(index) if kind == "param" else None
         sizes = [p.numel() for p in params] if params is not None else None
         segs, shards = state.segments_for(index, buf.numel(), sizes)
+        if state.protocol == "sharded" and state.overlap:
+            _finish_inflight(state)  # the previous bucket: its all-to-all ran during our backward
+            local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
+            handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=state.wire_dtype,
+                                         backend=state.backend, local_segments=local)
+            fut = torch.futures.Future()
+            state._inflight = (handle, buf, index, fut)
+            if is_last:
+                _finish_inflight(state)
+                state.step += 1
+            return fut
         if state.protocol == "sharded":
             local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
             gram_matrix, weights, extra = sharded_moo(

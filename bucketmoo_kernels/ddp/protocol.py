@@ -42,9 +42,9 @@ from ..api import combine, gram, solve
 from ..inputs import Segments
 from . import collectives
 
-__all__ = ["TaskLayout", "ShardedTasks", "shard_length", "local_shard_length", "shard_segments", "scatter_tasks",
-           "reduce_gram", "solve_weights", "combine_shard", "gather_combined", "sharded_moo",
-           "allgather_tasks"]
+__all__ = ["TaskLayout", "ShardedTasks", "ScatterHandle", "shard_length", "local_shard_length", "shard_segments",
+           "start_scatter_tasks", "finish_scatter_tasks", "scatter_tasks", "reduce_gram", "solve_weights",
+           "combine_shard", "start_gather_combined", "gather_combined", "sharded_moo", "allgather_tasks"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,57 @@ def _group_rows(received: torch.Tensor, tasks: TaskLayout) -> tuple[torch.Tensor
     return rows, extra
 
 
+@dataclass
+class ScatterHandle:
+    """Step 1 in flight (:func:`start_scatter_tasks`): the all-to-all and what finishing needs."""
+
+    work: object
+    received: torch.Tensor
+    send: torch.Tensor
+    tasks: TaskLayout
+    segments: Segments
+    shard_len: int
+    own_len: int
+    numel: int
+    extra_bytes: int
+    backend: str
+
+
+def start_scatter_tasks(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, *, group=None,
+                        wire_dtype: torch.dtype | None = None, backend: str = "auto",
+                        local_segments: Segments | None = None) -> ScatterHandle:
+    """Step 1, first half: launch the all-to-all of the shards (asynchronous).
+
+    Same arguments as :func:`scatter_tasks`; finish with :func:`finish_scatter_tasks`.
+    ``flat`` must not change until then.
+    """
+    world = tasks.world_size
+    rank = collectives.group_rank(group)
+    n = flat.numel()
+    m = shard_length(n, world)
+    own_len = local_shard_length(n, world, rank)
+    wire = wire_dtype or flat.dtype
+    send = flat if wire == flat.dtype else flat.to(wire)
+    extra = 0 if send is flat else send.numel() * send.element_size()
+    # Uneven splits: shard p is flat[p*m : min((p+1)*m, n)], so no padded copy is needed.
+    received = torch.empty(world * own_len, dtype=wire, device=flat.device)
+    extra += received.numel() * received.element_size()
+    work = collectives.all_to_all_flat(received, send, group, output_split_sizes=[own_len] * world,
+                                       input_split_sizes=[local_shard_length(n, world, p) for p in range(world)],
+                                       async_op=True)
+    segs = local_segments if local_segments is not None else shard_segments(segments, rank, m)
+    return ScatterHandle(work, received, send, tasks, segs, m, own_len, n, extra, backend)
+
+
+def finish_scatter_tasks(handle: ScatterHandle) -> ShardedTasks:
+    """Step 1, second half: wait for the all-to-all, group the rows by task, partial Gram."""
+    handle.work.wait()
+    rows, rows_extra = _group_rows(handle.received.view(handle.tasks.world_size, handle.own_len), handle.tasks)
+    partial = gram(rows, handle.segments, backend=handle.backend)
+    return ShardedTasks(rows, handle.segments, handle.shard_len, handle.numel, partial,
+                        handle.extra_bytes + rows_extra)
+
+
 def scatter_tasks(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, *, group=None,
                   wire_dtype: torch.dtype | None = None, backend: str = "auto",
                   local_segments: Segments | None = None) -> ShardedTasks:
@@ -193,27 +244,10 @@ def scatter_tasks(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, *, 
         backend: kernel backend for the Gram.
         local_segments: precomputed ``shard_segments(segments, rank, m)`` (a cache).
     Returns:
-        :class:`ShardedTasks` with ``rows [T, m]`` in the wire dtype.
+        :class:`ShardedTasks` with ``rows [T, m_p]`` in the wire dtype.
     """
-    world = tasks.world_size
-    rank = collectives.group_rank(group)
-    n = flat.numel()
-    m = shard_length(n, world)
-    own_len = local_shard_length(n, world, rank)
-    wire = wire_dtype or flat.dtype
-    send = flat if wire == flat.dtype else flat.to(wire)
-    extra = 0 if send is flat else send.numel() * send.element_size()
-    # Uneven splits: shard p is flat[p*m : min((p+1)*m, n)], so no padded copy is needed.
-    received = torch.empty(world * own_len, dtype=wire, device=flat.device)
-    extra += received.numel() * received.element_size()
-    collectives.all_to_all_flat(received, send, group,
-                                output_split_sizes=[own_len] * world,
-                                input_split_sizes=[local_shard_length(n, world, p) for p in range(world)])
-    rows, rows_extra = _group_rows(received.view(world, own_len), tasks)
-    extra += rows_extra
-    segs = local_segments if local_segments is not None else shard_segments(segments, rank, m)
-    partial = gram(rows, segs, backend=backend)
-    return ShardedTasks(rows, segs, m, n, partial, extra)
+    return finish_scatter_tasks(start_scatter_tasks(flat, segments, tasks, group=group, wire_dtype=wire_dtype,
+                                                    backend=backend, local_segments=local_segments))
 
 
 def reduce_gram(partial_gram: torch.Tensor, group=None) -> torch.Tensor:
@@ -240,11 +274,13 @@ def combine_shard(sharded: ShardedTasks, weights: torch.Tensor, out: torch.Tenso
     return combine(sharded.rows, weights, sharded.segments, out=out, backend=backend)
 
 
-def gather_combined(sharded: ShardedTasks, weights: torch.Tensor, flat: torch.Tensor, *, group=None,
-                    backend: str = "auto") -> int:
-    """Step 4: combine the own shard and all-gather the shards into ``flat`` (in place).
+def start_gather_combined(sharded: ShardedTasks, weights: torch.Tensor, flat: torch.Tensor, *, group=None,
+                          backend: str = "auto") -> tuple[torch.futures.Future, int]:
+    """Step 4, asynchronous: combine the own shard, launch the all-gather into ``flat``.
 
-    Returns the number of extra bytes allocated.
+    Returns:
+        ``(future, extra_bytes)``; the future's value is ``flat`` once it holds the combined
+        bucket (its callback only copies, it issues no collective).
     """
     world = collectives.group_size(group)
     m, n = sharded.shard_len, sharded.numel
@@ -255,12 +291,27 @@ def gather_combined(sharded: ShardedTasks, weights: torch.Tensor, flat: torch.Te
         own[own_len:].zero_()
     combine_shard(sharded, weights, out=own[:own_len], backend=backend)
     if n == world * m and own.dtype == flat.dtype:
-        collectives.all_gather_flat(flat, own, group)
-        return extra
+        work = collectives.all_gather_flat(flat, own, group, async_op=True)
+        return work.get_future().then(lambda _fut, own=own: flat), extra
     gathered = torch.empty(world * m, dtype=own.dtype, device=flat.device)
     extra += gathered.numel() * gathered.element_size()
-    collectives.all_gather_flat(gathered, own, group)
-    flat.copy_(gathered[:n])
+    work = collectives.all_gather_flat(gathered, own, group, async_op=True)
+
+    def unpack(_fut, own=own):
+        flat.copy_(gathered[:n])
+        return flat
+
+    return work.get_future().then(unpack), extra
+
+
+def gather_combined(sharded: ShardedTasks, weights: torch.Tensor, flat: torch.Tensor, *, group=None,
+                    backend: str = "auto") -> int:
+    """Step 4: combine the own shard and all-gather the shards into ``flat`` (in place, blocking).
+
+    Returns the number of extra bytes allocated.
+    """
+    fut, extra = start_gather_combined(sharded, weights, flat, group=group, backend=backend)
+    fut.wait()
     return extra
 
 

@@ -93,6 +93,14 @@ class BucketMOOState:
 
     Settings -- execution:
 
+    * ``overlap`` (True; ranks mode, sharded protocol, not ``global``): pipeline the buckets.
+      The hook of bucket k launches k's all-to-all and returns; the hook of bucket k+1 (or
+      the last bucket's own call) finishes k -- Gram, the tiny all-reduce, solve, combine --
+      and launches k's all-gather, which completes in the background. The big transfers then
+      overlap the backward like DDP's all-reduce does; every collective is still issued from
+      the autograd thread in bucket order, so all ranks issue them in the same order. Costs
+      up to two buckets in flight. False: each bucket is finished inside its own hook call.
+
     * ``backend`` (``"auto"``): kernel backend for Gram and combine.
     * ``record_diagnostics`` (False): record per step and bucket the weights, task cosines,
       combined vs average norm and min-norm residual in ``state.diagnostics``
@@ -125,6 +133,7 @@ class BucketMOOState:
         "compress",
         "stash_reduce",
         # execution
+        "overlap",
         "backend",
         "record_diagnostics",
         "max_diagnostic_steps",
@@ -146,13 +155,14 @@ class BucketMOOState:
         "_hook_calls",
         "_step_extra_bytes",
         "_checked",
+        "_inflight",
     ]
 
     def __init__(self, method: str = "mgda", mode: str = "ranks", granularity: str = "bucket",
                  process_group: dist.ProcessGroup | None = None, task_of_rank: Sequence[int] | None = None,
                  *, num_tasks: int | None = None, protocol: str = "sharded", compress: str | None = None,
                  stash_reduce: str = "tasks", normalization: str = "none", normalize_weights: bool = True,
-                 backend: str = "auto", record_diagnostics: bool = False, max_diagnostic_steps: int = 1000,
+                 overlap: bool = True, backend: str = "auto", record_diagnostics: bool = False, max_diagnostic_steps: int = 1000,
                  **method_options: Any):
         spec = get_method(method)  # ValueError listing the known methods
         resolve_options(spec, method_options)  # TypeError naming unknown options
@@ -197,6 +207,7 @@ class BucketMOOState:
         self.protocol = protocol
         self.compress = compress
         self.stash_reduce = stash_reduce
+        self.overlap = bool(overlap)
         self.backend = backend
         self.record_diagnostics = bool(record_diagnostics)
         self.max_diagnostic_steps = max_diagnostic_steps
@@ -222,6 +233,7 @@ class BucketMOOState:
         self._hook_calls = 0
         self._step_extra_bytes = 0
         self._checked = False
+        self._inflight = None
 
     def task_layout(self) -> TaskLayout:
         """Ranks mode: the validated :class:`TaskLayout` of the process group (built on first use;
@@ -393,6 +405,7 @@ class BucketMOOState:
             "protocol": self.protocol,
             "compress": self.compress,
             "stash_reduce": self.stash_reduce,
+            "overlap": self.overlap,
             "backend": self.backend,
             "record_diagnostics": self.record_diagnostics,
             "max_diagnostic_steps": self.max_diagnostic_steps,

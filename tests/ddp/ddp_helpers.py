@@ -194,7 +194,8 @@ def train(rank: int, world: int, cfg: dict) -> dict:
         state = BucketMOOState(method=method, mode=mode, granularity=granularity, task_of_rank=cfg.get("task_of_rank"),
                                num_tasks=cfg.get("num_tasks"), protocol=cfg.get("protocol", "sharded"),
                                compress=cfg.get("compress"), stash_reduce=cfg.get("stash_reduce", "tasks"),
-                               record_diagnostics=cfg.get("record", False), **options)
+                               record_diagnostics=cfg.get("record", False), overlap=cfg.get("overlap", True),
+                               **options)
         ddp.register_comm_hook(state, bucket_moo_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg.get("lr", 0.05))
     errs, grads_seen = [], []

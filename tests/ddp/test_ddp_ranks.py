@@ -18,6 +18,7 @@ W2 = {
     "mean_protocol": {"method": "mean", "steps": 4, "record": True},
     "mean_global": {"method": "mean", "steps": 4, "record": True, "granularity": "global"},
     "mgda": {"check": True},
+    "mgda_no_overlap": {"check": True, "overlap": False},
     "mgda_param": {"check": True, "granularity": "param"},
     "mgda_chunk": {"check": True, "granularity": "chunk:16"},
     "mgda_global": {"check": True, "granularity": "global"},
@@ -40,12 +41,13 @@ W4 = {
     "mean": {"method": "mean", "steps": 3},
     "mgda": {"check": True},
     "mgda_groups": {"check": True, "task_of_rank": [0, 1, 0, 1]},
+    "mgda_no_overlap": {"check": True, "overlap": False, "compress": "fp16"},
     "mgda_perm": {"check": True, "task_of_rank": [2, 0, 3, 1], "granularity": "param"},
     "mgda_global": {"check": True, "granularity": "global"},
     "mgda_allgather": {"check": True, "protocol": "allgather", "task_of_rank": [1, 1, 0, 0]},
     "mgda_bf16_wire_groups": {"check": True, "compress": "bf16", "task_of_rank": [0, 0, 1, 1]},
 }
-TOL = {"mgda_bf16": 3e-2, "mgda_bf16_wire": 3e-2, "mgda_bf16_wire_groups": 3e-2, "mgda_fp16_wire": 3e-3,
+TOL = {"mgda_no_overlap": 3e-3, "mgda_bf16": 3e-2, "mgda_bf16_wire": 3e-2, "mgda_bf16_wire_groups": 3e-2, "mgda_fp16_wire": 3e-3,
        "mgda_fp16_wire_allgather": 3e-3}
 
 
@@ -131,6 +133,8 @@ def test_extra_memory_is_o_bucket(world2, world4):
         largest = res["largest_bucket_bytes"]
         model_bytes = sum(res["bucket_numels"].values()) * res["element_size"]
         # receive (n) + own shard (n/P) + gather (n, when P does not divide n): <= 2.5 buckets + padding
+        # per bucket in flight (with overlap, the all-gather of one bucket lands while the next
+        # bucket's all-to-all runs, but the accounting is per bucket)
         assert res["peak_extra_bytes"] <= 2.5 * largest + 16 * world, (world, res["peak_extra_bytes"], largest)
         if world == 4:
             ag = results[0]["mgda_allgather"]
