@@ -1,0 +1,104 @@
+"""Install the Bucket-Level MOO reduce-scatter on every FSDP2 module of a model."""
+
+from __future__ import annotations
+
+import torch
+
+from bucketmoo_kernels.ddp.protocol import TaskLayout
+
+from .reduce_scatter import BucketMOOReduceScatter, _StepCounter
+
+__all__ = ["apply_bucket_moo", "fsdp_supports_custom_reduce_scatter"]
+
+
+def fsdp_supports_custom_reduce_scatter() -> bool:
+    """True when this torch's FSDP2 has ``FSDPModule.set_custom_reduce_scatter``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return hasattr(FSDPModule, "set_custom_reduce_scatter")
+
+
+def _param_groups(module) -> list:
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # older torch: a single optional group
+        single = getattr(state, "_fsdp_param_group", None)
+        groups = [] if single is None else [single]
+    return list(groups)
+
+
+def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
+    """Make every FSDP2 parameter group of ``model`` reduce its gradients with Bucket-Level MOO.
+
+    Call it after ``fully_shard`` has been applied (to the blocks and the root) and before
+    the first backward. One FSDP parameter group is one bucket.
+
+    Args:
+        model: a module tree on which ``fully_shard`` was called.
+        state: a :class:`bucketmoo_kernels.ddp.BucketMOOState` with ``mode="ranks"``;
+            granularity ``bucket``, ``param`` or ``chunk:<n>``.
+    Returns:
+        The names of the modules that got the custom reduce-scatter.
+    Raises:
+        RuntimeError: torch without ``set_custom_reduce_scatter``, HSDP / replicate meshes,
+            several parameter groups per module, no FSDP module found.
+        ValueError: an unsupported mode or granularity, or a world size that does not
+            divide into the state's tasks.
+
+    Example::
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        apply_bucket_moo(model, BucketMOOState(method="mgda", mode="ranks"))
+    """
+    if not fsdp_supports_custom_reduce_scatter():
+        raise RuntimeError(
+            f"torch {torch.__version__} has no FSDPModule.set_custom_reduce_scatter; the FSDP2 path of "
+            "bucketmoo_kernels needs a torch that has it (2.13 does)"
+        )
+    from torch.distributed.fsdp import FSDPModule
+
+    if getattr(state, "mode", "ranks") != "ranks":
+        raise ValueError(f"state.mode must be 'ranks' for FSDP2 (tasks on ranks); got {state.mode!r}")
+    if state.granularity == "global":
+        raise ValueError(
+            "granularity='global' is not supported with FSDP2: each group's gradient shard must be written "
+            "when its reduce-scatter runs, before the later groups' Gram matrices exist. Global MOO would "
+            "need every group's full task gradients held until the end of backward (the cost that "
+            "Bucket-Level MOO avoids); use granularity='bucket' or 'param'"
+        )
+    if state.granularity not in ("bucket", "param") and not state.granularity.startswith("chunk:"):
+        raise ValueError(f"state.granularity must be 'bucket', 'param' or 'chunk:<n>'; got {state.granularity!r}")
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        groups = _param_groups(module)
+        if not groups:
+            continue
+        if len(groups) > 1:
+            raise RuntimeError(
+                f"FSDP module {name or '<root>'!r} has {len(groups)} parameter groups (per-parameter meshes); "
+                "bucketmoo_kernels supports one group per module"
+            )
+        group = groups[0]
+        mesh = group.mesh_info.mesh
+        if mesh.ndim != 1:
+            raise RuntimeError(
+                f"FSDP module {name or '<root>'!r} uses a {mesh.ndim}-D mesh (HSDP/replication); only 1-D "
+                "FSDP meshes are supported: the replicate all-reduce would average the combined shards"
+            )
+        TaskLayout.build(state.task_of_rank, mesh.size(), state.num_tasks)  # validate the task mapping
+        found.append((name or "<root>", module, group))
+    if not found:
+        raise RuntimeError("apply_bucket_moo found no FSDP2 module in the model: call fully_shard first")
+    counter = _StepCounter(state, len(found))
+    for index, (name, module, group) in enumerate(found):
+        param_sizes = [int(torch.Size(p.padded_sharded_param_size).numel()) for p in group.fsdp_params]
+        comm = BucketMOOReduceScatter(state, param_sizes, lambda g=group: g.gradient_divide_factor,
+                                      index, name, counter)
+        module.set_custom_reduce_scatter(comm)
+    return [name for name, _, _ in found]

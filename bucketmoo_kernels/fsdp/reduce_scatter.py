@@ -1,0 +1,152 @@
+"""Bucket-Level MOO as FSDP2's gradient reduce-scatter (tasks on ranks).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) reduce-scatters the gradient of each
+parameter group. ``FSDPModule.set_custom_reduce_scatter(comm)`` lets us replace that step:
+``comm(output_tensor, input_tensor, group, op)`` receives the group's flat gradient
+``[world * shard]`` laid out rank-major (chunk r is rank r's shard of every parameter, zero
+padded) and must write this rank's ``[shard]`` output.
+
+With one task per rank (or per group of ranks) the local input is that task's gradient, and
+the MOO protocol replaces the reduce-scatter:
+
+1. ``all_to_all_single``: rank p receives chunk p of every rank -> ``[world, shard]``; rows
+   of ranks that train the same task are averaged -> ``[T, shard]``;
+2. the partial Gram of this shard per segment, ``all_reduce`` (SUM) of the tiny
+   ``[S, T, T]`` tensor -> the Gram of the whole group;
+3. every rank solves the same weights from the same all-reduced Gram;
+4. this rank combines its shard straight into ``output_tensor``.
+
+The bytes on the wire are those of FSDP's own reduce-scatter (an all-to-all of the same
+input) plus the tiny all-reduce; there is no all-gather, since FSDP keeps gradients sharded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bucketmoo_kernels.ddp.diagnostics import BucketRecord
+from bucketmoo_kernels.ddp.protocol import TaskLayout, combine_shard, reduce_gram, scatter_tasks, solve_weights
+from bucketmoo_kernels.ddp.state import parse_granularity
+from bucketmoo_kernels.inputs import Segments
+
+__all__ = ["BucketMOOReduceScatter", "reduce_output_scale"]
+
+try:  # torch >= 2.8 (checked on 2.13): the custom-comm interface of FSDP2
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
+except ImportError:  # pragma: no cover - older torch
+    _ReduceScatterBase = object
+
+
+def reduce_output_scale(op, world_size: int, divide_factor: float | None) -> float:
+    """Factor that turns a weights-sum-to-one combination into what ``op`` would produce.
+
+    FSDP passes ``AVG`` (output = mean of the inputs: factor 1), ``SUM`` (used for fp16 or
+    forced sum reduction; FSDP divides before and after the comm itself: factor = world
+    size), or ``PREMUL_SUM(1/f)`` when a gradient divide factor f is set (factor world / f).
+    """
+    if op == dist.ReduceOp.AVG:
+        return 1.0
+    if op == dist.ReduceOp.SUM:
+        return float(world_size)
+    if divide_factor is None:
+        raise ValueError(f"unsupported reduce op {op!r} for the bucket-MOO reduce-scatter: expected AVG, SUM "
+                         "or PREMUL_SUM with a gradient divide factor")
+    return world_size / float(divide_factor)
+
+
+class _StepCounter:
+    """Advances ``state.step`` once every installed group has reduced (one optimizer step)."""
+
+    def __init__(self, state, num_groups: int):
+        self.state, self.num_groups, self.calls = state, num_groups, 0
+
+    def tick(self) -> None:
+        self.calls += 1
+        if self.calls == self.num_groups:
+            self.calls = 0
+            self.state.step += 1
+
+
+class BucketMOOReduceScatter(_ReduceScatterBase):
+    """FSDP2 custom reduce-scatter running Bucket-Level MOO for one parameter group.
+
+    Args:
+        state: the :class:`~bucketmoo_kernels.ddp.BucketMOOState` (method and options,
+            granularity, task mapping, compression, diagnostics).
+        param_sizes: the per-rank shard length of every parameter of the group, in
+            reduce-scatter order (FSDP's padding included: it pads with zeros, which add
+            nothing to a Gram matrix); used by ``granularity="param"``.
+        divide_factor: callable returning the group's ``gradient_divide_factor`` (or None).
+        index: the group's index (diagnostics), ``name`` its module path (errors).
+        counter: shared step counter of all installed groups.
+    """
+
+    def __init__(self, state, param_sizes: list[int], divide_factor, index: int, name: str,
+                 counter: _StepCounter):
+        self.state = state
+        self.param_sizes = param_sizes
+        self.divide_factor = divide_factor
+        self.index = index
+        self.name = name
+        self.counter = counter
+        self._segments: dict[int, Segments] = {}
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def _segments_for(self, shard: int) -> Segments:
+        cached = self._segments.get(shard)
+        if cached is not None:
+            return cached
+        kind, chunk = parse_granularity(self.state.granularity)
+        if kind == "param":
+            if sum(self.param_sizes) != shard:
+                raise RuntimeError(
+                    f"granularity='param' on FSDP group {self.name!r}: the reduce-scatter shard has {shard} "
+                    f"elements but the group's parameters add up to {sum(self.param_sizes)}; every parameter "
+                    "of the group must receive a gradient in each step (use granularity='bucket' when some "
+                    "parameters are unused)"
+                )
+            segs = Segments.from_lengths(self.param_sizes)
+        elif kind == "chunk":
+            segs = Segments.chunks(shard, chunk)
+        elif kind == "bucket":
+            segs = Segments.single(shard)
+        else:
+            raise ValueError(f"granularity {self.state.granularity!r} is not supported with FSDP2")
+        self._segments[shard] = segs
+        return segs
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op,
+                 async_op: bool = False):
+        state = self.state
+        world = dist.get_world_size(group)
+        shard = output_tensor.numel()
+        if (state.method == "mean" and state.normalization == "none" and state.compress is None
+                and not state.record_diagnostics):
+            # Plain averaging is FSDP's own reduce-scatter: bit-identical to stock FSDP2.
+            dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
+            self.counter.tick()
+            return None
+        tasks = TaskLayout.build(state.task_of_rank, world, state.num_tasks)
+        local = self._segments_for(shard)
+        # Steps 1-3 of the tasks-on-ranks protocol; the flat input is already rank-major.
+        sharded = scatter_tasks(input_tensor, Segments.single(input_tensor.numel()), tasks, group=group,
+                                wire_dtype=state.wire_dtype, backend=state.backend, local_segments=local)
+        gram_matrix = reduce_gram(sharded.partial_gram, group)
+        weights = solve_weights(gram_matrix, state.method, options=state.method_call_options(),
+                                normalization=state.normalization, losses=state.losses,
+                                normalize_weights=state.normalize_weights, backend=state.backend)
+        scale = reduce_output_scale(op, world, self.divide_factor())
+        scaled = weights * scale if scale != 1.0 else weights
+        # Step 4: the combined shard is the reduce-scatter output.
+        if sharded.rows.dtype == output_tensor.dtype:
+            combine_shard(sharded, scaled, out=output_tensor, backend=state.backend)
+        else:  # compressed wire: combine in the wire dtype, then widen
+            output_tensor.copy_(combine_shard(sharded, scaled, backend=state.backend))
+        state.note_extra_bytes(sharded.extra_bytes)
+        if state.record_diagnostics:
+            state.diagnostics.append(BucketRecord.from_gram(state.step, self.index, gram_matrix, weights))
+        self.counter.tick()
+        return None
