@@ -150,23 +150,24 @@ class DemoSettings:
 
 
 def bucket_lengths(params, cap_bytes: int) -> list[int]:
-    """DDP-like bucket layout: parameters in reverse order, packed greedily up to ``cap_bytes``.
+    """DDP-like bucket layout: parameters in reverse order, a bucket closed once it holds ``cap_bytes``.
 
-    DDP rebuilds its buckets after the first step in the order gradients become ready,
-    which for a sequential model is close to the reverse parameter order used here. The
-    probe statistics use this layout; the hook itself sees DDP's real buckets.
+    This is DDP's packing rule (``_compute_bucket_assignment_by_size``: add a parameter,
+    close the bucket when it reaches the cap). DDP rebuilds its buckets after the first step
+    in the order gradients become ready, which for a sequential model is close to the
+    reverse parameter order used here. The probe statistics use this layout; the hook
+    itself sees DDP's real buckets.
 
     Returns:
         element counts of the buckets, in reverse parameter order.
     """
     lengths, current, current_bytes = [], 0, 0
     for p in reversed(list(params)):
-        nbytes = p.numel() * p.element_size()
-        if current and current_bytes + nbytes > cap_bytes:
+        current += p.numel()
+        current_bytes += p.numel() * p.element_size()
+        if current_bytes >= cap_bytes:
             lengths.append(current)
             current, current_bytes = 0, 0
-        current += p.numel()
-        current_bytes += nbytes
     if current:
         lengths.append(current)
     return lengths
@@ -405,16 +406,15 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_s.append(time.perf_counter() - start)
-        if recording:
-            untimed.add(step)
         train_loss.append(loss.detach().item())
         if recording:
             state.record_diagnostics = False
             hook_stats.append(dict(_hook_statistics(state), step=step + 1))
+            untimed.add(step)
         if step == 0:  # DDP builds its real buckets after the first step: measure from then on
             memory.start(reset=True)
-            if hasattr(state, "peak_extra_bytes"):
-                state.peak_extra_bytes = 0
+            if hasattr(state, "reset_statistics"):
+                state.reset_statistics()
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{settings.languages[0]} loss {train_loss[-1]:.3f}")
