@@ -16,10 +16,13 @@ pytest.importorskip("triton")
 import bucketmoo_kernels as bm  # noqa: E402
 from bucketmoo_kernels.inputs import Segments, as_segments, as_task_grads  # noqa: E402
 from bucketmoo_kernels.methods import get_method  # noqa: E402
+from bucketmoo_kernels.methods.cagrad import cagrad_weights  # noqa: E402
 from bucketmoo_kernels.methods.mgda import mgda_closed_form, mgda_exact, mgda_pgd  # noqa: E402
+from bucketmoo_kernels.methods.pcgrad import pcgrad_weights  # noqa: E402
 from bucketmoo_kernels.reference import combine_reference, gram_reference  # noqa: E402
-from bucketmoo_kernels.triton import (TritonBackend, combine_triton, gram_triton,  # noqa: E402
-                                      mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton)
+from bucketmoo_kernels.triton import (TritonBackend, cagrad_triton, combine_triton,  # noqa: E402
+                                      gram_triton, mgda_closed_form_triton, mgda_exact_triton,
+                                      mgda_pgd_triton, pcgrad_triton)
 from bucketmoo_kernels.triton.tiles import gram_counters, row_addressing  # noqa: E402
 from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads  # noqa: E402
 
@@ -200,11 +203,15 @@ def test_backend_is_registered_and_says_when_it_cannot_run(monkeypatch):
     assert backend.unavailable_reason(torch.device("meta")) is not None
 
 
-def test_solve_falls_back_to_torch_for_other_methods():
+def test_solve_falls_back_to_torch_where_it_has_no_kernel():
     g = bm.gram(random_grads(3, 40, device=DEVICE), backend="triton").double()
     backend = TritonBackend()
-    assert backend.solve(g, get_method("pcgrad"), {"seed": 0}) is None
-    assert backend.solve(g, get_method("cagrad"), {"c": 0.5, "rescale": 1}) is None
+    assert backend.solve(g, get_method("mgda"), {"solver": "closed_form"}) is None  # T = 3: torch raises
+    g9 = bm.gram(random_grads(9, 40, device=DEVICE), backend="triton").double()
+    assert backend.solve(g9, get_method("cagrad"), {"c": 0.4, "rescale": 1}) is None
+    assert backend.solve(g9, get_method("mgda"), {"solver": "exact"}) is None
+    with pytest.raises(ValueError, match="closed-form"):
+        bm.solve(g, "mgda", backend="triton", solver="closed_form")
 
 
 # ---- solver ---------------------------------------------------------------------------------
@@ -236,6 +243,29 @@ def test_exact_solver_with_two_tasks_and_closed_form():
     assert_close(mgda_exact_triton(grams), mgda_closed_form(grams), atol=1e-9, rtol=0, what="exact T=2")
     w = bm.solve(grams, "mgda", backend="triton", solver="exact")
     assert_close(w, bm.solve(grams, "mgda", backend="torch", solver="exact"), atol=1e-7, rtol=0, what="api")
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 5, 8, 11])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_pcgrad_matches_torch(num_tasks, seed):
+    grams = random_grams(num_tasks, seed=seed)
+    grams[0] = 0  # zero gradients: no projection
+    got = pcgrad_triton(grams, seed=seed)
+    assert_close(got, pcgrad_weights(grams, seed=seed), atol=1e-12, rtol=0, what="pcgrad weights")
+    torch.testing.assert_close(pcgrad_triton(grams, seed=seed), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 5, 8])
+@pytest.mark.parametrize("c, rescale", [(0.4, 1), (0.0, 0), (2.0, 2)])
+def test_cagrad_matches_torch(num_tasks, c, rescale):
+    grams = random_grams(num_tasks, num_seg=12)
+    full_rank = torch.linalg.matrix_rank(grams) == num_tasks
+    got = cagrad_triton(grams, c=c, rescale=rescale)
+    expected = cagrad_weights(grams, c=c, rescale=rescale)
+    assert_close(got[full_rank], expected[full_rank], atol=1e-9, rtol=0, what="cagrad weights")
+    assert torch.isfinite(got).all()
+    w = bm.solve(grams, "cagrad", backend="triton", c=c, rescale=rescale, normalize_weights=False)
+    assert_close(w[full_rank], expected[full_rank].float(), atol=1e-6, rtol=1e-6, what="api")
 
 
 @pytest.mark.parametrize("num_tasks", [2, 4, 8, 11])
@@ -349,6 +379,10 @@ jobs.append((S._mgda_exact_kernel, {**f64, "T": "constexpr", "TP": "constexpr", 
              {"T": 4, "TP": 4, "KP": 16}, 4))
 jobs.append((S._mgda_pgd_kernel, {**f64, "max_iter": "i32", "T": "constexpr", "TP": "constexpr"},
              {"T": 11, "TP": 16}, 4))
+jobs.append((S._pcgrad_kernel, {"g_ptr": "*fp64", "order_ptr": "*i32", "w_ptr": "*fp64", "S": "i32",
+             "T": "constexpr", "TP": "constexpr", "BLOCK_S": "constexpr"}, {"T": 5, "TP": 8, "BLOCK_S": 32}, 4))
+jobs.append((S._cagrad_kernel, {**f64, "p_ptr": "*fp64", "T": "constexpr", "TP": "constexpr", "KP": "constexpr"},
+             {"T": 3, "TP": 4, "KP": 8}, 4))
 for fn, sig, const, warps in jobs:
     kernel = triton.compile(ASTSource(fn, sig, const), target=target, options={"num_warps": warps})
     assert "cubin" in kernel.asm, fn
@@ -371,4 +405,4 @@ def test_kernels_compile_for_a_gpu_without_one():
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("no ptxas for Triton's CUDA backend here")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 7" in result.stdout
+    assert "compiled 9" in result.stdout

@@ -1,4 +1,4 @@
-"""Triton kernels of bucketmoo_kernels: ``gram``, ``solve`` (MGDA) and ``combine``.
+"""Triton kernels of bucketmoo_kernels: ``gram``, ``solve`` (MGDA, PCGrad, CAGrad) and ``combine``.
 
 Importing this package registers the ``triton`` backend with the dispatcher. It raises
 ``ImportError`` when Triton is not installed (the dispatcher reports the backend as not
@@ -19,9 +19,10 @@ from ..dispatch import register_backend
 from .backend import TritonBackend
 from .combine import combine_triton
 from .gram import gram_triton
-from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton
+from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton, pcgrad_triton
+from .solve import cagrad_triton
 
 __all__ = ["TritonBackend", "gram_triton", "combine_triton", "mgda_closed_form_triton",
-           "mgda_exact_triton", "mgda_pgd_triton"]
+           "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton", "cagrad_triton"]
 
 register_backend(TritonBackend())

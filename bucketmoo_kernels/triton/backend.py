@@ -10,7 +10,8 @@ from ..inputs import Segments, TaskGrads
 from ..methods import simplex
 from .combine import combine_triton
 from .gram import gram_triton
-from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton
+from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton, pcgrad_triton
+from .solve import cagrad_triton
 from .tiles import INTERPRET
 
 __all__ = ["TritonBackend"]
@@ -20,9 +21,9 @@ class TritonBackend:
     """Gram, solve and combine as Triton kernels (one launch each).
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a test vehicle:
-    slow). ``solve`` handles ``mean`` and ``mgda`` (closed form, exact enumeration for
-    T <= 8, fixed-iteration PGD); other methods fall back to their torch functions, which run
-    on the device too.
+    slow). ``solve`` handles ``mean``, ``pcgrad``, ``cagrad`` (T <= 8) and ``mgda`` (closed form, exact enumeration
+    for T <= 8, fixed-iteration PGD); other methods fall back to their torch functions, which
+    run on the device too.
 
     Args:
         gram_chunk, combine_chunk: elements per program of the Gram / combine kernels
@@ -59,7 +60,16 @@ class TritonBackend:
         if method.name == "mean":
             return torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=torch.float64,
                               device=gram.device)
-        if method.name != "mgda" or num_tasks < 2 or num_seg == 0:
+        if num_tasks < 2 or num_seg == 0:
+            return None
+        if method.name == "pcgrad":
+            return pcgrad_triton(gram, seed=int(options.get("seed", 0)))
+        if method.name == "cagrad" and num_tasks <= simplex.MAX_EXACT_TASKS:
+            c, rescale = options.get("c", 0.4), options.get("rescale", 1)
+            if c >= 0 and rescale in (0, 1, 2):  # else the torch function raises the error
+                return cagrad_triton(gram, c=float(c), rescale=int(rescale))
+            return None
+        if method.name != "mgda":
             return None
         solver = options.get("solver", "auto")
         if solver == "auto":

@@ -11,6 +11,10 @@ Follows :mod:`bucketmoo_kernels.methods.mgda` and the numeric contract of
   safe because the ridged M_AA is positive definite. Then w = x / sum(x), the objective
   ``w^T M w``, and the pick rule: least objective among feasible candidates, ties (within
   TIE_REL * max diag) go to the largest support, then the lowest bitmask; clamp, renormalise.
+* ``_pcgrad_kernel``: PCGrad (Yu et al. 2020) on projection coefficients, as
+  :mod:`bucketmoo_kernels.methods.pcgrad`, a block of segments per program.
+* ``_cagrad_kernel``: CAGrad (Liu et al. 2021) by the same face enumeration as
+  :mod:`bucketmoo_kernels.methods.cagrad` (two right-hand sides per subset), T <= 8.
 * ``_mgda_pgd_kernel`` (any T, ``solver="pgd"``): the accelerated projected gradient of
   ``mgda_pgd`` (FISTA with adaptive restart, step 1/L with L the largest absolute row sum),
   a fixed ``max_iter`` iterations (``tol`` is not used: checking it needs a host sync), the
@@ -27,9 +31,10 @@ import triton
 import triton.language as tl
 
 from ..methods import simplex
+from ..methods.pcgrad import pcgrad_orders
 from .tiles import next_pow2, on_device
 
-__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton"]
+__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton", "cagrad_triton"]
 
 _constants: dict[str, torch.Tensor] = {}
 
@@ -80,24 +85,25 @@ def _load_ridged(g_ptr, c_ptr, s, T: tl.constexpr, TP: tl.constexpr):
 
 
 @triton.jit
-def _mgda_exact_kernel(g_ptr, c_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, KP: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    mr, scale = _load_ridged(g_ptr, c_ptr, s, T, TP)
-    tie_rel = tl.load(c_ptr + 2)
-    feas_tol = tl.load(c_ptr + 3)
-
+def _subset_systems(mr, T: tl.constexpr, TP: tl.constexpr, KP: tl.constexpr):
+    """For every subset A (index k = bitmask - 1), the system of the torch solvers: M_AA on the
+    subset, identity rows/cols outside it. Returns the matrices [KP, TP, TP] and the masks."""
     i = tl.arange(0, TP)
     k = tl.arange(0, KP)
-    num_k = (1 << T) - 1
-    valid = k < num_k
     inset = (((k[:, None] + 1) >> i[None, :]) & 1) != 0
     inset = inset & (i[None, :] < T)  # [KP, TP]
     pair = inset[:, :, None] & inset[:, None, :]  # [KP, TP, TP]
     eye = (i[:, None] == i[None, :])[None, :, :]
     a = tl.where(pair, mr[None, :, :], tl.where(eye, 1.0, 0.0).to(tl.float64))
-    b = tl.where(inset, 1.0, 0.0).to(tl.float64)  # [KP, TP]
+    return a, inset
 
-    # Gauss-Jordan without pivoting, all subsets at once.
+
+@triton.jit
+def _gauss_jordan(a, b, c, T: tl.constexpr, TP: tl.constexpr):
+    """Solve a[k] x = b[k] and a[k] y = c[k] for all k (a [KP, TP, TP], b, c [KP, TP]) by
+    Gauss-Jordan elimination without pivoting (a is positive definite on the subset and the
+    identity elsewhere). Returns x, y [KP, TP]."""
+    i = tl.arange(0, TP)
     row_i = i[None, :, None]
     col_j = i[None, None, :]
     for p in range(T):
@@ -105,21 +111,29 @@ def _mgda_exact_kernel(g_ptr, c_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, K
         col_p = tl.sum(tl.where(col_j == p, a, 0.0), axis=2)  # [KP, TP] = a[k, :, p]
         piv = tl.sum(tl.where(i[None, :] == p, row_p, 0.0), axis=1)  # [KP]
         b_p = tl.sum(tl.where(i[None, :] == p, b, 0.0), axis=1)  # [KP]
+        c_p = tl.sum(tl.where(i[None, :] == p, c, 0.0), axis=1)
         factor = tl.where(i[None, :] == p, 0.0, col_p / piv[:, None])  # [KP, TP]
         a = a - factor[:, :, None] * row_p[:, None, :]
         b = b - factor * b_p[:, None]
-    d = tl.sum(tl.where(eye, a, 0.0), axis=2)  # [KP, TP]
-    x = tl.where(i[None, :] < T, b / d, 0.0)
+        c = c - factor * c_p[:, None]
+    d = tl.sum(tl.where((i[:, None] == i[None, :])[None, :, :], a, 0.0), axis=2)  # [KP, TP]
+    real = i[None, :] < T
+    return tl.where(real, b / d, 0.0), tl.where(real, c / d, 0.0)
 
-    # w = x / sum(x); a zero sum (the padding subset) is infeasible, as the NaN it gives in torch.
-    total = tl.sum(x, axis=1)
-    w = x / tl.where(total != 0, total, 1.0)[:, None]  # [KP, TP]
-    mw = tl.sum(mr[None, :, :] * w[:, None, :], axis=2)
-    obj = tl.sum(w * mw, axis=1)  # [KP]
 
+@triton.jit
+def _pick_candidate(w, obj, usable, inset, scale, tie_rel, feas_tol, T: tl.constexpr, TP: tl.constexpr,
+                    KP: tl.constexpr):
+    """The pick rule of ``simplex.pick_candidate`` over candidates w [KP, TP] (``usable``
+    marks candidates that exist: not padding, not NaN in torch). Returns [TP], clamped and
+    renormalised."""
+    i = tl.arange(0, TP)
+    k = tl.arange(0, KP)
+    num_k = (1 << T) - 1
+    valid = k < num_k
     elem_ok = ((tl.abs(w) < float("inf")) & (w >= -feas_tol)) | (i[None, :] >= T)
     feasible = tl.min(elem_ok.to(tl.int32), axis=1) == 1
-    usable = feasible & (total != 0) & (tl.abs(obj) < float("inf")) & valid
+    usable = usable & feasible & (tl.abs(obj) < float("inf")) & valid
     obj = tl.where(usable, obj, float("inf"))
     best = tl.min(obj)
     ties = (obj <= best + tie_rel * scale) & valid
@@ -128,8 +142,66 @@ def _mgda_exact_kernel(g_ptr, c_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, K
     top = tl.max(score)
     chosen = tl.sum(tl.where((score == top)[:, None], w, 0.0), axis=0)  # [TP]
     chosen = tl.maximum(chosen, 0.0)
-    chosen = chosen / tl.sum(chosen)
+    return chosen / tl.sum(chosen)
+
+
+@triton.jit
+def _mgda_exact_kernel(g_ptr, c_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, KP: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    mr, scale = _load_ridged(g_ptr, c_ptr, s, T, TP)
+    a, inset = _subset_systems(mr, T, TP, KP)
+    ones = tl.where(inset, 1.0, 0.0).to(tl.float64)  # [KP, TP]
+    x, _ = _gauss_jordan(a, ones, ones, T, TP)
+    # w = x / sum(x); a zero sum (the padding subset) is infeasible, as the NaN it gives in torch.
+    total = tl.sum(x, axis=1)
+    w = x / tl.where(total != 0, total, 1.0)[:, None]  # [KP, TP]
+    mw = tl.sum(mr[None, :, :] * w[:, None, :], axis=2)
+    obj = tl.sum(w * mw, axis=1)  # [KP]
+    chosen = _pick_candidate(w, obj, total != 0, inset, scale, tl.load(c_ptr + 2), tl.load(c_ptr + 3),
+                             T, TP, KP)
+    i = tl.arange(0, TP)
     tl.store(w_ptr + s * T + i, chosen, mask=i < T)
+
+
+@triton.jit
+def _cagrad_kernel(g_ptr, c_ptr, p_ptr, w_ptr, T: tl.constexpr, TP: tl.constexpr, KP: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    mr, scale = _load_ridged(g_ptr, c_ptr, s, T, TP)
+    i = tl.arange(0, TP)
+    real = i < T
+    m = tl.load(g_ptr + s * (T * T) + i[:, None] * T + i[None, :], mask=real[:, None] & real[None, :],
+                other=0.0)
+    c = tl.load(p_ptr + 0)
+    divisor = tl.load(p_ptr + 1)
+    tiny_rel = tl.load(p_ptr + 2)
+    mean_w = tl.where(real, tl.full([TP], 1.0, tl.float64) / T, 0.0)
+    av = tl.sum(mr * mean_w[None, :], axis=1)  # [TP] a = M g0 coefficients
+    radius = c * tl.sqrt(tl.maximum(tl.sum(av * mean_w), 0.0))
+
+    a, inset = _subset_systems(mr, T, TP, KP)
+    ones = tl.where(inset, 1.0, 0.0).to(tl.float64)
+    x, y = _gauss_jordan(a, ones, ones * av[None, :], T, TP)
+    sx = tl.sum(x, axis=1)
+    sy = tl.sum(y, axis=1)
+    ay = tl.sum(av[None, :] * y, axis=1)
+    disc = sy * sy - sx * (ay - radius * radius)
+    root = tl.sqrt(tl.maximum(disc, 0.0))
+    ok = (disc > 0) & (sx != 0)
+    lam = (sy + root) / tl.where(ok, sx, 1.0)
+    w = (lam[:, None] * x - y) / tl.where(ok, root, 1.0)[:, None]
+    single = tl.sum(inset.to(tl.int32), axis=1) == 1
+    w = tl.where(single[:, None], ones, tl.where(ok[:, None], w, 0.0))
+    quad = tl.maximum(tl.sum(w * tl.sum(mr[None, :, :] * w[:, None, :], axis=2), axis=1), 0.0)
+    obj = tl.sum(av[None, :] * w, axis=1) + radius * tl.sqrt(quad)
+    chosen = _pick_candidate(w, obj, ok | single, inset, scale, tl.load(c_ptr + 2), tl.load(c_ptr + 3),
+                             T, TP, KP)
+
+    gw_norm = tl.sqrt(tl.maximum(tl.sum(chosen * tl.sum(m * chosen[None, :], axis=1)), 0.0))
+    tiny = tiny_rel * tl.sqrt(scale)
+    big = gw_norm > tiny
+    lam_out = tl.where(big, radius / tl.where(big, gw_norm, 1.0), 0.0)
+    weights = (mean_w + lam_out * chosen) / divisor
+    tl.store(w_ptr + s * T + i, weights, mask=real)
 
 
 @triton.jit
@@ -177,6 +249,31 @@ def _mgda_pgd_kernel(g_ptr, c_ptr, w_ptr, max_iter, T: tl.constexpr, TP: tl.cons
     tl.store(w_ptr + s * T + i[None, :], w, mask=real)
 
 
+@triton.jit
+def _pcgrad_kernel(g_ptr, order_ptr, w_ptr, S, T: tl.constexpr, TP: tl.constexpr, BLOCK_S: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    seg_ok = offs < S
+    i = tl.arange(0, TP)
+    real = i < T
+    mask3 = seg_ok[:, None, None] & real[None, :, None] & real[None, None, :]
+    m = tl.load(g_ptr + offs[:, None, None].to(tl.int64) * (T * T) + i[None, :, None] * T + i[None, None, :],
+                mask=mask3, other=0.0)  # [BS, TP, TP]
+    total = tl.zeros([BLOCK_S, TP], dtype=tl.float64)
+    for task in range(T):
+        coef = tl.where(i[None, :] == task, 1.0, 0.0).to(tl.float64) + tl.zeros([BLOCK_S, TP], tl.float64)
+        for step in range(T - 1):
+            j = tl.load(order_ptr + task * (T - 1) + step)
+            col = tl.sum(tl.where(i[None, None, :] == j, m, 0.0), axis=2)  # [BS, TP] = M[:, j]
+            dot = tl.sum(coef * col, axis=1)  # g_task^PC . g_j
+            sq = tl.sum(tl.where(i[None, :] == j, col, 0.0), axis=1)  # |g_j|^2
+            conflict = (dot < 0) & (sq > 0)
+            scale = tl.where(conflict, dot / tl.where(conflict, sq, 1.0), 0.0)
+            coef = coef - tl.where(i[None, :] == j, scale[:, None], 0.0)
+        total += coef
+    out = total / T
+    tl.store(w_ptr + offs[:, None].to(tl.int64) * T + i[None, :], out, mask=seg_ok[:, None] & real[None, :])
+
+
 def mgda_closed_form_triton(gram: torch.Tensor) -> torch.Tensor:
     """MGDA closed form, T = 2: ``gram [S, 2, 2]`` float64 -> ``[S, 2]`` float64."""
     gram = gram.to(torch.float64).contiguous()
@@ -222,4 +319,61 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
     with on_device(gram.device):
         _mgda_pgd_kernel[(num_seg,)](gram, _contract_constants(gram.device), out, int(max_iter),
                                      T=num_tasks, TP=tp, num_warps=1 if tp <= 8 else 4 if tp <= 32 else 8)
+    return out
+
+
+_orders: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """PCGrad weights (mean of the projected gradients' coefficients, the torch function's
+    scale): ``[S, T, T]`` float64 -> ``[S, T]`` float64. The task orders come from
+    :func:`~bucketmoo_kernels.methods.pcgrad.pcgrad_orders` (host, seeded), cached on the device."""
+    gram = gram.to(torch.float64).contiguous()
+    num_seg, num_tasks, _ = gram.shape
+    out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    if num_seg == 0:
+        return out
+    key = (num_tasks, int(seed), str(gram.device))
+    orders = _orders.get(key)
+    if orders is None:
+        orders = pcgrad_orders(num_tasks, seed).to(torch.int32).reshape(-1)
+        orders = torch.cat([orders, torch.zeros(1, dtype=torch.int32)]).to(gram.device)
+        _orders[key] = orders
+    tp = max(2, next_pow2(num_tasks))
+    block = max(1, 2048 // (tp * tp))
+    with on_device(gram.device):
+        _pcgrad_kernel[(triton.cdiv(num_seg, block),)](gram, orders, out, num_seg, T=num_tasks, TP=tp,
+                                                         BLOCK_S=block, num_warps=4)
+    return out
+
+
+_cagrad_params: dict[tuple[float, int, str], torch.Tensor] = {}
+
+
+def cagrad_triton(gram: torch.Tensor, c: float = 0.4, rescale: int = 1) -> torch.Tensor:
+    """CAGrad weights in the paper's scale, 2 <= T <= 8, exact face enumeration as
+    :mod:`bucketmoo_kernels.methods.cagrad`: ``[S, T, T]`` float64 -> ``[S, T]`` float64."""
+    gram = gram.to(torch.float64).contiguous()
+    num_seg, num_tasks, _ = gram.shape
+    if not 2 <= num_tasks <= simplex.MAX_EXACT_TASKS:
+        raise ValueError(f"the Triton CAGrad solver needs 2 <= T <= {simplex.MAX_EXACT_TASKS}; "
+                         f"got T = {num_tasks}")
+    if c < 0 or rescale not in (0, 1, 2):
+        raise ValueError(f"cagrad needs c >= 0 and rescale in (0, 1, 2); got c={c}, rescale={rescale}")
+    out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    if num_seg == 0:
+        return out
+    key = (float(c), int(rescale), str(gram.device))
+    params = _cagrad_params.get(key)
+    if params is None:
+        divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+        params = torch.tensor([c, divisor, 1e-12], dtype=torch.float64, device=gram.device)
+        _cagrad_params[key] = params
+    tp = next_pow2(num_tasks)
+    kp = 1 << num_tasks
+    warps = 4 if kp * tp * tp <= 4096 else 8
+    with on_device(gram.device):
+        _cagrad_kernel[(num_seg,)](gram, _contract_constants(gram.device), params, out,
+                                   T=num_tasks, TP=tp, KP=kp, num_warps=warps)
     return out
