@@ -41,6 +41,7 @@ CONFIGS = [
     ("plain DDP", "ranks", None),
     ("ranks mean (DDP all-reduce)", "ranks", dict(method="mean")),
     ("ranks mgda bucket sharded", "ranks", dict(method="mgda")),
+    ("ranks mgda bucket sharded, no overlap", "ranks", dict(method="mgda", overlap=False)),
     ("ranks mgda bucket sharded bf16", "ranks", dict(method="mgda", compress="bf16")),
     ("ranks mgda bucket allgather", "ranks", dict(method="mgda", protocol="allgather")),
     ("ranks mgda param sharded", "ranks", dict(method="mgda", granularity="param")),

@@ -5,12 +5,12 @@ Register it like PyTorch's own hooks::
     state = BucketMOOState(method="mgda", mode="ranks", granularity="bucket")
     ddp_model.register_comm_hook(state, bucket_moo_hook)
 
-The hook runs its collectives on the autograd thread, one bucket after the other in DDP's
-bucket order (the same on every rank), and returns an already completed future (for the
+The hook issues every collective from the autograd thread, in DDP's bucket order (the same
+on every rank). With ``overlap=True`` (tasks on ranks, sharded protocol) bucket k's
+all-to-all is launched in k's call and finished in the call of bucket k+1, and its
+all-gather completes in the background, so the transfers overlap the backward; otherwise
+a bucket is finished inside its own call and its future is returned completed (for the
 ``global`` granularity, the futures of all buckets complete when the last bucket arrives).
-With gloo on CPU that means the bucket's communication does not overlap the rest of the
-backward; with NCCL the collectives are only enqueued on their streams and the weights are
-solved on the device without a host sync, so the CPU does not wait.
 """
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
