@@ -20,7 +20,6 @@ Usage: python benchmarks/bench_ddp_step.py [--worlds 2 4] [--steps 5] [--width 1
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import tempfile

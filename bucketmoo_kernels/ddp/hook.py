@@ -22,8 +22,8 @@ from ..api import combine, fused_bucket_moo, gram
 from ..inputs import Segments
 from . import collectives
 from .diagnostics import BucketRecord
-from .protocol import (allgather_tasks, finish_scatter_tasks, gather_combined, reduce_gram, scatter_tasks,
-                       sharded_moo, solve_weights, start_gather_combined, start_scatter_tasks)
+from .protocol import (allgather_tasks, finish_scatter_tasks, reduce_gram, sharded_moo, solve_weights,
+                       start_gather_combined, start_scatter_tasks)
 from .state import BucketMOOState, parse_granularity
 
 __all__ = ["bucket_moo_hook"]
@@ -68,16 +68,33 @@ def _check_once(state: BucketMOOState, buf: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- tasks on ranks
+def _chain(source: torch.futures.Future, target: torch.futures.Future) -> None:
+    """Complete ``target`` with ``source``'s value (or exception) when ``source`` completes."""
+
+    def done(f: torch.futures.Future) -> None:
+        try:
+            target.set_result(f.value())
+        except BaseException as exc:  # noqa: BLE001  (handed to DDP through the future)
+            target.set_exception(exc)
+
+    source.add_done_callback(done)
+
+
 def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last: bool):
+    """One weight vector for the whole model: every bucket waits for the last one.
+
+    Sharded protocol: each bucket's all-to-all is launched in its own call (it runs during
+    the rest of the backward); the last call finishes them all, sums the partial Grams,
+    all-reduces once, solves, and launches every bucket's all-gather.
+    """
     tasks = state._task_layout()
     group = state.process_group
     fut: torch.futures.Future = torch.futures.Future()
     segs = Segments.single(buf.numel())
     if state.protocol == "sharded":
-        sharded = scatter_tasks(buf, segs, tasks, group=group, wire_dtype=state.wire_dtype,
-                                backend=state.backend)
-        state._pending.append((buf, sharded, sharded.partial_gram, fut))
-        state._step_extra_bytes += sharded.extra_bytes
+        handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=state.wire_dtype,
+                                     backend=state.backend)
+        state._pending.append((buf, handle, None, fut))
     else:
         rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=state.wire_dtype)
         state._pending.append((buf, rows, gram(rows, None, backend=state.backend), fut))
@@ -85,25 +102,29 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
     if not is_last:
         return fut
     pending, state._pending = state._pending, []
+    if state.protocol == "sharded":
+        finished = [finish_scatter_tasks(p[1]) for p in pending]
+        state._step_extra_bytes += sum(sh.extra_bytes for sh in finished)
+        pending = [(b, sh, sh.partial_gram, f) for (b, _, _, f), sh in zip(pending, finished)]
     total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
     if state.protocol == "sharded":
         total = reduce_gram(total, group)
     weights = solve_weights(total, state.method, **_solve_kwargs(state))
-    last_extra = 0
-    for bucket_buf, payload, _, _ in pending:
+    gather_extra = 0
+    for bucket_buf, payload, _, bucket_fut in pending:
         if state.protocol == "sharded":
-            last_extra = max(last_extra, gather_combined(payload, weights, bucket_buf, group=group,
-                                                         backend=state.backend))
-        elif payload.dtype == bucket_buf.dtype:
+            gather_fut, extra = start_gather_combined(payload, weights, bucket_buf, group=group,
+                                                      backend=state.backend)
+            gather_extra += extra
+            _chain(gather_fut, bucket_fut)
+            continue
+        if payload.dtype == bucket_buf.dtype:
             combine(payload, weights, None, out=bucket_buf, backend=state.backend)
         else:  # compressed rows: combine in the wire dtype, then widen into the bucket
             bucket_buf.copy_(combine(payload, weights, None, backend=state.backend))
-    state.note_extra_bytes(state._step_extra_bytes + last_extra)
+        bucket_fut.set_result(bucket_buf)
+    state.note_extra_bytes(state._step_extra_bytes + gather_extra)
     _record(state, -1, total, weights)
-    for bucket_buf, _, _, bucket_fut in pending:
-        if bucket_fut is not fut:
-            bucket_fut.set_result(bucket_buf)
-    fut.set_result(buf)
     return fut
 
 
@@ -125,14 +146,7 @@ def _finish_inflight(state: BucketMOOState) -> None:
         raise
     state.note_extra_bytes(sharded.extra_bytes + extra)
     _record(state, index, gram_matrix, weights)
-
-    def done(f: torch.futures.Future) -> None:
-        try:
-            fut.set_result(f.value())
-        except BaseException as exc:  # noqa: BLE001  (handed to DDP through the future)
-            fut.set_exception(exc)
-
-    gather_fut.add_done_callback(done)
+    _chain(gather_fut, fut)
 
 
 def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:

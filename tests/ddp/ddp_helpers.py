@@ -5,7 +5,6 @@ applies ``fused_bucket_moo`` per bucket."""
 from __future__ import annotations
 
 import copy
-import os
 import socket
 import tempfile
 import traceback
