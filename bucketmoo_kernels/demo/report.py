@@ -47,7 +47,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     base_seen = _mean(_final(base, c) for c in seen) if base else None
     base_mem = base.get("peak_mem_mib") if base else None
     header = (["run"] + seen + ["seen avg", "vs mean"] + (["unseen avg"] if unseen else [])
-              + ["step ms", "mem MiB", "hook MiB", "bkt conflict %", "pair conflict %", "w spread"])
+              + ["step ms", "mem MiB", "hook MiB", "conf bkt %", "conf pair %", "w spread",
+                 "w bkt std"])
     rows = []
     for run in results["runs"]:
         if run.get("status") != "ok":
@@ -65,7 +66,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                 _fmt(run.get("hook_extra_mib"), ".2f"),
                 _fmt(100 * probe.get("bucket_conflict_share", float("nan")), ".0f"),
                 _fmt(100 * probe.get("pair_conflict_share", float("nan")), ".0f"),
-                _fmt(probe.get("weight_spread"), ".2f")]
+                _fmt(probe.get("weight_spread"), ".2f"), _fmt(probe.get("weight_bucket_std"), ".2f")]
         rows.append(row)
     return header, rows
 
@@ -178,17 +179,19 @@ def _plots(results: dict, out_dir: str) -> list[str]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for run in runs:
-        steps = [p["step"] for p in run["probe"]]
-        ax1.plot(steps, [100 * p["bucket_conflict_share"] for p in run["probe"]], marker=".", label=run["name"])
-        ax2.plot(steps, [p["weight_spread"] for p in run["probe"]], marker=".", label=run["name"])
-    ax1.set_title("buckets with a conflicting language pair (%)")
-    ax2.set_title("weight spread (max - min weight, mean over buckets)")
-    for ax in (ax1, ax2):
+    panels = [("bucket_conflict_share", 100, "buckets with a conflicting language pair (%)"),
+              ("pair_conflict_share", 100, "(bucket, language pair) with negative cosine (%)"),
+              ("weight_spread", 1, "weight spread: max - min weight, mean over buckets"),
+              ("weight_bucket_std", 1, "weight std over buckets, mean over languages")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    for ax, (key, scale, title) in zip(axes.flat, panels):
+        for run in runs:
+            ax.plot([p["step"] for p in run["probe"]], [scale * p[key] for p in run["probe"]],
+                    marker=".", label=run["name"])
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    axes.flat[1].legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "conflict.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -205,11 +208,12 @@ def _hook_table(results: dict) -> str:
         rows.append([run["name"], str(stats[-1]["segments"]),
                      _fmt(100 * _mean(s["bucket_conflict_share"] for s in stats), ".0f"),
                      _fmt(_mean(s["weight_spread"] for s in stats), ".2f"),
+                     _fmt(_mean(s.get("weight_bucket_std", float("nan")) for s in stats), ".2f"),
                      _fmt(_mean(s["norm_ratio"] for s in stats), ".2f"),
                      " / ".join(f"{w:.2f}" for w in stats[-1]["weights_mean"])])
     if not rows:
         return ""
-    header = ["run", "segments", "conflict %", "w spread", "|d| / |mean|", "last weights (per language)"]
+    header = ["run", "segments", "conflict %", "w spread", "w bkt std", "norm ratio", "last weights (per language)"]
     return _markdown_table(header, rows)
 
 
@@ -252,11 +256,13 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         "training steps (from step 2 on, after DDP has built its buckets; CUDA allocator peak on GPU, RSS "
         "high-water mark on CPU, approximate within a few MiB), minus plain DDP's. hook MiB: the hook's "
         "own account of its largest extra buffers (BucketMOOState.peak_extra_bytes, from step 2 on).",
-        "- conflict % and w spread come from a probe at the last evaluation: each language's gradient of a "
+        "- conf bkt %, conf pair %, w spread and w bkt std come from a probe at the last evaluation: each language's gradient of a "
         f"fixed batch, split into DDP-like buckets ({results['probe_buckets']} buckets; the same probe for every "
-        "run): bkt conflict %: share of buckets where some pair of languages has a negative cosine; pair "
-        "conflict %: share of (bucket, language pair) with a negative cosine; w spread: mean over buckets "
-        "of the largest minus the smallest weight the run's method gives that bucket (0 for plain DDP).",
+        "run): conf bkt %: share of buckets where some pair of languages has a negative cosine; conf "
+        "pair %: share of (bucket, language pair) with a negative cosine; w spread: how uneven the "
+        "languages' weights are, the mean over buckets of the largest minus the smallest weight (0 for "
+        "plain DDP); w bkt std: how much the buckets' weights differ, the standard deviation over buckets "
+        "of a language's weight, averaged over languages (0 for plain DDP, static and global runs).",
         "",
     ]
     for line in summary_lines(results):
@@ -270,8 +276,9 @@ def write_report(results: dict, out_dir: str) -> list[str]:
     hook_md = _hook_table(results)
     if hook_md:
         md += ["### What the hook saw (its own diagnostics, steps before each evaluation, mean)", "", hook_md, "",
-               "|d| / |mean|: norm of the combined gradient over the norm of the plain average; MGDA's "
-               "min-norm point is shorter than the average when languages conflict.", ""]
+               "norm ratio: norm of the combined gradient over the norm of the plain average (MGDA's "
+               "min-norm point is shorter than the average when languages conflict); last weights: the "
+               "run's weights averaged over segments at the last recorded step.", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
     md += ["## Data", "", f"Source: {results['data_source']}.", "",

@@ -340,6 +340,7 @@ def _hook_statistics(state) -> dict:
         "segments": int(cos.shape[0]),
         "bucket_conflict_share": float((pair_cos < 0).any(-1).double().mean()),
         "weight_spread": float((weights.max(-1).values - weights.min(-1).values).mean()),
+        "weight_bucket_std": float(weights.std(0, unbiased=False).mean()),
         "weights_mean": weights.mean(0).tolist(),
         "norm_ratio": float(combined.norm() / mean.norm()) if float(mean.norm()) > 0 else float("nan"),
     }
