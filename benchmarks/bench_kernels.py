@@ -102,6 +102,24 @@ def bench_case(device, backend, num_tasks, n, dtype, layout, elt_bytes, copy_gbp
     return _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats)
 
 
+def torchjd_case(device, num_tasks, n, dtype, layout, elt_bytes, copy_gbps, repeats):
+    """torchjd's MGDA aggregator (Frank-Wolfe) on the same matrix, per segment: the 'fused' op only."""
+    try:
+        from torchjd.aggregation import MGDA
+    except ImportError:
+        return []
+    grads = torch.randn(num_tasks, n, device=device).to(dtype)
+    segments = Segments.single(n) if layout == "one" else param_layout(n)
+    bounds = segments.offsets.tolist()
+    aggregator = MGDA()
+
+    def fused():
+        return torch.cat([aggregator(grads[:, a:b].float()) for a, b in zip(bounds, bounds[1:])])
+
+    ops = {"fused": (fused, (num_tasks + 1) * n * elt_bytes)}
+    return _time_ops(ops, device, "torchjd", num_tasks, n, dtype, segments, copy_gbps, repeats)
+
+
 def _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats):
     rows = []
     for op, (fn, nbytes) in ops.items():
@@ -129,6 +147,7 @@ def run(device: torch.device, tasks, sizes, dtypes, layouts, repeats):
                     case = []
                     for backend in names + ["eager"]:
                         case += bench_case(device, backend, num_tasks, n, dtype, layout, elt, copy_gbps, repeats)
+                    case += torchjd_case(device, num_tasks, n, dtype, layout, elt, copy_gbps, repeats)
                     ref = {r["op"]: r["median_ms"] for r in case if r["backend"] == "torch"}
                     eager = {r["op"]: r["median_ms"] for r in case if r["backend"] == "eager"}
                     for r in case:
@@ -138,10 +157,39 @@ def run(device: torch.device, tasks, sizes, dtypes, layouts, repeats):
     return rows
 
 
+def plot_results(rows, path, device_name: str):
+    """One panel per dtype: the fused op's share of copy bandwidth against N, per backend and T
+    (single-segment layout), so the scaling with size is visible at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fused = [r for r in rows if r["op"] == "fused" and r["segments"] == 1]
+    dtypes = sorted({r["dtype"] for r in fused})
+    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(5 * max(1, len(dtypes)), 4), squeeze=False)
+    for ax, dname in zip(axes[0], dtypes):
+        for (backend, num_tasks) in sorted({(r["backend"], r["T"]) for r in fused if r["dtype"] == dname}):
+            pts = sorted((r["N"], r["share_of_copy"]) for r in fused
+                         if r["dtype"] == dname and r["backend"] == backend and r["T"] == num_tasks)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} T={num_tasks}")
+        ax.set_xscale("log")
+        ax.set_xlabel("N (elements per task)")
+        ax.set_ylabel("effective bandwidth / copy bandwidth")
+        ax.set_title(f"fused_bucket_moo, {dname}, one segment")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(device_name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="T values (default 2 4 8)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="T values (default 2 3 4 8)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N values")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", default=["one", "params"], choices=["one", "params"])
@@ -153,7 +201,7 @@ def main(argv=None) -> int:
     if args.quick:
         tasks, sizes, dtypes, repeats = [4], [1 << 20], ["fp32"], 3
     else:
-        tasks = args.tasks or [2, 4, 8]
+        tasks = args.tasks or [2, 3, 4, 8]
         sizes = args.sizes or ([1 << 16, 1 << 20, 1 << 24] if device.type == "cpu" else [1 << 16, 1 << 20, 25_000_000, 100_000_000])
         dtypes, repeats = args.dtypes or list(DTYPES), args.repeats
     rows = run(device, tasks, sizes, dtypes, args.layouts, repeats)
@@ -168,8 +216,11 @@ def main(argv=None) -> int:
     if args.quick:
         print(markdown_table(rows, columns))
         return 0
-    path = write_results(args.name or f"kernels_{device.type}", rows, env, title="Kernel microbenchmark",
-                         notes=notes, columns=columns)
+    name = args.name or f"kernels_{device.type}"
+    path = write_results(name, rows, env, title="Kernel microbenchmark", notes=notes, columns=columns)
+    plot_path = plot_results(rows, path.with_suffix(".png"), env["device"])
+    with open(path, "a") as f:
+        f.write(f"\n![fused bandwidth share]({plot_path.name})\n")
     print(markdown_table(rows, columns))
     print(f"written to {path}")
     return 0

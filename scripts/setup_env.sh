@@ -34,7 +34,7 @@ if ! python -c "import triton" 2>/dev/null; then
     *) pip_quiet -c "$CONSTRAINT" "triton>=3.6" ;;
   esac
 fi
-pip_quiet -c "$CONSTRAINT" numpy scipy pytest hypothesis ninja pybind11 matplotlib tqdm babel
+pip_quiet -c "$CONSTRAINT" numpy scipy pytest hypothesis ninja pybind11 matplotlib tqdm babel torchjd
 echo "[setup] building and installing bucketmoo_kernels (native extensions included)"
 python -m pip install --quiet --disable-pip-version-check --no-build-isolation -c "$CONSTRAINT" -e . 2>&1 \
   | grep -v "^WARNING: Location" || true
