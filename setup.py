@@ -40,7 +40,9 @@ def _cpu_extension(cpp_extension):
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
                    + [p for p in glob.glob(os.path.join(ROOT, "python", "*.cpp"))
                       if os.path.basename(p) != "cuda_ops.cpp"])
-    cxx = ["-O3", "-DNDEBUG", "-fvisibility=hidden"]
+    # -fno-wrapv: Python's own CFLAGS carry -fwrapv, which stops GCC from vectorising the
+    # gram loops (3x slower); nothing here relies on signed overflow wrapping.
+    cxx = ["-O3", "-DNDEBUG", "-fno-wrapv", "-fvisibility=hidden"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")

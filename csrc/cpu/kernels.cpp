@@ -52,6 +52,7 @@ constexpr int64_t kParallelMin = 2 * kChunk;
 // Outputs at least this large (bytes) are written with non-temporal stores when they alias
 // no input: far beyond the last-level cache, a normal store would first read every line.
 constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
+constexpr bool kStreamStoresDefault = true;
 
 int threads_for(int num_threads) {
 #ifdef _OPENMP
@@ -71,6 +72,15 @@ std::vector<int64_t> chunk_starts(const int64_t* offsets, int64_t S) {
     first[s + 1] = first[s] + (len + kChunk - 1) / kChunk;
   }
   return first;
+}
+
+// BUCKETMOO_CPU_STREAM_STORES=0/1 turns the non-temporal combine stores off/on (read once).
+bool stream_stores_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("BUCKETMOO_CPU_STREAM_STORES");
+    return env == nullptr ? kStreamStoresDefault : std::strcmp(env, "0") != 0;
+  }();
+  return enabled;
 }
 
 // Chunks handed out at a time by the dynamic schedule: about kChunk elements' worth, so that
@@ -140,7 +150,7 @@ void combine(void* out, const void* const* grads, int T, DType dtype, const floa
   const int64_t N = offsets[S];
   const int nt = threads_for(num_threads);
   const int64_t grain = dynamic_grain(C, N);
-  bool stream = dtype == DType::kFloat32 && N * 4 >= kStreamMinBytes;
+  bool stream = stream_stores_enabled() && dtype == DType::kFloat32 && N * 4 >= kStreamMinBytes;
   for (int t = 0; t < T; ++t) stream = stream && grads[t] != out;
 #pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
   {

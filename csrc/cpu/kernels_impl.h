@@ -169,30 +169,64 @@ inline void gram_chunk(const void* const* grads, int T, DType dt, int64_t begin,
 // ---- combine: out[i] = sum_t w[t] * g[t][i] in double, task order, one rounding.
 // All T reads of a block happen before its writes, so `out` may alias any g[t].
 template <typename Src>
+inline double load_f64(const Src* p, int64_t i, DType dt) {
+  if constexpr (sizeof(Src) == 4) { (void)dt; return double(load(p, i)); }
+  else return double(load(p, i, dt));
+}
+
+// acc[k] for k < n: T compile-time (1..8) keeps a group of kLanes sums in registers across
+// all tasks (one pass over memory, no accumulator round trips); TT = 0: any T, task by task.
+template <int TT, typename Src>
+inline void combine_sums(double* acc, const Src* const* g, int T, DType dt, const double* w,
+                         int64_t b0, int n) {
+  if constexpr (TT > 0) {
+    int k = 0;
+    for (; k + kLanes <= n; k += kLanes) {
+      double a[kLanes];
+      for (int l = 0; l < kLanes; ++l) a[l] = w[0] * load_f64(g[0], b0 + k + l, dt);
+      for (int t = 1; t < TT; ++t)
+        for (int l = 0; l < kLanes; ++l) a[l] += w[t] * load_f64(g[t], b0 + k + l, dt);
+      for (int l = 0; l < kLanes; ++l) acc[k + l] = a[l];
+    }
+    for (; k < n; ++k) {
+      double a = w[0] * load_f64(g[0], b0 + k, dt);
+      for (int t = 1; t < TT; ++t) a += w[t] * load_f64(g[t], b0 + k, dt);
+      acc[k] = a;
+    }
+  } else {
+    for (int k = 0; k < n; ++k) acc[k] = w[0] * load_f64(g[0], b0 + k, dt);
+    for (int t = 1; t < T; ++t) {
+      const double wt = w[t];
+      for (int k = 0; k < n; ++k) acc[k] += wt * load_f64(g[t], b0 + k, dt);
+    }
+  }
+}
+
+template <typename Src>
 inline void combine_block(void* out, const Src* const* g, int T, DType dt, const double* w,
                           int64_t b0, int n, bool stream) {
   double acc[kBlock];
-  for (int k = 0; k < n; ++k) {
-    if constexpr (sizeof(Src) == 4) acc[k] = w[0] * double(load(g[0], b0 + k));
-    else acc[k] = w[0] * double(load(g[0], b0 + k, dt));
-  }
-  for (int t = 1; t < T; ++t) {
-    const double wt = w[t];
-    for (int k = 0; k < n; ++k) {
-      if constexpr (sizeof(Src) == 4) acc[k] += wt * double(load(g[t], b0 + k));
-      else acc[k] += wt * double(load(g[t], b0 + k, dt));
-    }
+  switch (T) {
+    case 1: combine_sums<1>(acc, g, T, dt, w, b0, n); break;
+    case 2: combine_sums<2>(acc, g, T, dt, w, b0, n); break;
+    case 3: combine_sums<3>(acc, g, T, dt, w, b0, n); break;
+    case 4: combine_sums<4>(acc, g, T, dt, w, b0, n); break;
+    case 5: combine_sums<5>(acc, g, T, dt, w, b0, n); break;
+    case 6: combine_sums<6>(acc, g, T, dt, w, b0, n); break;
+    case 7: combine_sums<7>(acc, g, T, dt, w, b0, n); break;
+    case 8: combine_sums<8>(acc, g, T, dt, w, b0, n); break;
+    default: combine_sums<0>(acc, g, T, dt, w, b0, n); break;
   }
   if (dt == DType::kFloat32) {
     float* o = static_cast<float*>(out) + b0;
 #if BUCKETMOO_HAVE_STREAM_STORES
     if (stream) {  // non-temporal stores: no read-for-ownership of the output lines
+      float rounded[kBlock];
+      for (int k = 0; k < n; ++k) rounded[k] = float(acc[k]);
       int k = 0;
-      for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 15u) != 0; ++k) o[k] = float(acc[k]);
-      for (; k + 4 <= n; k += 4)
-        _mm_stream_ps(o + k, _mm_set_ps(float(acc[k + 3]), float(acc[k + 2]), float(acc[k + 1]),
-                                        float(acc[k])));
-      for (; k < n; ++k) o[k] = float(acc[k]);
+      for (; k < n && (reinterpret_cast<uintptr_t>(o + k) & 15u) != 0; ++k) o[k] = rounded[k];
+      for (; k + 4 <= n; k += 4) _mm_stream_ps(o + k, _mm_loadu_ps(rounded + k));
+      for (; k < n; ++k) o[k] = rounded[k];
       return;
     }
 #endif
