@@ -76,6 +76,16 @@ def test_gram_long_segment_split_into_many_tiles_is_deterministic():
     assert int(gram_counters(segs, grads.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gram_with_more_than_eight_tasks(dtype):
+    # fp32 switches from per-column outer products to tl.dot above 8 tasks.
+    grads = random_grads(12, 300, dtype, device=DEVICE)
+    segs = Segments(offsets(5, 200, 95))
+    tg = as_task_grads(grads)
+    got = gram_triton(tg, segs, chunk=128)
+    assert_close(got, gram_reference(tg, segs), **gram_tolerance(300), what="gram T=12")
+
+
 def test_gram_of_empty_input_is_zero():
     grads = torch.zeros(3, 0, device=DEVICE)
     got = bm.gram(grads, backend="triton")
@@ -368,8 +378,10 @@ jobs = []
 for dt, deltas in (("*fp32", False), ("*bf16", True)):
     jobs.append((G._gram_kernel, {"x_ptr": dt, **rows, "tiles_ptr": "*i64", "partial_ptr": "*fp32",
                  "count_ptr": "*i32", "out_ptr": "*fp32", "T": "constexpr", "TP": "constexpr",
-                 "BLOCK_N": "constexpr", "NCOLS": "constexpr", "USE_DELTAS": "constexpr", "UPCAST": "constexpr"},
-                 {"T": 5, "TP": 16, "BLOCK_N": 256, "NCOLS": 6, "USE_DELTAS": deltas, "UPCAST": dt == "*fp32"}, 4))
+                 "BLOCK_N": "constexpr", "NCOLS": "constexpr", "USE_DELTAS": "constexpr", "UPCAST": "constexpr",
+                 "USE_DOT": "constexpr"},
+                 {"T": 5, "TP": 16 if deltas else 8, "BLOCK_N": 256 if deltas else 128, "NCOLS": 6,
+                  "USE_DELTAS": deltas, "UPCAST": dt == "*fp32", "USE_DOT": deltas}, 4))
     jobs.append((C._combine_kernel, {"x_ptr": dt, **rows, "w_ptr": "*fp32", "tiles_ptr": "*i64", "out_ptr": dt,
                  "T": "constexpr", "TP": "constexpr", "BLOCK_N": "constexpr", "NCOLS": "constexpr",
                  "USE_DELTAS": "constexpr"}, {"T": 5, "TP": 8, "BLOCK_N": 1024, "NCOLS": 6, "USE_DELTAS": deltas}, 4))

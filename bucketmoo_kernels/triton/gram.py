@@ -2,8 +2,8 @@
 
 Work split: a tile table (built on the host from the segment offsets, cached) cuts every
 segment into tiles of at most ``chunk`` elements; one program per tile. A program streams its
-tile in ``[TP, BLOCK_N]`` blocks (TP = T padded to 16 for ``tl.dot``) and accumulates
-``X X^T`` in float32. A segment with one tile stores its Gram directly. A segment with several
+tile in ``[TP, BLOCK_N]`` blocks and accumulates ``X X^T`` in float32: with ``tl.dot`` for
+bf16/fp16 (TP = T padded to 16), with per-column outer products for fp32 and T <= 8. A segment with one tile stores its Gram directly. A segment with several
 tiles stores each tile's partial Gram into a workspace slot and bumps the segment's arrival
 counter (acq_rel atomic); the program that arrives last sums the segment's partials *in slot
 order* (fixed, independent of which program finished when) and resets the counter. The result
@@ -21,7 +21,7 @@ from .tiles import INTERPRET, TILE_COLS, gram_counters, next_pow2, on_device, ro
 
 __all__ = ["gram_triton", "GRAM_BLOCK", "GRAM_CHUNK"]
 
-#: Elements per block (inner loop step) and per tile (work of one program).
+#: Elements per block (inner loop step, tl.dot path) and per tile (work of one program).
 GRAM_BLOCK = 1024 if INTERPRET else 256
 GRAM_CHUNK = 8192 if INTERPRET else 16384
 
@@ -46,7 +46,7 @@ def _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS: tl.con
 @triton.jit
 def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, partial_ptr, count_ptr,
                  out_ptr, T: tl.constexpr, TP: tl.constexpr, BLOCK_N: tl.constexpr, NCOLS: tl.constexpr,
-                 USE_DELTAS: tl.constexpr, UPCAST: tl.constexpr):
+                 USE_DELTAS: tl.constexpr, UPCAST: tl.constexpr, USE_DOT: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = tiles_ptr + pid * NCOLS
     seg = tl.load(row + 0)
@@ -61,14 +61,26 @@ def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, par
     row_off = _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
     cols0 = tl.arange(0, BLOCK_N)
     length = (end - start).to(tl.int32)
-    acc = tl.zeros([TP, TP], dtype=tl.float32)
-    for i in range(0, length, BLOCK_N):
-        cols = start + i + cols0
-        mask = row_ok[:, None] & (cols < end)[None, :]
-        x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-        acc = tl.dot(x, tl.trans(x), acc, input_precision="ieee")
+    if USE_DOT:
+        # Tensor cores for 16-bit inputs (exact products, fp32 accumulation); fp32 with T > 8.
+        acc = tl.zeros([TP, TP], dtype=tl.float32)
+        for i in range(0, length, BLOCK_N):
+            cols = start + i + cols0
+            mask = row_ok[:, None] & (cols < end)[None, :]
+            x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+            acc = tl.dot(x, tl.trans(x), acc, input_precision="ieee")
+    else:
+        # fp32, T <= 8: per-column outer products on the CUDA cores. Exact fp32 (no TF32) and
+        # T^2 instead of 16^2 multiply-adds per column, which an "ieee" tl.dot would spend.
+        acc3 = tl.zeros([TP, TP, BLOCK_N], dtype=tl.float32)
+        for i in range(0, length, BLOCK_N):
+            cols = start + i + cols0
+            mask = row_ok[:, None] & (cols < end)[None, :]
+            x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc3 += x[:, None, :] * x[None, :, :]
+        acc = tl.sum(acc3, axis=2)
 
     ii = t[:, None]
     jj = t[None, :]
@@ -89,7 +101,7 @@ def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, par
             tl.store(count_ptr + seg, 0)
 
 
-def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int) -> torch.Tensor:
+def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | None) -> torch.Tensor:
     num_tasks = grads.num_tasks
     device = grads.device
     if grads.numel == 0:  # nothing to read (and an empty tensor may have a null pointer)
@@ -100,13 +112,20 @@ def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int) -
                           device=device)
     counters = gram_counters(segments, device)
     rows = row_addressing(grads)
-    tp = max(16, next_pow2(num_tasks))
+    use_dot = rows.base.dtype != torch.float32 or num_tasks > 8
+    if use_dot:
+        tp = max(16, next_pow2(num_tasks))  # tl.dot needs every dimension >= 16
+    else:
+        tp = max(2, next_pow2(num_tasks))
+        if block is None:
+            block = max(16, min(1024, (32768 if INTERPRET else 8192) // (tp * tp)))
+    block = GRAM_BLOCK if block is None else block
     upcast = INTERPRET or rows.base.dtype == torch.float32
     with on_device(device):
         _gram_kernel[(tiles.num_tiles,)](
             rows.base, rows.stride, *rows.deltas, tiles.table, partial, counters, out,
             T=num_tasks, TP=tp, BLOCK_N=block, NCOLS=TILE_COLS, USE_DELTAS=rows.use_deltas,
-            UPCAST=upcast, num_warps=4)
+            UPCAST=upcast, USE_DOT=use_dot, num_warps=4)
     return out
 
 
@@ -120,14 +139,13 @@ def gram_triton(grads: TaskGrads, segments: Segments, *, chunk: int | None = Non
             are stacked first).
         segments: S segments covering ``0..N`` (empty segments give zero matrices).
         chunk: elements per program (tile); long segments are split into tiles of this size.
-        block: elements per inner step (a power of two >= 16).
+        block: elements per inner step (a power of two >= 16; None: by dtype and T).
     Returns:
         ``[S, T, T]`` float32, accumulated in float32; bit-identical from call to call.
     """
     chunk = GRAM_CHUNK if chunk is None else int(chunk)
-    block = GRAM_BLOCK if block is None else int(block)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of elements; got {chunk}")
-    if block < 16 or block & (block - 1):
+    if block is not None and (int(block) < 16 or int(block) & (int(block) - 1)):
         raise ValueError(f"block must be a power of two >= 16; got {block}")
     return _launch_gram(grads, segments, chunk, block)
