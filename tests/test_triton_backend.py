@@ -86,6 +86,15 @@ def test_gram_with_more_than_eight_tasks(dtype):
     assert_close(got, gram_reference(tg, segs), **gram_tolerance(300), what="gram T=12")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_single_task_returns_the_gradient(dtype):
+    g = random_grads(1, 50, dtype, device=DEVICE)
+    out, info = bm.fused_bucket_moo(g, segments=7, backend="triton", return_info=True)
+    torch.testing.assert_close(out, g[0], atol=0, rtol=0)
+    assert_close(info.gram, gram_reference(as_task_grads(g), Segments.chunks(50, 7)), **gram_tolerance(7),
+                 what="gram T=1")
+
+
 def test_gram_of_empty_input_is_zero():
     grads = torch.zeros(3, 0, device=DEVICE)
     got = bm.gram(grads, backend="triton")

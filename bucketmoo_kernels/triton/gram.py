@@ -30,14 +30,15 @@ GRAM_CHUNK = 8192 if INTERPRET else 16384
 def _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS: tl.constexpr):
     """int64 element offset of task row ``t`` (a tensor of task indices) from the base pointer."""
     if USE_DELTAS:
-        off = tl.where(t == 0, d0.to(tl.int64), 0)
-        off = tl.where(t == 1, d1.to(tl.int64), off)
-        off = tl.where(t == 2, d2.to(tl.int64), off)
-        off = tl.where(t == 3, d3.to(tl.int64), off)
-        off = tl.where(t == 4, d4.to(tl.int64), off)
-        off = tl.where(t == 5, d5.to(tl.int64), off)
-        off = tl.where(t == 6, d6.to(tl.int64), off)
-        off = tl.where(t == 7, d7.to(tl.int64), off)
+        # (no .to() on the scalars: Triton may specialise an argument equal to 1 to a constexpr)
+        off = tl.zeros(t.shape, dtype=tl.int64) + d0
+        off = tl.where(t == 1, d1, off)
+        off = tl.where(t == 2, d2, off)
+        off = tl.where(t == 3, d3, off)
+        off = tl.where(t == 4, d4, off)
+        off = tl.where(t == 5, d5, off)
+        off = tl.where(t == 6, d6, off)
+        off = tl.where(t == 7, d7, off)
     else:
         off = t.to(tl.int64) * stride_t
     return off
