@@ -90,9 +90,12 @@ def tile_table(segments: Segments, chunk: int, device: torch.device) -> TileTabl
 
 def gram_counters(segments: Segments, device: torch.device) -> torch.Tensor:
     """``[S]`` int32 arrival counters of the Gram kernel (zero between launches: the program
-    that reduces a segment resets its counter). Cached per segments object and device."""
+    that reduces a segment resets its counter). Cached per segments object, device and CUDA
+    stream, so launches on one stream (which run in order) share them and launches on
+    different streams never do."""
     per_seg = _tables.setdefault(segments, {})
-    key = ("counters", str(device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = ("counters", str(device), stream)
     cached = per_seg.get(key)
     if cached is None:
         cached = torch.zeros(max(1, segments.num_segments), dtype=torch.int32, device=device)
