@@ -162,15 +162,27 @@ class ShardedTasks:
     extra_bytes: int
 
 
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An int64 index tensor on ``device``, built once (no host-to-device copy per bucket)."""
+    key = (values, str(device))
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        index = _INDEX_CACHE[key] = torch.tensor(values, dtype=torch.int64, device=device)
+    return index
+
+
 def _group_rows(received: torch.Tensor, tasks: TaskLayout) -> tuple[torch.Tensor, int]:
     """[P, m] rows of the ranks -> [T, m] task rows (mean over each task's ranks)."""
     if tasks.identity:
         return received, 0
     if tasks.ranks_per_task == 1:
-        order = torch.tensor([rs[0] for rs in tasks.ranks_of_task], device=received.device)
+        order = _cached_index(tuple(rs[0] for rs in tasks.ranks_of_task), received.device)
         rows = received.index_select(0, order)
         return rows, rows.numel() * rows.element_size()
-    index = torch.tensor(tasks.task_of_rank, device=received.device)
+    index = _cached_index(tasks.task_of_rank, received.device)
     acc = torch.zeros(tasks.num_tasks, received.shape[1], dtype=torch.float32, device=received.device)
     acc.index_add_(0, index, received.to(torch.float32))
     acc.div_(tasks.ranks_per_task)
