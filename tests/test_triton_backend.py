@@ -29,7 +29,7 @@ from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 203  # not a multiple of any block size
 # A backend with tiny tiles, so that long segments are split and the partial Grams reduced.
-SMALL_TILES = TritonBackend(gram_chunk=48, combine_chunk=40)
+SMALL_TILES = TritonBackend(gram_chunk=48, combine_block=16)
 
 
 def dname(dtype: torch.dtype) -> str:
@@ -113,10 +113,25 @@ def test_combine_matches_reference(num_tasks, dtype, layout):
     expected = torch.empty(N, dtype=torch.float64, device=DEVICE)
     combine_reference(tg, weights, segs, expected)
     atol, rtol = DTYPE_TOLERANCES[dtype]
-    for backend in (TritonBackend(), SMALL_TILES) if layout != "chunk7" else (TritonBackend(),):
+    for backend in (TritonBackend(), SMALL_TILES):
         out = torch.full((N,), float("nan"), dtype=dtype, device=DEVICE)
         backend.combine(tg, weights, segs, out)
-        assert_close(out, expected, atol=atol, rtol=rtol, what=f"combine chunk={backend.combine_chunk}")
+        assert_close(out, expected, atol=atol, rtol=rtol, what=f"combine block={backend.combine_block}")
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_combine_blocks_spanning_many_tiny_and_empty_segments(block):
+    gen = torch.Generator().manual_seed(block)
+    lengths = torch.randint(0, 4, (150,), generator=gen) * (torch.rand(150, generator=gen) < 0.6)
+    segs = Segments.from_lengths(lengths.tolist())
+    n = segs.numel
+    grads = random_grads(3, n, device=DEVICE)
+    weights = torch.rand(segs.num_segments, 3, generator=gen).to(DEVICE)
+    tg = as_task_grads(grads)
+    expected = torch.empty(n, dtype=torch.float64, device=DEVICE)
+    combine_reference(tg, weights, segs, expected)
+    out = combine_triton(tg, weights, segs, torch.empty(n, device=DEVICE), block=block)
+    assert_close(out, expected, *DTYPE_TOLERANCES[torch.float32], what="combine")
 
 
 # ---- list vs stacked, strided rows, aliasing ----------------------------------------------
@@ -166,7 +181,7 @@ def test_out_may_alias_a_grads_row(dtype, row, form):
     tg = as_task_grads(inputs)
     ref = torch.empty(170, dtype=torch.float64, device=DEVICE)
     combine_reference(tg, w, as_segments(segs, 170), ref)
-    combine_triton(tg, w, as_segments(segs, 170), inputs[row], chunk=32, block=16)
+    combine_triton(tg, w, as_segments(segs, 170), inputs[row], block=16)
     atol, rtol = DTYPE_TOLERANCES[dtype]
     assert_close(inputs[row], ref, atol=atol, rtol=rtol, what="aliased combine")
 
@@ -354,7 +369,7 @@ def test_rank_one_grams_of_length_one_segments(num_tasks):
 
 def test_fused_is_deterministic():
     grads = random_grads(6, 2000, torch.bfloat16, device=DEVICE)
-    backend = TritonBackend(gram_chunk=128, combine_chunk=96)
+    backend = TritonBackend(gram_chunk=128, combine_block=64)
     segs = Segments(offsets(1, 1500, 0, 7, 492))
     tg = as_task_grads(grads)
     results = []
@@ -391,9 +406,10 @@ for dt, deltas in (("*fp32", False), ("*bf16", True)):
                  "USE_DOT": "constexpr"},
                  {"T": 5, "TP": 16 if deltas else 8, "BLOCK_N": 256 if deltas else 128, "NCOLS": 6,
                   "USE_DELTAS": deltas, "UPCAST": dt == "*fp32", "USE_DOT": deltas}, 4))
-    jobs.append((C._combine_kernel, {"x_ptr": dt, **rows, "w_ptr": "*fp32", "tiles_ptr": "*i64", "out_ptr": dt,
-                 "T": "constexpr", "TP": "constexpr", "BLOCK_N": "constexpr", "NCOLS": "constexpr",
-                 "USE_DELTAS": "constexpr"}, {"T": 5, "TP": 8, "BLOCK_N": 1024, "NCOLS": 6, "USE_DELTAS": deltas}, 4))
+    jobs.append((C._combine_kernel, {"x_ptr": dt, **rows, "w_ptr": "*fp32", "blocks_ptr": "*i64",
+                 "offsets_ptr": "*i64", "out_ptr": dt, "N": "i64", "T": "constexpr", "TP": "constexpr",
+                 "BLOCK_N": "constexpr", "USE_DELTAS": "constexpr"},
+                 {"T": 5, "TP": 8, "BLOCK_N": 2048, "USE_DELTAS": deltas}, 4))
 f64 = {"g_ptr": "*fp64", "c_ptr": "*fp64", "w_ptr": "*fp64"}
 jobs.append((S._mgda_closed_form_kernel, {**f64, "S": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 256}, 4))
 jobs.append((S._mgda_exact_kernel, {**f64, "T": "constexpr", "TP": "constexpr", "KP": "constexpr"},

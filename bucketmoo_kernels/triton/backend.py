@@ -26,15 +26,16 @@ class TritonBackend:
     run on the device too.
 
     Args:
-        gram_chunk, combine_chunk: elements per program of the Gram / combine kernels
-            (None: the module defaults). Small values exercise the multi-tile reduction.
+        gram_chunk: elements per program of the Gram kernel; combine_block: elements per
+            program of the combine kernel (None: the module defaults). Small values exercise
+            the multi-tile reduction and blocks that straddle segments.
     """
 
     name = "triton"
 
-    def __init__(self, gram_chunk: int | None = None, combine_chunk: int | None = None):
+    def __init__(self, gram_chunk: int | None = None, combine_block: int | None = None):
         self.gram_chunk = gram_chunk
-        self.combine_chunk = combine_chunk
+        self.combine_block = combine_block
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         device = torch.device(device)
@@ -85,4 +86,4 @@ class TritonBackend:
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
                 out: torch.Tensor) -> None:
-        combine_triton(grads, weights, segments, out, chunk=self.combine_chunk)
+        combine_triton(grads, weights, segments, out, block=self.combine_block)

@@ -17,7 +17,7 @@ import torch
 from ..inputs import Segments, TaskGrads
 
 __all__ = ["INTERPRET", "TILE_COLS", "TileTable", "tile_table", "gram_counters", "RowAddressing",
-           "row_addressing", "MAX_POINTER_ROWS", "next_pow2", "on_device"]
+           "row_addressing", "MAX_POINTER_ROWS", "next_pow2", "on_device", "block_table"]
 
 #: Whether the kernels of this package were created under ``TRITON_INTERPRET=1`` (``triton.jit``
 #: reads the variable when it decorates, i.e. when this package is imported).
@@ -84,6 +84,29 @@ def tile_table(segments: Segments, chunk: int, device: torch.device) -> TileTabl
     if cached is None:
         table, num_slots = _build_table(segments.offsets, int(chunk))
         cached = TileTable(table.to(device), table.shape[0], num_slots)
+        per_seg[key] = cached
+    return cached
+
+
+def block_table(segments: Segments, block: int, device: torch.device) -> torch.Tensor:
+    """``[ceil(N / block), 3]`` int64 (cached): for each block of ``block`` elements, the
+    segments of its first and last elements and the binary-search steps between them
+    (0 when the block lies in one segment)."""
+    per_seg = _tables.setdefault(segments, {})
+    key = ("blocks", str(device), int(block))
+    cached = per_seg.get(key)
+    if cached is None:
+        offsets = segments.offsets
+        n = int(offsets[-1])
+        starts = torch.arange(0, n, block, dtype=torch.int64)
+        lasts = torch.clamp(starts + block - 1, max=n - 1)
+        # segment of element e: the largest s with offsets[s] <= e (s < S)
+        first = torch.searchsorted(offsets, starts, right=True) - 1
+        last = torch.searchsorted(offsets, lasts, right=True) - 1
+        span = last - first
+        # ceil(log2(span + 1)) = bit length of span: steps that shrink [first, last] to one
+        steps = torch.where(span > 0, torch.floor(torch.log2(span.clamp_min(1).double())).long() + 1, 0)
+        cached = torch.stack([first, last, steps], dim=1).contiguous().to(device)
         per_seg[key] = cached
     return cached
 
