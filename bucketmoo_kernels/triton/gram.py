@@ -3,11 +3,13 @@
 Work split: a tile table (built on the host from the segment offsets, cached) cuts every
 segment into tiles of at most ``chunk`` elements; one program per tile. A program streams its
 tile in ``[TP, BLOCK_N]`` blocks and accumulates ``X X^T`` in float32: with ``tl.dot`` for
-bf16/fp16 (TP = T padded to 16), with per-column outer products for fp32 and T <= 8. A segment with one tile stores its Gram directly. A segment with several
-tiles stores each tile's partial Gram into a workspace slot and bumps the segment's arrival
-counter (acq_rel atomic); the program that arrives last sums the segment's partials *in slot
-order* (fixed, independent of which program finished when) and resets the counter. The result
-is therefore bit-identical from call to call, which DDP replicas rely on.
+bf16/fp16 (TP = T padded to 16), with per-column outer products for fp32 and T <= 8.
+
+A segment with one tile stores its Gram directly. A segment with several tiles stores each
+tile's partial Gram into a workspace slot and bumps the segment's arrival counter (acq_rel
+atomic); the program that arrives last sums the segment's partials *in slot order* (fixed,
+independent of which program finished when) and resets the counter. The result is therefore
+bit-identical from call to call, which DDP replicas rely on.
 """
 
 from __future__ import annotations

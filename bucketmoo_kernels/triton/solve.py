@@ -1,4 +1,5 @@
-"""Triton ``solve``: per-segment MGDA weights on the device, float64, one launch, no host sync.
+"""Triton ``solve``: per-segment weights (MGDA, PCGrad, CAGrad) on the device, float64, one
+launch, no host sync.
 
 Follows :mod:`bucketmoo_kernels.methods.mgda` and the numeric contract of
 :mod:`bucketmoo_kernels.methods.simplex` (ridge, TIE_REL, FEASIBLE_TOL, pick rule):
@@ -34,9 +35,14 @@ from ..methods import simplex
 from ..methods.pcgrad import pcgrad_orders
 from .tiles import next_pow2, on_device
 
-__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton", "cagrad_triton"]
+__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton",
+           "cagrad_triton"]
 
+# Small device tensors cached per device: contract constants, PCGrad orders per (T, seed),
+# CAGrad parameters per (c, rescale).
 _constants: dict[str, torch.Tensor] = {}
+_orders: dict[tuple[int, int, str], torch.Tensor] = {}
+_cagrad_params: dict[tuple[float, int, str], torch.Tensor] = {}
 
 
 def _contract_constants(device: torch.device) -> torch.Tensor:
@@ -322,9 +328,6 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
     return out
 
 
-_orders: dict[tuple[int, int, str], torch.Tensor] = {}
-
-
 def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """PCGrad weights (mean of the projected gradients' coefficients, the torch function's
     scale): ``[S, T, T]`` float64 -> ``[S, T]`` float64. The task orders come from
@@ -346,9 +349,6 @@ def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
         _pcgrad_kernel[(triton.cdiv(num_seg, block),)](gram, orders, out, num_seg, T=num_tasks, TP=tp,
                                                          BLOCK_S=block, num_warps=4)
     return out
-
-
-_cagrad_params: dict[tuple[float, int, str], torch.Tensor] = {}
 
 
 def cagrad_triton(gram: torch.Tensor, c: float = 0.4, rescale: int = 1) -> torch.Tensor:
