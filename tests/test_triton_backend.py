@@ -23,7 +23,7 @@ from bucketmoo_kernels.reference import combine_reference, gram_reference  # noq
 from bucketmoo_kernels.triton import (TritonBackend, cagrad_triton, combine_triton,  # noqa: E402
                                       gram_triton, mgda_closed_form_triton, mgda_exact_triton,
                                       mgda_pgd_triton, pcgrad_triton)
-from bucketmoo_kernels.triton.tiles import gram_counters, row_addressing  # noqa: E402
+from bucketmoo_kernels.triton.tiles import gram_counters, row_addressing, tile_table  # noqa: E402
 from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,6 +93,21 @@ def test_single_task_returns_the_gradient(dtype):
     torch.testing.assert_close(out, g[0], atol=0, rtol=0)
     assert_close(info.gram, gram_reference(as_task_grads(g), Segments.chunks(50, 7)), **gram_tolerance(7),
                  what="gram T=1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_gram_packs_runs_of_small_segments(dtype):
+    gen = torch.Generator().manual_seed(3)
+    lengths = (torch.randint(0, 5, (300,), generator=gen) * (torch.rand(300, generator=gen) < 0.7)).tolist()
+    lengths[100] = 400  # a long segment split into tiles between two runs of small ones
+    segs = Segments.from_lengths(lengths)
+    table = tile_table(segs, 64, torch.device(DEVICE)).table.cpu()
+    assert int(table[:, 6].max()) > 1 and table.shape[0] < segs.num_segments  # packed
+    covered = sorted({s for row in table.tolist() for s in range(row[0], row[0] + row[6])})
+    assert covered == list(range(segs.num_segments))  # every segment has a program
+    grads = random_grads(4, segs.numel, dtype, device=DEVICE)
+    tg = as_task_grads(grads)
+    assert_close(gram_triton(tg, segs, chunk=64), gram_reference(tg, segs), **gram_tolerance(400), what="gram")
 
 
 def test_gram_of_empty_input_is_zero():
@@ -400,11 +415,12 @@ target = GPUTarget("cuda", 90, 32)
 rows = {"stride_t": "i64", **{f"d{i}": "i64" for i in range(8)}}
 jobs = []
 for dt, deltas in (("*fp32", False), ("*bf16", True)):
-    jobs.append((G._gram_kernel, {"x_ptr": dt, **rows, "tiles_ptr": "*i64", "partial_ptr": "*fp32",
+    jobs.append((G._gram_kernel, {"x_ptr": dt, **rows, "tiles_ptr": "*i64", "offsets_ptr": "*i64",
+                 "partial_ptr": "*fp32",
                  "count_ptr": "*i32", "out_ptr": "*fp32", "T": "constexpr", "TP": "constexpr",
                  "BLOCK_N": "constexpr", "NCOLS": "constexpr", "USE_DELTAS": "constexpr", "UPCAST": "constexpr",
                  "USE_DOT": "constexpr"},
-                 {"T": 5, "TP": 16 if deltas else 8, "BLOCK_N": 256 if deltas else 128, "NCOLS": 6,
+                 {"T": 5, "TP": 16 if deltas else 8, "BLOCK_N": 256 if deltas else 128, "NCOLS": 7,
                   "USE_DELTAS": deltas, "UPCAST": dt == "*fp32", "USE_DOT": deltas}, 4))
     jobs.append((C._combine_kernel, {"x_ptr": dt, **rows, "w_ptr": "*fp32", "blocks_ptr": "*i64",
                  "offsets_ptr": "*i64", "out_ptr": dt, "N": "i64", "T": "constexpr", "TP": "constexpr",

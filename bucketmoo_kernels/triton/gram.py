@@ -5,7 +5,9 @@ segment into tiles of at most ``chunk`` elements; one program per tile. A progra
 tile in ``[TP, BLOCK_N]`` blocks and accumulates ``X X^T`` in float32: with ``tl.dot`` for
 bf16/fp16 (TP = T padded to 16), with per-column outer products for fp32 and T <= 8.
 
-A segment with one tile stores its Gram directly. A segment with several tiles stores each
+A segment with one tile stores its Gram directly; runs of consecutive small segments are packed
+into one program (up to 64 segments whose starts fall in one chunk-sized window), so a layout
+of millions of tiny segments does not launch millions of programs. A segment with several tiles stores each
 tile's partial Gram into a workspace slot and bumps the segment's arrival counter (acq_rel
 atomic); the program that arrives last sums the segment's partials *in slot order* (fixed,
 independent of which program finished when) and resets the counter. The result is therefore
@@ -47,21 +49,9 @@ def _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS: tl.con
 
 
 @triton.jit
-def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, partial_ptr, count_ptr,
-                 out_ptr, T: tl.constexpr, TP: tl.constexpr, BLOCK_N: tl.constexpr, NCOLS: tl.constexpr,
-                 USE_DELTAS: tl.constexpr, UPCAST: tl.constexpr, USE_DOT: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = tiles_ptr + pid * NCOLS
-    seg = tl.load(row + 0)
-    start = tl.load(row + 1)
-    end = tl.load(row + 2)
-    ntiles = tl.load(row + 3)
-    slot = tl.load(row + 4)
-    first_slot = tl.load(row + 5)
-
-    t = tl.arange(0, TP)
-    row_ok = t < T
-    row_off = _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
+def _tile_gram(x_ptr, row_off, row_ok, start, end, TP: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, USE_DOT: tl.constexpr):
+    """float32 ``[TP, TP]`` Gram of columns ``start:end`` of the (padded) task rows."""
     cols0 = tl.arange(0, BLOCK_N)
     length = (end - start).to(tl.int32)
     if USE_DOT:
@@ -84,24 +74,52 @@ def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, par
             x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             acc3 += x[:, None, :] * x[None, :, :]
         acc = tl.sum(acc3, axis=2)
+    return acc
 
+
+@triton.jit
+def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, offsets_ptr, partial_ptr,
+                 count_ptr, out_ptr, T: tl.constexpr, TP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NCOLS: tl.constexpr, USE_DELTAS: tl.constexpr, UPCAST: tl.constexpr, USE_DOT: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tiles_ptr + pid * NCOLS
+    seg = tl.load(row + 0)
+    start = tl.load(row + 1)
+    end = tl.load(row + 2)
+    ntiles = tl.load(row + 3)
+    slot = tl.load(row + 4)
+    first_slot = tl.load(row + 5)
+    num_segs = tl.load(row + 6)
+
+    t = tl.arange(0, TP)
+    row_ok = t < T
+    row_off = _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
     ii = t[:, None]
     jj = t[None, :]
     tt_mask = (ii < T) & (jj < T)
     tt_off = ii * T + jj
-    if ntiles == 1:
-        tl.store(out_ptr + seg * (T * T) + tt_off, acc, mask=tt_mask)
+    if num_segs > 1:
+        # A packed run of small segments (one tile each): one Gram per segment, stored directly.
+        for k in range(0, num_segs):
+            s = seg + k
+            acc_s = _tile_gram(x_ptr, row_off, row_ok, tl.load(offsets_ptr + s), tl.load(offsets_ptr + s + 1),
+                               TP, BLOCK_N, UPCAST, USE_DOT)
+            tl.store(out_ptr + s * (T * T) + tt_off, acc_s, mask=tt_mask)
     else:
-        tl.store(partial_ptr + slot * (T * T) + tt_off, acc, mask=tt_mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(count_ptr + seg, 1, sem="acq_rel")
-        if arrived == ntiles - 1:
-            total = tl.zeros([TP, TP], dtype=tl.float32)
-            for k in range(0, ntiles):
-                total += tl.load(partial_ptr + (first_slot + k) * (T * T) + tt_off, mask=tt_mask,
-                                 other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + seg * (T * T) + tt_off, total, mask=tt_mask)
-            tl.store(count_ptr + seg, 0)
+        acc = _tile_gram(x_ptr, row_off, row_ok, start, end, TP, BLOCK_N, UPCAST, USE_DOT)
+        if ntiles == 1:
+            tl.store(out_ptr + seg * (T * T) + tt_off, acc, mask=tt_mask)
+        else:
+            tl.store(partial_ptr + slot * (T * T) + tt_off, acc, mask=tt_mask)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(count_ptr + seg, 1, sem="acq_rel")
+            if arrived == ntiles - 1:
+                total = tl.zeros([TP, TP], dtype=tl.float32)
+                for k in range(0, ntiles):
+                    total += tl.load(partial_ptr + (first_slot + k) * (T * T) + tt_off, mask=tt_mask,
+                                     other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + seg * (T * T) + tt_off, total, mask=tt_mask)
+                tl.store(count_ptr + seg, 0)
 
 
 def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | None) -> torch.Tensor:
@@ -126,7 +144,7 @@ def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | 
     upcast = INTERPRET or rows.base.dtype == torch.float32
     with on_device(device):
         _gram_kernel[(tiles.num_tiles,)](
-            rows.base, rows.stride, *rows.deltas, tiles.table, partial, counters, out,
+            rows.base, rows.stride, *rows.deltas, tiles.table, segments.on(device), partial, counters, out,
             T=num_tasks, TP=tp, BLOCK_N=block, NCOLS=TILE_COLS, USE_DELTAS=rows.use_deltas,
             UPCAST=upcast, USE_DOT=use_dot, num_warps=4)
     return out

@@ -23,9 +23,13 @@ __all__ = ["INTERPRET", "TILE_COLS", "TileTable", "tile_table", "gram_counters",
 #: reads the variable when it decorates, i.e. when this package is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: Columns of a tile table row: segment, start, end, tiles of the segment, partial slot of the
-#: tile (-1 when the segment has a single tile), first partial slot of the segment.
-TILE_COLS = 6
+#: Columns of a tile table row: (first) segment, start, end, tiles of the segment, partial slot
+#: of the tile (-1 when the segment has a single tile), first partial slot of the segment, and
+#: the number of consecutive whole segments the program handles (> 1 only for packed runs of
+#: small segments, which all have a single tile).
+TILE_COLS = 7
+#: At most this many small segments are packed into one Gram program.
+MAX_GROUP = 64
 #: Separate (non-stacked) task rows are addressed through this many scalar kernel arguments.
 MAX_POINTER_ROWS = 8
 
@@ -72,7 +76,20 @@ def _build_table(offsets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
     num_slots = int(multi.sum())
     slot[multi] = torch.arange(num_slots, dtype=torch.int64)
     first_slot = torch.where(multi, slot - within, torch.full_like(slot, -1))
-    table = torch.stack([seg, tile_start, tile_end, ntiles, slot, first_slot], dim=1).contiguous()
+    # Pack runs of consecutive single-tile segments into one program each: those whose start
+    # falls in the same chunk-sized window, at most MAX_GROUP segments per program.
+    single = ntiles == 1
+    window = tile_start // chunk
+    group_block = seg // MAX_GROUP
+    new = torch.ones(num_tiles, dtype=torch.bool)
+    if num_tiles > 1:
+        new[1:] = (~single[1:] | ~single[:-1] | (window[1:] != window[:-1])
+                   | (group_block[1:] != group_block[:-1]))
+    first = torch.nonzero(new).flatten()
+    last = torch.cat([first[1:] - 1, torch.tensor([num_tiles - 1], dtype=torch.int64)])
+    count = last - first + 1
+    table = torch.stack([seg[first], tile_start[first], tile_end[last], ntiles[first], slot[first],
+                         first_slot[first], count], dim=1).contiguous()
     return table, num_slots
 
 
