@@ -21,9 +21,9 @@ class TritonBackend:
     """Gram, solve and combine as Triton kernels (one launch each).
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a test vehicle:
-    slow). ``solve`` handles ``mean``, ``pcgrad``, ``cagrad`` (T <= 8) and ``mgda`` (closed form, exact enumeration
-    for T <= 8, fixed-iteration PGD); other methods fall back to their torch functions, which
-    run on the device too.
+    slow). ``solve`` handles ``mean``, ``pcgrad``, ``cagrad`` (T <= 8) and ``mgda`` (closed
+    form, exact enumeration for T <= 8, fixed-iteration PGD); other methods fall back to their
+    torch functions, which run on the device too.
 
     Args:
         gram_chunk: elements per program of the Gram kernel; combine_block: elements per
