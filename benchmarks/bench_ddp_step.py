@@ -19,20 +19,16 @@ Usage: python benchmarks/bench_ddp_step.py [--worlds 2 4] [--steps 5] [--width 1
 
 from __future__ import annotations
 
-import argparse
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import environment, write_results  # noqa: E402
+from benchmarks.harness import environment, finish_worker, run_gloo_workers, step_bench_parser, write_results  # noqa: E402
 from bucketmoo_kernels.ddp import BucketMOOState, bucket_moo_hook  # noqa: E402
 
 CONFIGS = [
@@ -114,35 +110,16 @@ def _worker(rank: int, world: int, port: int, outdir: str, args) -> None:
         times = sorted(samples[name])
         rows.append({"name": name, "kind": kind, "median_ms": times[len(times) // 2], "min_ms": times[0],
                      "extra": extra[name][0], "bucket": extra[name][1]})
-    if rank == 0:
-        torch.save(rows, Path(outdir) / "rows.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish_worker(rows, rank, outdir)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--width", type=int, default=1152)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--name", default="ddp_step")
+    parser = step_bench_parser(__doc__, "ddp_step", warmup=2)
     args = parser.parse_args()
     params = args.layers * (args.width * args.width + args.width)
     table = []
     for world in args.worlds:
-        with tempfile.TemporaryDirectory() as outdir:
-            mp.spawn(_worker, args=(world, _free_port(), outdir, args), nprocs=world)
-            rows = torch.load(Path(outdir) / "rows.pt")
+        rows = run_gloo_workers(_worker, world, args)
         base = {r["kind"]: r for r in rows if r["name"].startswith("plain DDP")}
         for r in rows:
             table.append({

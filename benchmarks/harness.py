@@ -115,3 +115,51 @@ def write_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title
     path.write_text(text)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps({"env": env, "rows": list(rows)}, indent=1))
     return path
+
+
+# ---- multi-process (gloo) step benchmarks -------------------------------------------------
+
+def step_bench_parser(doc: str, name: str, warmup: int):
+    """Command-line options shared by the end-to-end step benchmarks (DDP, FSDP2)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts")
+    parser.add_argument("--width", type=int, default=1152, help="MLP width")
+    parser.add_argument("--layers", type=int, default=8, help="MLP depth")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and configuration")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the configurations")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--name", default=name, help="results file name")
+    return parser
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_workers(worker, world: int, args) -> list[dict]:
+    """Spawn ``worker(rank, world, port, outdir, args)`` on ``world`` processes; return the
+    rows that rank 0 saved with :func:`finish_worker`."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(worker, args=(world, _free_port(), outdir, args), nprocs=world)
+        return torch.load(Path(outdir) / "rows.pt")
+
+
+def finish_worker(rows: list[dict], rank: int, outdir: str) -> None:
+    """Rank 0 saves ``rows`` for :func:`run_gloo_workers`; every rank leaves the group."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        torch.save(rows, Path(outdir) / "rows.pt")
+    dist.barrier()
+    dist.destroy_process_group()

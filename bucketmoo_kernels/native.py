@@ -117,9 +117,14 @@ if _ops_defined():
 
 
 # ---------------------------------------------------------------- the backends
-@functools.lru_cache(maxsize=64)
-def _orders_cpu(num_tasks: int, seed: int) -> torch.Tensor:
-    return pcgrad_orders(num_tasks, seed).contiguous()
+@functools.lru_cache(maxsize=256)
+def _orders_on(num_tasks: int, seed: int, device: str) -> torch.Tensor:
+    """PCGrad's ``[T, T-1]`` task orders for ``seed``, cached per device: no host-to-device
+    copy on repeated calls (and none inside a CUDA graph capture after the first call)."""
+    orders = pcgrad_orders(num_tasks, seed).contiguous()
+    if num_tasks == 1:
+        orders = orders.reshape(1, 0)
+    return orders.to(device)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -186,10 +191,8 @@ class NativeBackend:
         if method.name == "pcgrad":
             if num_tasks > MAX_NATIVE_TASKS:
                 return None
-            orders = _orders_cpu(num_tasks, int(options.get("seed", 0)))
-            if num_tasks == 1:
-                orders = orders.reshape(1, 0)
-            return torch.ops.bucketmoo.solve_pcgrad(gram, orders.to(gram.device))
+            orders = _orders_on(num_tasks, int(options.get("seed", 0)), str(gram.device))
+            return torch.ops.bucketmoo.solve_pcgrad(gram, orders)
         if method.name == "cagrad":
             c, rescale = float(options.get("c", 0.4)), options.get("rescale", 1)
             if num_tasks > MAX_EXACT_TASKS or c < 0 or rescale not in (0, 1, 2):
