@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=defaults.batch, help="sequences per rank and step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up steps (default: %(default)s)")
+    g.add_argument("--clip", type=float, default=defaults.clip,
+                   help="clip the combined gradient to this global norm; 0 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="weights, data split and batch order (default: %(default)s)")
     g.add_argument("--context", type=int, default=model.context, help="bytes per sequence (default: %(default)s)")
     g.add_argument("--d-model", type=int, default=model.d_model, help="model width (default: %(default)s)")
@@ -123,7 +125,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The :class:`DemoSettings` an argparse namespace describes (``--quick`` applied)."""
     model = ModelConfig(context=args.context, d_model=args.d_model, n_layer=args.layers, n_head=args.heads)
     values = dict(languages=tuple(args.languages), unseen=tuple(args.unseen), runs=tuple(args.runs),
-                  steps=args.steps, batch=args.batch, model=model, lr=args.lr, warmup=args.warmup,
+                  steps=args.steps, batch=args.batch, model=model, lr=args.lr, warmup=args.warmup, clip=args.clip,
                   tau=args.tau, heldout_share=args.heldout_share, eval_every=args.eval_every,
                   eval_windows=args.eval_windows, bucket_cap_mb=args.bucket_cap_mb, seed=args.seed,
                   device=args.device, dist_backend=args.dist_backend, threads=args.threads,

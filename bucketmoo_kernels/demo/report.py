@@ -238,7 +238,8 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         + (f"; {', '.join(unseen)} evaluated but never trained on" if unseen else "") + ". "
         f"Model: byte-level decoder, {results['model_parameters'] / 1e6:.2f}M parameters "
         f"({s['model']['n_layer']} layers, width {s['model']['d_model']}, context {s['model']['context']}). "
-        f"{s['steps']} steps of AdamW (lr {s['lr']:g}, warm-up {s['warmup']}, cosine decay), "
+        f"{s['steps']} steps of AdamW (lr {s['lr']:g}, warm-up {s['warmup']}, cosine decay, "
+        f"gradient clipped to norm {s.get('clip', 0):g}), "
         f"batch {s['batch']} x {s['model']['context']} bytes per language, seed {s['seed']}, "
         f"DDP buckets of {s['bucket_cap_mb']:g} MiB. Every run starts from the same weights and sees the same batches.",
         "",

@@ -104,8 +104,9 @@ class DemoSettings:
     steps: int = 120
     batch: int = 16
     model: ModelConfig = field(default_factory=ModelConfig)
-    lr: float = 3e-3
-    warmup: int = 10
+    lr: float = 2e-3
+    warmup: int = 20
+    clip: float = 1.0
     tau: float = 1.0
     heldout_share: float = 0.1
     eval_every: int = 20
@@ -129,6 +130,8 @@ class DemoSettings:
         for name in ("steps", "batch", "eval_every", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.clip < 0:
+            raise ValueError(f"clip must be >= 0 (0: no clipping); got {self.clip}")
         if self.lr <= 0 or self.bucket_cap_mb <= 0:
             raise ValueError(f"lr and bucket_cap_mb must be > 0; got {self.lr}, {self.bucket_cap_mb}")
         for run in self.runs:
@@ -402,6 +405,8 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
         logits = ddp(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         (loss * loss_scale).backward()
+        if settings.clip > 0:  # the combined gradient is the same on every rank, so is the clip
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), settings.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
