@@ -129,7 +129,8 @@ def test_parse_run():
 
 def test_cli_settings_and_errors():
     args = build_parser().parse_args(["--quick", "--languages", "de", "sw", "--unseen",
-                                      "--method-option", "cagrad:c=0.4", "--hook-option", "protocol=allgather"])
+                                      "--method-option", "cagrad:c=0.4",
+                                      "--hook-option", "protocol=allgather"])
     s = settings_from_args(args)
     assert s.steps == 30 and s.languages == ("de", "sw") and s.unseen == ()
     assert s.options_for("cagrad") == {"c": 0.4} and dict(s.hook_options) == {"protocol": "allgather"}
@@ -141,6 +142,8 @@ def test_cli_settings_and_errors():
     assert main(["--languages", "de"]) == 2  # one language: a clear error, not a crash
     with pytest.raises(ValueError, match="distinct"):
         DemoSettings(languages=("de", "fr"), unseen=("de",))
+    with pytest.raises(ValueError, match="clip"):
+        DemoSettings(clip=-1.0)
 
 
 def test_missing_hook_is_a_clear_error():
@@ -153,6 +156,7 @@ def test_missing_hook_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def tiny_results():
+    """One spawn of 2 gloo ranks running every compared configuration for 3 steps."""
     settings = DemoSettings(
         languages=("de", "sw"), unseen=("es",),
         runs=("mean", "static", "mgda", "mgda-global", "pcgrad", "cagrad"),
@@ -161,6 +165,7 @@ def tiny_results():
     return run_demo(settings)
 
 
+@pytest.mark.distributed
 def test_every_configuration_runs_from_the_same_start(tiny_results):
     runs = {r["name"]: r for r in tiny_results["runs"]}
     assert list(runs) == ["mean", "static-t1", "mgda", "mgda-global", "pcgrad", "cagrad"]
@@ -171,7 +176,8 @@ def test_every_configuration_runs_from_the_same_start(tiny_results):
         assert all(math.isfinite(v) for vs in run["heldout"].values() for v in vs)
         assert len(run["train_loss"]["de"]) == 3 and run["step_ms_median"] > 0
         # same initial weights: the step-0 evaluation is identical in every run
-        assert {c: v[0] for c, v in run["heldout"].items()} == {c: v[0] for c, v in runs["mean"]["heldout"].items()}
+        start = {c: v[0] for c, v in run["heldout"].items()}
+        assert start == {c: v[0] for c, v in runs["mean"]["heldout"].items()}
         # same data order: the first training loss too
         assert run["train_loss"]["sw"][0] == runs["mean"]["train_loss"]["sw"][0]
         probe = run["probe"][-1]
@@ -184,6 +190,7 @@ def test_every_configuration_runs_from_the_same_start(tiny_results):
     assert runs["mean"]["heldout"]["de"][-1] != runs["static-t1"]["heldout"]["de"][-1]
 
 
+@pytest.mark.distributed
 def test_report_files_and_table(tiny_results, tmp_path, capsys):
     paths = report.write_report(tiny_results, str(tmp_path))
     names = {p.rsplit("/", 1)[-1] for p in paths}
@@ -201,6 +208,7 @@ def test_report_files_and_table(tiny_results, tmp_path, capsys):
     assert "best average held-out loss" in out and "pcgrad" in out
 
 
+@pytest.mark.distributed
 def test_report_marks_skipped_runs(tiny_results):
     results = dict(tiny_results, runs=tiny_results["runs"][:2] + [
         {"name": "mgda", "status": "skipped", "error": "the DDP comm hook is not available"}])

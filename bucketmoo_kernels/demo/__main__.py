@@ -84,16 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra BucketMOOState setting for every hook run, e.g. protocol=allgather, "
                         "compress=bf16, backend=torch (repeatable)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per run (default: %(default)s)")
-    g.add_argument("--batch", type=int, default=defaults.batch, help="sequences per rank and step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=defaults.steps,
+                   help="optimizer steps per run (default: %(default)s)")
+    g.add_argument("--batch", type=int, default=defaults.batch,
+                   help="sequences per rank and step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=defaults.lr,
+                   help="peak AdamW learning rate (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up steps (default: %(default)s)")
     g.add_argument("--clip", type=float, default=defaults.clip,
                    help="clip the combined gradient to this global norm; 0 = off (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="weights, data split and batch order (default: %(default)s)")
-    g.add_argument("--context", type=int, default=model.context, help="bytes per sequence (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=defaults.seed,
+                   help="weights, data split and batch order (default: %(default)s)")
+    g.add_argument("--context", type=int, default=model.context,
+                   help="bytes per sequence (default: %(default)s)")
     g.add_argument("--d-model", type=int, default=model.d_model, help="model width (default: %(default)s)")
-    g.add_argument("--layers", type=int, default=model.n_layer, help="transformer blocks (default: %(default)s)")
+    g.add_argument("--layers", type=int, default=model.n_layer,
+                   help="transformer blocks (default: %(default)s)")
     g.add_argument("--heads", type=int, default=model.n_head, help="attention heads (default: %(default)s)")
     g.add_argument("--bucket-cap-mb", type=float, default=defaults.bucket_cap_mb,
                    help="DDP bucket size in MiB; small buckets give the hook more, finer weight vectors "
@@ -107,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out windows per language (default: %(default)s)")
     g = p.add_argument_group("execution and output")
     g.add_argument("--quick", action="store_true",
-                   help="a short run (about a minute on 2 cores): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+                   help="a short run (about a minute on 2 cores): "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device,
                    help="auto: one GPU per language with NCCL if there are enough, else CPU with gloo")
     g.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default=defaults.dist_backend,
@@ -125,7 +132,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """The :class:`DemoSettings` an argparse namespace describes (``--quick`` applied)."""
     model = ModelConfig(context=args.context, d_model=args.d_model, n_layer=args.layers, n_head=args.heads)
     values = dict(languages=tuple(args.languages), unseen=tuple(args.unseen), runs=tuple(args.runs),
-                  steps=args.steps, batch=args.batch, model=model, lr=args.lr, warmup=args.warmup, clip=args.clip,
+                  steps=args.steps, batch=args.batch, model=model, lr=args.lr, warmup=args.warmup,
+                  clip=args.clip,
                   tau=args.tau, heldout_share=args.heldout_share, eval_every=args.eval_every,
                   eval_windows=args.eval_windows, bucket_cap_mb=args.bucket_cap_mb, seed=args.seed,
                   device=args.device, dist_backend=args.dist_backend, threads=args.threads,
@@ -166,7 +174,8 @@ def main(argv=None) -> int:
     for run in skipped:
         print(f"! {run['name']} skipped: {run.get('error')}", file=sys.stderr)
     took = f" in {results['total_s']:.0f} s" if "total_s" in results else ""
-    print(f"\nreport{took}: {paths[1] if len(paths) > 1 else paths[0]} (+ {len(paths) - 2} plots, results.json)")
+    report_md = paths[1] if len(paths) > 1 else paths[0]
+    print(f"\nreport{took}: {report_md} (+ {max(0, len(paths) - 2)} plots, results.json)")
     return 1 if skipped and len(skipped) == len(results["runs"]) else 0
 
 

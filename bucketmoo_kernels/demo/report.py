@@ -87,7 +87,8 @@ def format_table(results: dict) -> str:
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|".join("---" if i == 0 else "---:" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", "|" + rule + "|"]
     for row in rows:
         row = row + [""] * (len(header) - len(row))
         lines.append("| " + " | ".join(row) + " |")
@@ -213,7 +214,8 @@ def _hook_table(results: dict) -> str:
                      " / ".join(f"{w:.2f}" for w in stats[-1]["weights_mean"])])
     if not rows:
         return ""
-    header = ["run", "segments", "conflict %", "w spread", "w bkt std", "norm ratio", "last weights (per language)"]
+    header = ["run", "segments", "conflict %", "w spread", "w bkt std", "norm ratio",
+              "last weights (per language)"]
     return _markdown_table(header, rows)
 
 
@@ -241,7 +243,8 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         f"{s['steps']} steps of AdamW (lr {s['lr']:g}, warm-up {s['warmup']}, cosine decay, "
         f"gradient clipped to norm {s.get('clip', 0):g}), "
         f"batch {s['batch']} x {s['model']['context']} bytes per language, seed {s['seed']}, "
-        f"DDP buckets of {s['bucket_cap_mb']:g} MiB. Every run starts from the same weights and sees the same batches.",
+        f"DDP buckets of {s['bucket_cap_mb']:g} MiB. Every run starts from the same weights and sees "
+        "the same batches.",
         "",
         f"Environment: {env['device']}, {env['dist_backend']}, {env['threads_per_rank']} thread(s) per rank, "
         f"{env['cpu_count']} CPU(s), torch {env['torch']}, Python {env['python']}, {env['date']}; "
@@ -257,8 +260,9 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         "training steps (from step 2 on, after DDP has built its buckets; CUDA allocator peak on GPU, RSS "
         "high-water mark on CPU, approximate within a few MiB), minus plain DDP's. hook MiB: the hook's "
         "own account of its largest extra buffers (BucketMOOState.peak_extra_bytes, from step 2 on).",
-        "- conf bkt %, conf pair %, w spread and w bkt std come from a probe at the last evaluation: each language's gradient of a "
-        f"fixed batch, split into DDP-like buckets ({results['probe_buckets']} buckets; the same probe for every "
+        "- conf bkt %, conf pair %, w spread and w bkt std come from a probe at the last evaluation: "
+        "each language's gradient of a fixed batch, split into DDP-like buckets "
+        f"({results['probe_buckets']} buckets; the same probe for every "
         "run): conf bkt %: share of buckets where some pair of languages has a negative cosine; conf "
         "pair %: share of (bucket, language pair) with a negative cosine; w spread: how uneven the "
         "languages' weights are, the mean over buckets of the largest minus the smallest weight (0 for "
@@ -271,19 +275,22 @@ def write_report(results: dict, out_dir: str) -> list[str]:
     md.append("")
     if static_runs:
         md.append("Static weights (temperature re-weighting by training bytes, w_l ~ n_l^(1/tau)): "
-                  + "; ".join(f"{r['name']}: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(seen, r['static_weights']))
+                  + "; ".join(f"{r['name']}: "
+                              + ", ".join(f"{c} {w:.2f}" for c, w in zip(seen, r["static_weights"]))
                               for r in static_runs) + ".")
         md.append("")
     hook_md = _hook_table(results)
     if hook_md:
-        md += ["### What the hook saw (its own diagnostics, steps before each evaluation, mean)", "", hook_md, "",
+        md += ["### What the hook saw (its own diagnostics, steps before each evaluation, mean)", "",
+               hook_md, "",
                "norm ratio: norm of the combined gradient over the norm of the plain average (MGDA's "
                "min-norm point is shorter than the average when languages conflict); last weights: the "
                "run's weights averaged over segments at the last recorded step.", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
     md += ["## Data", "", f"Source: {results['data_source']}.", "",
-           _markdown_table(["code", "language", "trained", "train bytes", "held-out bytes", "eval windows"], lang_rows),
+           _markdown_table(["code", "language", "trained", "train bytes", "held-out bytes", "eval windows"],
+                           lang_rows),
            "", "## Caveats", "",
            "- One seed and a few hundred steps of a tiny model: differences of a few hundredths of a nat are "
            "within run-to-run noise. Re-run with other `--seed` values before drawing conclusions.",

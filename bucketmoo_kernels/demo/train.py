@@ -385,7 +385,8 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
 
     memory = _PeakMemory(device)
     step_s, train_loss, evals, probes, untimed = [], [], [], [], set()
-    eval_steps = sorted({0, settings.steps} | set(range(settings.eval_every, settings.steps, settings.eval_every)))
+    eval_steps = sorted({0, settings.steps}
+                        | set(range(settings.eval_every, settings.steps, settings.eval_every)))
 
     def checkpoint(step):
         evals.append(_evaluate(model, ctx))
