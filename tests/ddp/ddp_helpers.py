@@ -34,6 +34,10 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
         result = {"error": traceback.format_exc()}
     try:
         torch.save(result, Path(outdir) / f"{rank}.pt")
+        # Every rank's last sends must land before any rank tears gloo down: destroying a
+        # group while a peer still streams into it aborts the process ("terminate called
+        # without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
