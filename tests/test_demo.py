@@ -214,3 +214,24 @@ def test_report_marks_skipped_runs(tiny_results):
         {"name": "mgda", "status": "skipped", "error": "the DDP comm hook is not available"}])
     table = report.format_table(results)
     assert "skipped: the DDP comm hook is not available" in table
+
+
+@pytest.mark.distributed
+def test_fsdp_engine_runs_and_refuses_global():
+    """--engine fsdp: stock FSDP2 for 'mean', the MOO reduce-scatter for hook runs, 'global'
+    skipped with the FSDP path's explanation; same start as the DDP engine's runs."""
+    settings = DemoSettings(
+        languages=("de", "sw"), unseen=(), runs=("mean", "mgda", "mgda-global"), engine="fsdp",
+        steps=2, batch=2, model=ModelConfig(context=16, d_model=32, n_layer=1, n_head=2),
+        warmup=1, eval_every=2, eval_windows=2, threads=1, progress=False)
+    results = run_demo(settings)
+    runs = {r["name"]: r for r in results["runs"]}
+    assert runs["mean"]["status"] == "ok" and runs["mgda"]["status"] == "ok"
+    assert runs["mgda-global"]["status"] == "skipped" and "FSDP2" in runs["mgda-global"]["error"]
+    assert runs["mgda"]["hook_extra_mib"] is not None and runs["mgda"]["hook_extra_mib"] > 0
+    assert {c: v[0] for c, v in runs["mgda"]["heldout"].items()} == \
+        {c: v[0] for c, v in runs["mean"]["heldout"].items()}
+    assert runs["mgda"]["heldout"]["de"][-1] != runs["mean"]["heldout"]["de"][-1]
+    assert "stock FSDP2" in "\n".join(report.summary_lines(results))
+    with pytest.raises(ValueError, match="engine"):
+        DemoSettings(engine="zero3")

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-cap-mb", type=float, default=defaults.bucket_cap_mb,
                    help="DDP bucket size in MiB; small buckets give the hook more, finer weight vectors "
                         "(default: %(default)s)")
+    g.add_argument("--engine", choices=("ddp", "fsdp"), default=defaults.engine,
+                   help="data-parallel engine: ddp (DistributedDataParallel + bucket_moo_hook) or fsdp "
+                        "(FSDP2 fully_shard per block + the Bucket-Level MOO reduce-scatter; one FSDP "
+                        "group is one bucket, 'global' runs are skipped) (default: %(default)s)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--heldout-share", type=float, default=defaults.heldout_share,
                    help="share of each language's strings held out (default: %(default)s)")
@@ -135,7 +139,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
                   steps=args.steps, batch=args.batch, model=model, lr=args.lr, warmup=args.warmup,
                   clip=args.clip,
                   tau=args.tau, heldout_share=args.heldout_share, eval_every=args.eval_every,
-                  eval_windows=args.eval_windows, bucket_cap_mb=args.bucket_cap_mb, seed=args.seed,
+                  eval_windows=args.eval_windows, bucket_cap_mb=args.bucket_cap_mb, seed=args.seed, engine=args.engine,
                   device=args.device, dist_backend=args.dist_backend, threads=args.threads,
                   method_options=tuple(args.method_option), hook_options=tuple(args.hook_option),
                   progress=not args.no_progress)

@@ -33,6 +33,11 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def baseline_name(results: dict) -> str:
+    """What the ``mean`` run is: plain DDP, or stock FSDP2 under ``--engine fsdp``."""
+    return "stock FSDP2" if results.get("settings", {}).get("engine") == "fsdp" else "plain DDP"
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -114,7 +119,7 @@ def summary_lines(results: dict) -> list[str]:
         parts = [f"{r['name']} {_mean(_final(r, c) for c in seen) - base_seen:+.3f}"
                  for r in runs if r is not base]
         if parts:
-            lines.append("seen-average loss vs plain DDP (negative = better): " + ", ".join(parts))
+            lines.append(f"seen-average loss vs {baseline_name(results)} (negative = better): " + ", ".join(parts))
     static = [r for r in runs if r.get("tau") is not None]
     grad = [r for r in runs if r.get("method")]
     if static and grad:
@@ -171,8 +176,8 @@ def _plots(results: dict, out_dir: str) -> list[str]:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks([k + width * (len(others) - 1) / 2 for k in range(len(codes))])
         ax.set_xticklabels([c if results["languages"][c]["seen"] else f"{c} (unseen)" for c in codes])
-        ax.set_ylabel("final held-out loss - plain DDP")
-        ax.set_title("Per-language change vs plain DDP (below 0 = better)")
+        ax.set_ylabel(f"final held-out loss - {baseline_name(results)}")
+        ax.set_title(f"Per-language change vs {baseline_name(results)} (below 0 = better)")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
@@ -242,9 +247,11 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         f"({s['model']['n_layer']} layers, width {s['model']['d_model']}, context {s['model']['context']}). "
         f"{s['steps']} steps of AdamW (lr {s['lr']:g}, warm-up {s['warmup']}, cosine decay, "
         f"gradient clipped to norm {s.get('clip', 0):g}), "
-        f"batch {s['batch']} x {s['model']['context']} bytes per language, seed {s['seed']}, "
-        f"DDP buckets of {s['bucket_cap_mb']:g} MiB. Every run starts from the same weights and sees "
-        "the same batches.",
+        f"batch {s['batch']} x {s['model']['context']} bytes per language, seed {s['seed']}. "
+        + (f"DDP buckets of {s['bucket_cap_mb']:g} MiB. " if s.get("engine", "ddp") == "ddp" else
+           "Engine: FSDP2 (fully_shard per block and the root; one parameter group is one bucket; the "
+           "'mean' run is stock FSDP2 and hook runs use the Bucket-Level MOO reduce-scatter). ")
+        + "Every run starts from the same weights and sees the same batches.",
         "",
         f"Environment: {env['device']}, {env['dist_backend']}, {env['threads_per_rank']} thread(s) per rank, "
         f"{env['cpu_count']} CPU(s), torch {env['torch']}, Python {env['python']}, {env['date']}; "

@@ -119,6 +119,7 @@ class DemoSettings:
     method_options: tuple[tuple[str, str, object], ...] = ()
     hook_options: tuple[tuple[str, object], ...] = ()
     hook_module: str = "bucketmoo_kernels.ddp"
+    engine: str = "ddp"
     progress: bool = True
 
     def __post_init__(self):
@@ -132,6 +133,8 @@ class DemoSettings:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.clip < 0:
             raise ValueError(f"clip must be >= 0 (0: no clipping); got {self.clip}")
+        if self.engine not in ("ddp", "fsdp"):
+            raise ValueError(f"engine must be 'ddp' or 'fsdp'; got {self.engine!r}")
         if self.lr <= 0 or self.bucket_cap_mb <= 0:
             raise ValueError(f"lr and bucket_cap_mb must be > 0; got {self.lr}, {self.bucket_cap_mb}")
         for run in self.runs:
@@ -349,6 +352,50 @@ def _hook_statistics(state) -> dict:
     }
 
 
+def _wrap(model: ByteLM, spec: RunSpec, settings: DemoSettings, hook, device: torch.device, world: int):
+    """The data-parallel engine of one run: ``(net, state, eval_model)``.
+
+    * ``ddp``: DistributedDataParallel; a hook run registers ``bucket_moo_hook``.
+    * ``fsdp``: FSDP2 ``fully_shard`` per transformer block and the root (one parameter
+      group = one bucket); a hook run installs the Bucket-Level MOO reduce-scatter
+      (:func:`bucketmoo_kernels.fsdp.apply_bucket_moo`). Evaluation and the conflict probe
+      run on an unsharded copy rebuilt from the full parameters (the same collective on
+      every rank), since ranks evaluate different languages.
+    """
+    state = None
+    if hook is not None:
+        state_cls, _ = hook
+        state = state_cls(method=spec.method, mode="ranks", granularity=spec.granularity,
+                          process_group=None, task_of_rank=None, **dict(settings.hook_options),
+                          **settings.options_for(spec.method))
+    if settings.engine == "ddp":
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      bucket_cap_mb=settings.bucket_cap_mb)
+        if state is not None:
+            net.register_comm_hook(state, hook[1])
+        return net, state, lambda: model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..fsdp import apply_bucket_moo
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if state is not None:
+        apply_bucket_moo(model, state)
+    plain = ByteLM(settings.model).to(device)
+
+    def eval_model() -> ByteLM:
+        with torch.no_grad():
+            for dst, src in zip(plain.parameters(), model.parameters()):
+                dst.copy_(src.full_tensor())
+        return plain
+
+    return model, state, eval_model
+
+
 def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
     settings, rank, world, device = ctx.settings, ctx.rank, ctx.world, ctx.device
     result = {"name": spec.name, "method": spec.method, "granularity": spec.granularity,
@@ -365,21 +412,20 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
 
     torch.manual_seed(settings.seed)
     model = ByteLM(settings.model).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  bucket_cap_mb=settings.bucket_cap_mb)
-    if hook is not None:
-        state_cls, hook_fn = hook
-        state = state_cls(method=spec.method, mode="ranks", granularity=spec.granularity,
-                          process_group=None, task_of_rank=None, **dict(settings.hook_options),
-                          **settings.options_for(spec.method))
-        ddp.register_comm_hook(state, hook_fn)
+    try:
+        net, state, eval_model = _wrap(model, spec, settings, hook, device, world)
+    except (ValueError, RuntimeError) as exc:  # e.g. global granularity under FSDP2
+        result.update(status="skipped", error=str(exc))
+        if bar is not None:
+            bar.update(settings.steps)
+        return result
     static_w = None
     loss_scale = 1.0
     if spec.tau is not None:
         static_w = torch.tensor(static_weights(ctx.static_sizes, spec.tau), dtype=torch.float64)
         loss_scale = float(static_w[rank]) * world
         result["static_weights"] = static_w.tolist()
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed * 1000 + rank)
     train = ctx.data[settings.languages[rank]].train
 
@@ -389,8 +435,9 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
                         | set(range(settings.eval_every, settings.steps, settings.eval_every)))
 
     def checkpoint(step):
-        evals.append(_evaluate(model, ctx))
-        probes.append(_probe(model, ctx, spec, static_w))
+        plain = eval_model()
+        evals.append(_evaluate(plain, ctx))
+        probes.append(_probe(plain, ctx, spec, static_w))
 
     checkpoint(0)
     memory.start()
@@ -403,11 +450,11 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
         if recording:  # the hook's own per-bucket record of the step before each evaluation
             state.record_diagnostics = True
         start = time.perf_counter()
-        logits = ddp(x)
+        logits = net(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         (loss * loss_scale).backward()
         if settings.clip > 0:  # the combined gradient is the same on every rank, so is the clip
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), settings.clip)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), settings.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
