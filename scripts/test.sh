@@ -11,6 +11,10 @@ if [ -x tools/check_cuda_compile.sh ] || [ -f tools/check_cuda_compile.sh ]; the
   if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
     echo "[test] nvcc compile check of csrc/cuda"
     bash tools/check_cuda_compile.sh
+    if [ -f tools/check_cuda_glue.sh ]; then
+      echo "[test] CUDA glue (python/cuda_ops.cpp) against the CPU torch, with stubs"
+      bash tools/check_cuda_glue.sh
+    fi
   else
     echo "[test] nvcc not found: CUDA compile check skipped"
   fi

@@ -136,23 +136,9 @@ inline void gram_chunk_generic(const Src* const* g, int T, DType dt, int64_t beg
 }
 
 // partial: P = T(T+1)/2 doubles (upper triangle, row-major). scratch: T * kBlock doubles.
-inline void gram_chunk(const void* const* grads, int T, DType dt, int64_t begin, int64_t end,
-                       double* partial, double* scratch) {
-  if (dt == DType::kFloat32) {
-    const float* const* g = reinterpret_cast<const float* const*>(grads);
-    switch (T) {
-      case 1: return gram_chunk_fixed<1>(g, dt, begin, end, partial);
-      case 2: return gram_chunk_fixed<2>(g, dt, begin, end, partial);
-      case 3: return gram_chunk_fixed<3>(g, dt, begin, end, partial);
-      case 4: return gram_chunk_fixed<4>(g, dt, begin, end, partial);
-      case 5: return gram_chunk_fixed<5>(g, dt, begin, end, partial);
-      case 6: return gram_chunk_fixed<6>(g, dt, begin, end, partial);
-      case 7: return gram_chunk_fixed<7>(g, dt, begin, end, partial);
-      case 8: return gram_chunk_fixed<8>(g, dt, begin, end, partial);
-      default: return gram_chunk_generic(g, T, dt, begin, end, partial, scratch);
-    }
-  }
-  const uint16_t* const* g = reinterpret_cast<const uint16_t* const*>(grads);
+template <typename Src>
+inline void gram_chunk_typed(const Src* const* g, int T, DType dt, int64_t begin, int64_t end,
+                             double* partial, double* scratch) {
   switch (T) {
     case 1: return gram_chunk_fixed<1>(g, dt, begin, end, partial);
     case 2: return gram_chunk_fixed<2>(g, dt, begin, end, partial);
@@ -164,6 +150,16 @@ inline void gram_chunk(const void* const* grads, int T, DType dt, int64_t begin,
     case 8: return gram_chunk_fixed<8>(g, dt, begin, end, partial);
     default: return gram_chunk_generic(g, T, dt, begin, end, partial, scratch);
   }
+}
+
+inline void gram_chunk(const void* const* grads, int T, DType dt, int64_t begin, int64_t end,
+                       double* partial, double* scratch) {
+  if (dt == DType::kFloat32) {
+    return gram_chunk_typed(reinterpret_cast<const float* const*>(grads), T, dt, begin, end, partial,
+                            scratch);
+  }
+  return gram_chunk_typed(reinterpret_cast<const uint16_t* const*>(grads), T, dt, begin, end, partial,
+                          scratch);
 }
 
 // ---- combine: out[i] = sum_t w[t] * g[t][i] in double, task order, one rounding.
