@@ -327,9 +327,12 @@ class BucketMOOState:
         if self.mode != "ranks":
             raise RuntimeError("gather_losses is for mode='ranks'; in mode='stash' call set_losses")
         tasks = self._task_layout()
-        mine = torch.as_tensor(local_loss, dtype=torch.float64).detach().reshape(1).cpu()
-        allv = torch.empty(tasks.world_size, dtype=torch.float64)
+        # Gather on the loss's own device: NCCL cannot move CPU tensors.
+        device = local_loss.device if isinstance(local_loss, torch.Tensor) else torch.device("cpu")
+        mine = torch.as_tensor(local_loss, dtype=torch.float64).detach().reshape(1).to(device)
+        allv = torch.empty(tasks.world_size, dtype=torch.float64, device=device)
         collectives.all_gather_flat(allv, mine, self.process_group)
+        allv = allv.cpu()
         per_task = torch.stack([allv[list(rs)].mean() for rs in tasks.ranks_of_task])
         self.set_losses(per_task)
         return per_task
