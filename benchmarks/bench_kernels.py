@@ -167,23 +167,37 @@ def plot_results(rows, path, device_name: str):
 
     fused = [r for r in rows if r["op"] == "fused" and r["segments"] == 1]
     dtypes = sorted({r["dtype"] for r in fused})
-    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(5 * max(1, len(dtypes)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(5 * max(1, len(dtypes)) + 1.5, 4), squeeze=False)
     for ax, dname in zip(axes[0], dtypes):
+        backends = sorted({r["backend"] for r in fused})
+        tasks = sorted({r["T"] for r in fused})
+        markers, styles = "os^Dv*", ["-", "--", ":", "-."]
         for (backend, num_tasks) in sorted({(r["backend"], r["T"]) for r in fused if r["dtype"] == dname}):
             pts = sorted((r["N"], r["share_of_copy"]) for r in fused
                          if r["dtype"] == dname and r["backend"] == backend and r["T"] == num_tasks)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} T={num_tasks}")
+            b, t = backends.index(backend), tasks.index(num_tasks)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{b}", linestyle=styles[t % 4],
+                    marker=markers[t % 6], label=f"{backend} T={num_tasks}")
         ax.set_xscale("log")
         ax.set_xlabel("N (elements per task)")
         ax.set_ylabel("effective bandwidth / copy bandwidth")
         ax.set_title(f"fused_bucket_moo, {dname}, one segment")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(device_name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def replot(json_path: str) -> None:
+    """Redraw the PNG of a results file without re-measuring."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(json_path).read_text())
+    plot_results(data["rows"], Path(json_path).with_suffix(".png"), data["env"]["device"])
 
 
 def main(argv=None) -> int:
