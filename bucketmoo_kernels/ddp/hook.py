@@ -21,7 +21,6 @@ import torch.distributed as dist
 from ..api import combine, fused_bucket_moo, gram
 from ..inputs import Segments
 from . import collectives
-from .diagnostics import BucketRecord
 from .protocol import (allgather_tasks, finish_scatter_tasks, reduce_gram, sharded_moo, solve_weights,
                        start_gather_combined, start_scatter_tasks)
 from .state import BucketMOOState, parse_granularity
@@ -35,20 +34,10 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future:
     return fut
 
 
-def _solve_kwargs(state: BucketMOOState) -> dict:
-    return dict(options=state.method_call_options(), normalization=state.normalization,
-                losses=state.losses, normalize_weights=state.normalize_weights, backend=state.backend)
-
-
 def _fused_kwargs(state: BucketMOOState) -> dict:
     return dict(method=state.method, backend=state.backend, normalization=state.normalization,
                 losses=state.losses, normalize_weights=state.normalize_weights, check_finite=False,
                 return_info=True, **state.method_call_options())
-
-
-def _record(state: BucketMOOState, index: int, gram_matrix: torch.Tensor, weights: torch.Tensor) -> None:
-    if state.record_diagnostics:
-        state.diagnostics.append(BucketRecord.from_gram(state.step, index, gram_matrix, weights))
 
 
 def _all_reduce_mean(buf: torch.Tensor, group, world: int) -> None:
@@ -61,7 +50,7 @@ def _check_once(state: BucketMOOState, buf: torch.Tensor) -> None:
     if state._checked:
         return
     protocol = state.protocol if state.mode == "ranks" else "allreduce"
-    if state.mode == "ranks" and state.method == "mean" and not state.record_diagnostics:
+    if state.mode == "ranks" and state.plain_average:
         protocol = "allreduce"
     collectives.check_backend(collectives.backend_name(state.process_group), buf.device, protocol)
     state._checked = True
@@ -109,7 +98,7 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
     total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
     if state.protocol == "sharded":
         total = reduce_gram(total, group)
-    weights = solve_weights(total, state.method, **_solve_kwargs(state))
+    weights = solve_weights(total, state.method, **state.solve_kwargs())
     gather_extra = 0
     for bucket_buf, payload, _, bucket_fut in pending:
         if state.protocol == "sharded":
@@ -124,7 +113,7 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
             bucket_buf.copy_(combine(payload, weights, None, backend=state.backend))
         bucket_fut.set_result(bucket_buf)
     state.note_extra_bytes(state._step_extra_bytes + gather_extra)
-    _record(state, -1, total, weights)
+    state.record(-1, total, weights)
     return fut
 
 
@@ -139,13 +128,13 @@ def _finish_inflight(state: BucketMOOState) -> None:
     try:
         sharded = finish_scatter_tasks(handle)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.method, **_solve_kwargs(state))
+        weights = solve_weights(gram_matrix, state.method, **state.solve_kwargs())
         gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.backend)
     except BaseException as exc:
         fut.set_exception(exc)
         raise
     state.note_extra_bytes(sharded.extra_bytes + extra)
-    _record(state, index, gram_matrix, weights)
+    state.record(index, gram_matrix, weights)
     _chain(gather_fut, fut)
 
 
@@ -160,8 +149,7 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
         state._step_extra_bytes = 0
         state._inflight = None  # left over from a backward that failed half-way
 
-    if (state.method == "mean" and state.normalization == "none" and state.compress is None
-            and not state.record_diagnostics):
+    if state.plain_average:
         # Plain averaging over tasks of equal rank counts is the average over ranks: run
         # DDP's own all-reduce, which makes 'mean' bit-identical to DDP without a hook.
         buf.mul_(1.0 / tasks.world_size)
@@ -191,7 +179,7 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
             gram_matrix, weights, extra = sharded_moo(
                 buf, segs, tasks, state.method, group=group, wire_dtype=state.wire_dtype,
-                local_segments=local, **_solve_kwargs(state))
+                local_segments=local, **state.solve_kwargs())
         else:
             rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=state.wire_dtype)
             out = buf if rows.dtype == buf.dtype else torch.empty_like(buf, dtype=rows.dtype)
@@ -201,7 +189,7 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
                 buf.copy_(out)
             gram_matrix, weights = info.gram, info.weights
         state.note_extra_bytes(extra)
-        _record(state, index, gram_matrix, weights)
+        state.record(index, gram_matrix, weights)
         fut = _completed(buf)
     if is_last:
         state.step += 1
@@ -269,12 +257,12 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             return fut
         pending, state._pending = state._pending, []
         total = torch.stack([p[2] for p in pending]).sum(0)
-        weights = solve_weights(total, state.method, **_solve_kwargs(state))
+        weights = solve_weights(total, state.method, **state.solve_kwargs())
         for bucket_buf, bucket_rows, _, _ in pending:
             combine(bucket_rows, weights, None, out=bucket_buf, backend=state.backend)
             if state.stash_reduce == "combined" and world > 1:
                 _all_reduce_mean(bucket_buf, group, world)
-        _record(state, -1, total, weights)
+        state.record(-1, total, weights)
         for bucket_buf, _, _, bucket_fut in pending:
             bucket_fut.set_result(bucket_buf)
         return fut
@@ -284,7 +272,7 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
     _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state))
     if state.stash_reduce == "combined" and world > 1:
         _all_reduce_mean(buf, group, world)
-    _record(state, index, info.gram, info.weights)
+    state.record(index, info.gram, info.weights)
     return _completed(buf)
 
 

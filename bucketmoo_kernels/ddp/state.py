@@ -18,7 +18,7 @@ from ..dispatch import BACKEND_NAMES
 from ..inputs import Segments
 from ..methods import NORMALIZATIONS, get_method, resolve_options
 from . import collectives
-from .diagnostics import DiagnosticsLog
+from .diagnostics import BucketRecord, DiagnosticsLog
 from .protocol import TaskLayout, shard_length, shard_segments
 
 __all__ = ["BucketMOOState", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS"]
@@ -256,6 +256,24 @@ class BucketMOOState:
     @property
     def wire_dtype(self) -> torch.dtype | None:
         return COMPRESSIONS[self.compress]
+
+    @property
+    def plain_average(self) -> bool:
+        """``mean`` with nothing that needs the MOO protocol (no normalisation, compression or
+        diagnostics): the engine's own average (DDP's all-reduce, FSDP's reduce-scatter) runs
+        instead, bit-identical to training without bucketmoo."""
+        return (self.method == "mean" and self.normalization == "none" and self.compress is None
+                and not self.record_diagnostics)
+
+    def solve_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~bucketmoo_kernels.ddp.protocol.solve_weights` for this step."""
+        return dict(options=self.method_call_options(), normalization=self.normalization,
+                    losses=self.losses, normalize_weights=self.normalize_weights, backend=self.backend)
+
+    def record(self, index: int, gram_matrix: torch.Tensor, weights: torch.Tensor) -> None:
+        """Append bucket ``index``'s diagnostics for this step (nothing when recording is off)."""
+        if self.record_diagnostics:
+            self.diagnostics.append(BucketRecord.from_gram(self.step, index, gram_matrix, weights))
 
     def method_call_options(self) -> dict[str, Any]:
         """The method options for this step (PCGrad-style ``seed`` becomes ``seed + step``)."""

@@ -25,9 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bucketmoo_kernels.ddp.diagnostics import BucketRecord
 from bucketmoo_kernels.ddp.protocol import TaskLayout, combine_shard, reduce_gram, scatter_tasks, solve_weights
-from bucketmoo_kernels.ddp.state import parse_granularity
 from bucketmoo_kernels.inputs import Segments
 
 __all__ = ["BucketMOOReduceScatter", "reduce_output_scale"]
@@ -90,54 +88,29 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
         self.index = index
         self.name = name
         self.counter = counter
-        self._segments: dict[int, Segments] = {}
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
-
-    def _segments_for(self, shard: int) -> Segments:
-        cached = self._segments.get(shard)
-        if cached is not None:
-            return cached
-        kind, chunk = parse_granularity(self.state.granularity)
-        if kind == "param":
-            if sum(self.param_sizes) != shard:
-                raise RuntimeError(
-                    f"granularity='param' on FSDP group {self.name!r}: the reduce-scatter shard has {shard} "
-                    f"elements but the group's parameters add up to {sum(self.param_sizes)}; every parameter "
-                    "of the group must receive a gradient in each step (use granularity='bucket' when some "
-                    "parameters are unused)"
-                )
-            segs = Segments.from_lengths(self.param_sizes)
-        elif kind == "chunk":
-            segs = Segments.chunks(shard, chunk)
-        elif kind == "bucket":
-            segs = Segments.single(shard)
-        else:
-            raise ValueError(f"granularity {self.state.granularity!r} is not supported with FSDP2")
-        self._segments[shard] = segs
-        return segs
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op,
                  async_op: bool = False):
         state = self.state
         world = dist.get_world_size(group)
         shard = output_tensor.numel()
-        if (state.method == "mean" and state.normalization == "none" and state.compress is None
-                and not state.record_diagnostics):
+        if state.plain_average:
             # Plain averaging is FSDP's own reduce-scatter: bit-identical to stock FSDP2.
             dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
             self.counter.tick()
             return None
         tasks = TaskLayout.build(state.task_of_rank, world, state.num_tasks)
-        local = self._segments_for(shard)
+        # The granularity's layout of this rank's shard (cached by the state; for "param",
+        # the pieces of the group's parameters, whose sizes must add up to the shard).
+        local, _ = state.segments_for(self.index, shard, self.param_sizes)
         # Steps 1-3 of the tasks-on-ranks protocol; the flat input is already rank-major.
         sharded = scatter_tasks(input_tensor, Segments.single(input_tensor.numel()), tasks, group=group,
                                 wire_dtype=state.wire_dtype, backend=state.backend, local_segments=local)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.method, options=state.method_call_options(),
-                                normalization=state.normalization, losses=state.losses,
-                                normalize_weights=state.normalize_weights, backend=state.backend)
+        weights = solve_weights(gram_matrix, state.method, **state.solve_kwargs())
         scale = reduce_output_scale(op, world, self.divide_factor())
         scaled = weights * scale if scale != 1.0 else weights
         # Step 4: the combined shard is the reduce-scatter output.
@@ -146,7 +119,6 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
         else:  # compressed wire: combine in the wire dtype, then widen
             output_tensor.copy_(combine_shard(sharded, scaled, backend=state.backend))
         state.note_extra_bytes(sharded.extra_bytes)
-        if state.record_diagnostics:
-            state.diagnostics.append(BucketRecord.from_gram(state.step, self.index, gram_matrix, weights))
+        state.record(self.index, gram_matrix, weights)
         self.counter.tick()
         return None

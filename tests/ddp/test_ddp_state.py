@@ -142,3 +142,25 @@ def test_diagnostics_log():
     with pytest.raises(KeyError, match="no diagnostics recorded for bucket 3"):
         log.to_tensors(3)
     assert set(log.summary()) == {"step", "bucket", "min_cosine", "combined_norm", "mean_norm", "residual"}
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(method="mean"), "allreduce"),
+    (dict(method="mean", compress="bf16"), "sharded"),  # compressed mean runs the MOO protocol
+    (dict(method="mean", normalization="l2"), "sharded"),
+    (dict(method="mean", record_diagnostics=True), "sharded"),
+    (dict(method="mgda"), "sharded"),
+    (dict(method="mgda", protocol="allgather"), "allgather"),
+])
+def test_backend_check_follows_the_protocol_the_hook_runs(monkeypatch, kwargs, expected):
+    """The one-time backend check must validate the collectives the hook will really issue:
+    DDP's all-reduce only when ``plain_average`` sends ``mean`` down that path."""
+    from bucketmoo_kernels.ddp import hook
+
+    checked = []
+    monkeypatch.setattr(hook.collectives, "backend_name", lambda group: "gloo")
+    monkeypatch.setattr(hook.collectives, "check_backend", lambda backend, device, protocol: checked.append(protocol))
+    state = BucketMOOState(**kwargs)
+    hook._check_once(state, torch.zeros(4))
+    assert checked == [expected]
+    assert state.plain_average == (expected == "allreduce")
