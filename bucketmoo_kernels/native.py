@@ -18,7 +18,6 @@ for by name), registers the fake (meta) implementations so the ops trace under
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from .dispatch import register_backend
 from .inputs import Segments, TaskGrads
 from .reference import combine_reference, gram_reference
-from .methods.pcgrad import pcgrad_orders
+from .methods.pcgrad import pcgrad_orders_on
 from .methods.simplex import MAX_EXACT_TASKS
 
 __all__ = ["SCHEMAS", "MGDA_SOLVER_CODES", "MAX_NATIVE_TASKS", "NativeBackend", "cpu_isa",
@@ -117,16 +116,6 @@ if _ops_defined():
 
 
 # ---------------------------------------------------------------- the backends
-@functools.lru_cache(maxsize=256)
-def _orders_on(num_tasks: int, seed: int, device: str) -> torch.Tensor:
-    """PCGrad's ``[T, T-1]`` task orders for ``seed``, cached per device: no host-to-device
-    copy on repeated calls (and none inside a CUDA graph capture after the first call)."""
-    orders = pcgrad_orders(num_tasks, seed).contiguous()
-    if num_tasks == 1:
-        orders = orders.reshape(1, 0)
-    return orders.to(device)
-
-
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
@@ -191,7 +180,7 @@ class NativeBackend:
         if method.name == "pcgrad":
             if num_tasks > MAX_NATIVE_TASKS:
                 return None
-            orders = _orders_on(num_tasks, int(options.get("seed", 0)), str(gram.device))
+            orders = pcgrad_orders_on(num_tasks, int(options.get("seed", 0)), str(gram.device))
             return torch.ops.bucketmoo.solve_pcgrad(gram, orders)
         if method.name == "cagrad":
             c, rescale = float(options.get("c", 0.4)), options.get("rescale", 1)

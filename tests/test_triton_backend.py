@@ -459,3 +459,15 @@ def test_kernels_compile_for_a_gpu_without_one():
         pytest.skip("no ptxas for Triton's CUDA backend here")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "compiled 9" in result.stdout
+
+
+def test_pcgrad_orders_cache_is_bounded():
+    """The hook's per-step seeds must not grow a device-side cache without bound."""
+    from bucketmoo_kernels.triton.solve import _orders_flat
+
+    for seed in range(400):
+        _orders_flat(3, seed, "cpu")
+    assert _orders_flat.cache_info().currsize <= 256
+    flat = _orders_flat(4, 2, "cpu")
+    assert flat.dtype == torch.int32 and flat.numel() == 4 * 3 + 1
+    assert torch.equal(flat[:-1].view(4, 3).long(), bm.methods.pcgrad.pcgrad_orders(4, 2))

@@ -15,11 +15,13 @@ gives the same orders on every call, device and rank (pass a per-step seed to va
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .registry import register_method
 
-__all__ = ["pcgrad_weights", "pcgrad_orders"]
+__all__ = ["pcgrad_weights", "pcgrad_orders", "pcgrad_orders_on"]
 
 
 def pcgrad_orders(num_tasks: int, seed: int) -> torch.Tensor:
@@ -30,6 +32,17 @@ def pcgrad_orders(num_tasks: int, seed: int) -> torch.Tensor:
         others = torch.tensor([j for j in range(num_tasks) if j != i], dtype=torch.int64)
         rows.append(others[torch.randperm(num_tasks - 1, generator=gen)])
     return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def pcgrad_orders_on(num_tasks: int, seed: int, device: str) -> torch.Tensor:
+    """:func:`pcgrad_orders` as a ``[T, T-1]`` int64 tensor on ``device``, cached: repeated calls
+    with the same seed copy nothing to the device (none inside a CUDA graph after the first).
+    The cache is bounded because the DDP hook varies the seed every step."""
+    orders = pcgrad_orders(num_tasks, seed).contiguous()
+    if num_tasks == 1:
+        orders = orders.reshape(1, 0)
+    return orders.to(device)
 
 
 def pcgrad_weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:

@@ -27,21 +27,22 @@ arguments and literals as float32, which would flush RIDGE_ABS = 1e-200 to zero.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..methods import simplex
-from ..methods.pcgrad import pcgrad_orders
+from ..methods.pcgrad import pcgrad_orders_on
 from .tiles import next_pow2, on_device
 
 __all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton",
            "cagrad_triton"]
 
-# Small device tensors cached per device: contract constants, PCGrad orders per (T, seed),
-# CAGrad parameters per (c, rescale).
+# Small device tensors cached per device: contract constants and CAGrad parameters per
+# (c, rescale); PCGrad orders per (T, seed) in the bounded cache of _orders_flat.
 _constants: dict[str, torch.Tensor] = {}
-_orders: dict[tuple[int, int, str], torch.Tensor] = {}
 _cagrad_params: dict[tuple[float, int, str], torch.Tensor] = {}
 
 
@@ -328,6 +329,13 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _orders_flat(num_tasks: int, seed: int, device: str) -> torch.Tensor:
+    """The kernel's layout of PCGrad's orders: flat int32 with one pad element (never empty)."""
+    orders = pcgrad_orders_on(num_tasks, seed, device).to(torch.int32).reshape(-1)
+    return torch.cat([orders, orders.new_zeros(1)])
+
+
 def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """PCGrad weights (mean of the projected gradients' coefficients, the torch function's
     scale): ``[S, T, T]`` float64 -> ``[S, T]`` float64. The task orders come from
@@ -337,12 +345,7 @@ def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     out = torch.empty(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
     if num_seg == 0:
         return out
-    key = (num_tasks, int(seed), str(gram.device))
-    orders = _orders.get(key)
-    if orders is None:
-        orders = pcgrad_orders(num_tasks, seed).to(torch.int32).reshape(-1)
-        orders = torch.cat([orders, torch.zeros(1, dtype=torch.int32)]).to(gram.device)
-        _orders[key] = orders
+    orders = _orders_flat(num_tasks, int(seed), str(gram.device))
     tp = max(2, next_pow2(num_tasks))
     block = max(1, 2048 // (tp * tp))
     with on_device(gram.device):

@@ -116,3 +116,14 @@ def test_cagrad_rejects_bad_options():
         cagrad_weights(gram, rescale=5)
     with pytest.raises(ValueError, match="at most 8"):
         cagrad_weights(torch.eye(9, dtype=torch.float64)[None])
+
+
+def test_pcgrad_device_orders_are_cached_and_bounded():
+    from bucketmoo_kernels.methods.pcgrad import pcgrad_orders_on
+
+    assert torch.equal(pcgrad_orders_on(5, 7, "cpu"), pcgrad_orders(5, 7))
+    assert pcgrad_orders_on(5, 7, "cpu") is pcgrad_orders_on(5, 7, "cpu")
+    assert pcgrad_orders_on(1, 0, "cpu").shape == (1, 0)
+    for seed in range(400):  # the DDP hook uses seed + step: one new seed per step
+        pcgrad_orders_on(3, seed, "cpu")
+    assert pcgrad_orders_on.cache_info().currsize <= 256
