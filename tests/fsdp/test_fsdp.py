@@ -82,20 +82,12 @@ def reference_grads(params: list[torch.Tensor], world: int, step: int, method: s
     groups = [[0, 1], [2, 3], [4, 5]]  # block 0, block 1, the root's head
     expected = [None] * len(params)
     for idx in groups:
-        rows = [torch.cat([g[i].reshape(-1) for i in idx]).double() for g in tasks]
+        stacked = torch.stack([torch.cat([g[i].reshape(-1) for i in idx]) for g in tasks]).double()
         sizes = [params[i].numel() for i in idx]
-        segments = bm.Segments.from_lengths(sizes) if granularity == "param" else None
-        stacked = torch.stack(rows)
-        gram = torch.stack([b @ b.T for b in torch.split(stacked, sizes, 1)]) if segments is not None \
-            else (stacked @ stacked.T)[None]
-        weights = bm.solve(gram, method, backend="torch", **options).double()
-        parts = torch.split(stacked, sizes, 1)
-        if segments is None:
-            combined = weights[0] @ stacked
-            parts = torch.split(combined, sizes)
-        else:
-            parts = [weights[s] @ part for s, part in enumerate(parts)]
-        for i, part in zip(idx, parts):
+        blocks = torch.split(stacked, sizes, 1) if granularity == "param" else (stacked,)
+        weights = bm.solve(torch.stack([b @ b.T for b in blocks]), method, backend="torch", **options).double()
+        combined = torch.cat([w @ b for w, b in zip(weights, blocks)])
+        for i, part in zip(idx, torch.split(combined, sizes)):
             expected[i] = part.reshape(params[i].shape)
     scales = [max(g[i].abs().max().item() for g in tasks) for i in range(len(params))]
     return expected, scales
