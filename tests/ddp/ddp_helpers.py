@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import copy
 import datetime
+import faulthandler
+import gc
+import os
 import socket
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -27,6 +31,8 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> None:
+    # An abort in a worker (a C++ std::terminate) prints every thread's Python stack.
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     # A short timeout: a collective mismatch fails the test in minutes, not gloo's default 30.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -38,12 +44,26 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
     try:
         torch.save(result, Path(outdir) / f"{rank}.pt")
         # Every rank's last sends must land before any rank tears gloo down: destroying a
-        # group while a peer still streams into it aborts the process ("terminate called
-        # without an active exception"). A failed rank skips it (its peers then fail fast).
+        # group while a peer still streams into it aborts the process. A failed rank skips
+        # the barrier (its peers then fail fast).
         if "ok" in result:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass  # a peer failed and left: its own result file holds the reason
+
+        # Free the worker's objects (a DDP reducer holding the hook state, pending futures)
+        # now, in the main thread with the interpreter fully alive, not during finalization.
+        gc.collect()
     finally:
         dist.destroy_process_group()
+    # The result is on disk and the group is gone: leave without interpreter finalization,
+    # where C++ threads or destructors that still reach for Python can std::terminate
+    # ("terminate called without an active exception", seen rarely under load). The parent
+    # reads results from the files, so nothing is lost.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world: int, *args) -> list:
