@@ -83,6 +83,11 @@ def _validate_method(method: str, num_tasks: int, options: dict[str, Any]):
 def _solve(gram_f32: torch.Tensor, spec, options: dict[str, Any], backend_obj, normalization: str,
            losses, normalize_weights: bool) -> torch.Tensor:
     """Normalise, run the method (native solver if the backend has one), rescale."""
+    weight_step = getattr(backend_obj, "weights", None)
+    if weight_step is not None:  # a backend that runs all of it natively
+        weights = weight_step(gram_f32, spec, options, normalization, losses, normalize_weights)
+        if weights is not None:
+            return weights
     gram64 = gram_f32.to(torch.float64)
     scales = normalization_scales(gram64, normalization, losses)
     if scales is not None:
@@ -163,6 +168,10 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
             i.e. a gradient holds NaN/Inf or its squared norm overflows float32. This costs
             one device-to-host sync of S*T*T floats. With False, non-finite input propagates
             NaN/Inf into the output without a sync (what a GradScaler-style step skip wants).
+            The ``cpu`` backend's single cache-blocked sweep (gram, weights and combine one
+            group of segments at a time) runs when ``check_finite=False`` or ``out`` is None;
+            with a caller's ``out`` and ``check_finite=True`` it makes two full passes so that
+            nothing is written before the whole Gram is checked. Both give the same bits.
         **method_options: the method's options.
     Returns:
         ``[N]`` combined gradient in the grads' dtype, or ``(combined, MOOInfo)``.
@@ -172,18 +181,39 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     check_out(out, task_grads)
     spec, resolved = _validate_method(method, task_grads.num_tasks, method_options)
     backend_obj = get_backend(backend, task_grads.device)
-    gram_t = backend_obj.gram(task_grads, segs)
-    if check_finite and not bool(torch.isfinite(gram_t).all()):
+    fused = getattr(backend_obj, "fused", None)
+    result = None
+    # One sweep writes `out` before all of the Gram is known, so it runs only where a
+    # non-finite Gram cannot leave a caller's buffer half-written.
+    if fused is not None and (out is None or not check_finite):
+        target = out if out is not None else torch.empty(
+            task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+        result = fused(task_grads, segs, target, spec, resolved, normalization, losses,
+                       normalize_weights)
+        if result is not None:
+            out = target
+            gram_t, weights = result
+            if check_finite:
+                _check_finite(gram_t)
+    if result is None:
+        gram_t = backend_obj.gram(task_grads, segs)
+        if check_finite:
+            _check_finite(gram_t)
+        weights = _solve(gram_t, spec, resolved, backend_obj, normalization, losses,
+                         normalize_weights)
+        if out is None:
+            out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+        backend_obj.combine(task_grads, weights, segs, out)
+    if return_info:
+        return out, MOOInfo(gram_t, weights, segs, method, backend_obj.name)
+    return out
+
+
+def _check_finite(gram_t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(gram_t).all()):
         bad = torch.nonzero(~torch.isfinite(gram_t).flatten(1).all(-1)).flatten()[:5].tolist()
         raise ValueError(
             "grads contain NaN/Inf (or values whose squares overflow float32): the Gram matrix of "
             f"segment(s) {bad} is not finite; nothing was written. Pass check_finite=False to let "
             "non-finite values propagate instead."
         )
-    weights = _solve(gram_t, spec, resolved, backend_obj, normalization, losses, normalize_weights)
-    if out is None:
-        out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-    backend_obj.combine(task_grads, weights, segs, out)
-    if return_info:
-        return out, MOOInfo(gram_t, weights, segs, method, backend_obj.name)
-    return out

@@ -9,6 +9,10 @@ Both compiled modules register the same ``torch.ops.bucketmoo`` operators (schem
 * ``solve_pcgrad(Tensor gram, Tensor orders) -> Tensor``: ``[S, T]`` f64
 * ``solve_cagrad(Tensor gram, float c, int rescale) -> Tensor``: ``[S, T]`` f64
 * ``combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()``
+* ``weights(Tensor gram, Tensor? orders, Tensor? losses, <method>) -> Tensor``: the whole
+  weight step (normalisation, method, rescale), ``[S, T]`` float32 from a float32 Gram (CPU)
+* ``fused_(Tensor(a!) out, Tensor[] grads, Tensor offsets, Tensor? orders, Tensor? losses,
+  <method>) -> (Tensor, Tensor)``: gram, weights and combine in one cache-blocked sweep (CPU)
 
 This module loads each compiled module in a try/except (a missing or broken build never
 breaks ``import bucketmoo_kernels``; the reason is kept and shown when the backend is asked
@@ -25,10 +29,11 @@ import torch
 from .dispatch import register_backend
 from .inputs import Segments, TaskGrads
 from .reference import combine_reference, gram_reference
+from .methods.normalization import USES_LOSSES, check_normalization, loss_table
 from .methods.pcgrad import pcgrad_orders_on
 from .methods.simplex import MAX_EXACT_TASKS
 
-__all__ = ["SCHEMAS", "MGDA_SOLVER_CODES", "MAX_NATIVE_TASKS", "NativeBackend", "cpu_isa",
+__all__ = ["SCHEMAS", "METHOD_CODES", "MGDA_SOLVER_CODES", "MAX_NATIVE_TASKS", "NativeBackend", "cpu_isa",
            "load_errors"]
 
 logger = logging.getLogger("bucketmoo_kernels")
@@ -40,7 +45,15 @@ SCHEMAS = {
     "solve_pcgrad": "solve_pcgrad(Tensor gram, Tensor orders) -> Tensor",
     "solve_cagrad": "solve_cagrad(Tensor gram, float c, int rescale) -> Tensor",
     "combine_": "combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()",
+    "weights": "weights(Tensor gram, Tensor? orders, Tensor? losses, int method, int solver, "
+               "int max_iter, float tol, float c, int rescale, int normalization, "
+               "bool normalize_weights) -> Tensor",
+    "fused_": "fused_(Tensor(a!) out, Tensor[] grads, Tensor offsets, Tensor? orders, "
+              "Tensor? losses, int method, int solver, int max_iter, float tol, float c, "
+              "int rescale, int normalization, bool normalize_weights) -> (Tensor, Tensor)",
 }
+#: ``method`` argument of ``weights`` / ``fused_`` (solver::Method).
+METHOD_CODES = {"mean": 0, "mgda": 1, "pcgrad": 2, "cagrad": 3}
 #: ``solver`` argument of ``solve_mgda``.
 MGDA_SOLVER_CODES = {"auto": 0, "closed_form": 1, "exact": 2, "pgd": 3}
 #: The native iterative MGDA solver and PCGrad handle up to this many tasks (fixed-size
@@ -110,6 +123,16 @@ def _register_fakes() -> None:
     def _combine_fake(out, grads, weights, offsets):
         return None
 
+    @torch.library.register_fake("bucketmoo::weights")
+    def _weights_fake(gram, orders, losses, *method_args):
+        return gram.new_empty(gram.shape[:2], dtype=torch.float32)
+
+    @torch.library.register_fake("bucketmoo::fused_")
+    def _fused_fake(out, grads, offsets, orders, losses, *method_args):
+        num_seg, num_tasks = offsets.shape[0] - 1, len(grads)
+        return (grads[0].new_empty((num_seg, num_tasks, num_tasks), dtype=torch.float32),
+                grads[0].new_empty((num_seg, num_tasks), dtype=torch.float32))
+
 
 if _ops_defined():
     _register_fakes()
@@ -139,6 +162,11 @@ class NativeBackend:
         limit = getattr(module, "max_tasks", None)
         self.max_tasks = int(limit()) if callable(limit) else None
         self._logged_fallback = False
+        key = "CPU" if device_type == "cpu" else "CUDA"
+        #: whether the module implements the whole weight step and the fused sweep
+        self.has_weight_step = module is not None and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"bucketmoo::{op}", key)
+            for op in ("weights", "fused_"))
 
     def _native_tasks(self, num_tasks: int) -> bool:
         if self.max_tasks is None or num_tasks <= self.max_tasks:
@@ -162,32 +190,92 @@ class NativeBackend:
         rows = [_unit_stride(g) for g in grads.rows]
         return torch.ops.bucketmoo.gram(rows, segments.on(grads.device))
 
+    @staticmethod
+    def _mgda_args(num_tasks: int, options: dict) -> tuple[int, int, float] | None:
+        """(solver code, max_iter, tol) of a configuration the native MGDA solvers run."""
+        code = MGDA_SOLVER_CODES.get(options.get("solver", "auto"))
+        if code is None or num_tasks > MAX_NATIVE_TASKS:
+            return None
+        resolved = code if code else (1 if num_tasks == 2 else 2 if num_tasks <= MAX_EXACT_TASKS else 3)
+        if num_tasks > 1 and ((resolved == 1 and num_tasks != 2) or
+                              (resolved == 2 and num_tasks > MAX_EXACT_TASKS)):
+            return None  # the torch function raises the documented ValueError
+        max_iter, tol = int(options.get("max_iter", 500)), float(options.get("tol", 1e-10))
+        return None if max_iter < 0 else (code, max_iter, tol)
+
+    @staticmethod
+    def _cagrad_args(num_tasks: int, options: dict) -> tuple[float, int] | None:
+        c, rescale = float(options.get("c", 0.4)), options.get("rescale", 1)
+        if num_tasks > MAX_EXACT_TASKS or c < 0 or rescale not in (0, 1, 2):
+            return None
+        return c, int(rescale)
+
     def solve(self, gram: torch.Tensor, method, options: dict) -> torch.Tensor | None:
         num_tasks = gram.shape[-1]
         gram = gram.to(torch.float64).contiguous()
         if method.name == "mgda":
-            code = MGDA_SOLVER_CODES.get(options.get("solver", "auto"))
-            if code is None or num_tasks > MAX_NATIVE_TASKS:
-                return None
-            resolved = code if code else (1 if num_tasks == 2 else 2 if num_tasks <= MAX_EXACT_TASKS else 3)
-            if num_tasks > 1 and ((resolved == 1 and num_tasks != 2) or
-                                  (resolved == 2 and num_tasks > MAX_EXACT_TASKS)):
-                return None  # the torch function raises the documented ValueError
-            max_iter, tol = int(options.get("max_iter", 500)), float(options.get("tol", 1e-10))
-            if max_iter < 0:
-                return None
-            return torch.ops.bucketmoo.solve_mgda(gram, code, max_iter, tol)
+            args = self._mgda_args(num_tasks, options)
+            return None if args is None else torch.ops.bucketmoo.solve_mgda(gram, *args)
         if method.name == "pcgrad":
             if num_tasks > MAX_NATIVE_TASKS:
                 return None
             orders = pcgrad_orders_on(num_tasks, int(options.get("seed", 0)), str(gram.device))
             return torch.ops.bucketmoo.solve_pcgrad(gram, orders)
         if method.name == "cagrad":
-            c, rescale = float(options.get("c", 0.4)), options.get("rescale", 1)
-            if num_tasks > MAX_EXACT_TASKS or c < 0 or rescale not in (0, 1, 2):
-                return None
-            return torch.ops.bucketmoo.solve_cagrad(gram, c, int(rescale))
+            args = self._cagrad_args(num_tasks, options)
+            return None if args is None else torch.ops.bucketmoo.solve_cagrad(gram, *args)
         return None
+
+    def _method_args(self, method, options: dict, num_seg: int, num_tasks: int,
+                     normalization: str, losses, normalize_weights: bool,
+                     device: torch.device) -> tuple | None:
+        """The ``orders, losses, <method>`` arguments of ``weights``/``fused_``, or None where
+        the native weight step does not run this configuration (the caller then takes the
+        torch path, which raises the documented errors for bad options)."""
+        norm = check_normalization(normalization)
+        if not self.has_weight_step or method.name not in METHOD_CODES or num_tasks > MAX_NATIVE_TASKS:
+            return None
+        orders, solver, max_iter, tol, c, rescale = None, 0, 0, 0.0, 0.0, 0
+        if method.name == "mgda":
+            args = self._mgda_args(num_tasks, options)
+            if args is None:
+                return None
+            solver, max_iter, tol = args
+        elif method.name == "pcgrad":
+            orders = pcgrad_orders_on(num_tasks, int(options.get("seed", 0)), str(device))
+        elif method.name == "cagrad":
+            args = self._cagrad_args(num_tasks, options)
+            if args is None:
+                return None
+            c, rescale = args
+        table = (loss_table(losses, normalization, num_seg, num_tasks, device)
+                 if normalization in USES_LOSSES else None)
+        return (orders, table, METHOD_CODES[method.name], solver, max_iter, tol, c, rescale, norm,
+                bool(normalize_weights))
+
+    def weights(self, gram: torch.Tensor, method, options: dict, normalization: str, losses,
+                normalize_weights: bool) -> torch.Tensor | None:
+        """The whole weight step natively: ``[S, T, T]`` float32 -> ``[S, T]`` float32, or None."""
+        num_seg, num_tasks = gram.shape[0], gram.shape[-1]
+        args = self._method_args(method, options, num_seg, num_tasks, normalization, losses,
+                                 normalize_weights, gram.device)
+        if args is None:
+            return None
+        return torch.ops.bucketmoo.weights(gram.to(torch.float32).contiguous(), *args)
+
+    def fused(self, grads: TaskGrads, segments: Segments, out: torch.Tensor, method,
+              options: dict, normalization: str, losses,
+              normalize_weights: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Gram, weights and combine in one cache-blocked sweep (``fused_``), writing ``out``;
+        returns ``(gram, weights)``, or None (nothing written) where it does not apply."""
+        if out.numel() > 1 and out.stride(0) != 1:
+            return None
+        args = self._method_args(method, options, segments.num_segments, grads.num_tasks,
+                                 normalization, losses, normalize_weights, grads.device)
+        if args is None:
+            return None
+        rows = [_unit_stride(g) for g in grads.rows]
+        return torch.ops.bucketmoo.fused_(out, rows, segments.on(grads.device), *args)
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
                 out: torch.Tensor) -> None:

@@ -15,6 +15,16 @@
 //   solve_cagrad(Tensor gram, float c, int rescale) -> Tensor      (T <= 8) -> [S, T] f64.
 //   combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()
 //       weights [S, T] float32; out [N] in the grads' dtype; out may be the storage of a grad.
+//   weights(Tensor gram, Tensor? orders, Tensor? losses, <method>) -> Tensor
+//       gram [S, T, T] float32 -> [S, T] float32: the whole weight step (normalisation,
+//       method, rescale; solver::segment_weights). CPU only.
+//   fused_(Tensor(a!) out, Tensor[] grads, Tensor offsets, Tensor? orders, Tensor? losses,
+//          <method>) -> (Tensor, Tensor)
+//       gram + weights + combine_ in one cache-blocked sweep; returns (gram [S, T, T] f32,
+//       weights [S, T] f32). CPU only.
+//   <method> = int method, int solver, int max_iter, float tol, float c, int rescale,
+//       int normalization, bool normalize_weights   (codes: solver::Method, ::Normalization)
+//       orders: int64 [T, T-1] (pcgrad) or None; losses: float64 [S, T] (loss, loss+) or None.
 //
 // Every check throws (TORCH_CHECK -> RuntimeError in Python) before anything is written,
 // naming the argument and giving expected vs got.
@@ -39,12 +49,24 @@ constexpr const char* kSolveCagradSchema = "solve_cagrad(Tensor gram, float c, i
 constexpr const char* kCombineSchema =
     "combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()";
 
+#define BUCKETMOO_METHOD_ARGS                                                              \
+  "int method, int solver, int max_iter, float tol, float c, int rescale, int normalization, " \
+  "bool normalize_weights"
+constexpr const char* kWeightsSchema =
+    "weights(Tensor gram, Tensor? orders, Tensor? losses, " BUCKETMOO_METHOD_ARGS ") -> Tensor";
+constexpr const char* kFusedSchema =
+    "fused_(Tensor(a!) out, Tensor[] grads, Tensor offsets, Tensor? orders, Tensor? losses, "
+    BUCKETMOO_METHOD_ARGS ") -> (Tensor, Tensor)";
+#undef BUCKETMOO_METHOD_ARGS
+
 inline void define_ops(torch::Library& m) {
   m.def(kGramSchema);
   m.def(kSolveMgdaSchema);
   m.def(kSolvePcgradSchema);
   m.def(kSolveCagradSchema);
   m.def(kCombineSchema);
+  m.def(kWeightsSchema);
+  m.def(kFusedSchema);
 }
 
 // grads: non-empty, 1-D, one supported dtype, one device, one length, unit stride.
@@ -136,6 +158,16 @@ inline void check_orders(const at::Tensor& orders, int64_t num_tasks, const at::
   TORCH_CHECK(orders.device() == device, op, ": orders is on ", orders.device(),
               " but gram is on ", device);
   TORCH_CHECK(orders.is_contiguous(), op, ": orders must be contiguous");
+}
+
+// orders values: row i lists the other tasks (each in [0, T), not i). Host-readable.
+inline void check_orders_values(const int64_t* ord, int64_t num_tasks, const char* op) {
+  for (int64_t i = 0; i < num_tasks; ++i)
+    for (int64_t o = 0; o < num_tasks - 1; ++o) {
+      const int64_t j = ord[i * (num_tasks - 1) + o];
+      TORCH_CHECK(j >= 0 && j < num_tasks && j != i, op, ": orders[", i, ", ", o,
+                  "] must be another task index in [0, T) (not ", i, "); got ", j);
+    }
 }
 
 inline void check_solver_message(const char* message, const char* op) {

@@ -8,6 +8,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "../csrc/common/bucketmoo_solvers.h"
@@ -92,12 +96,7 @@ at::Tensor solve_pcgrad_cpu(at::Tensor gram, at::Tensor orders) {
   ops::check_solver_message(solver::pcgrad_check(int(T)), op);
   ops::check_orders(orders, T, gram.device(), op);
   const int64_t* ord = orders.data_ptr<int64_t>();
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t o = 0; o < T - 1; ++o) {
-      const int64_t j = ord[i * (T - 1) + o];
-      TORCH_CHECK(j >= 0 && j < T && j != i, op, ": orders[", i, ", ", o,
-                  "] must be another task index in [0, T) (not ", i, "); got ", j);
-    }
+  ops::check_orders_values(ord, T, op);
   const int64_t S = gram.size(0);
   at::Tensor w = at::empty({S, T}, gram.options());
   cpu::solve_pcgrad(gram.data_ptr<double>(), S, int(T), ord, w.data_ptr<double>(),
@@ -117,6 +116,89 @@ at::Tensor solve_cagrad_cpu(at::Tensor gram, double c, int64_t rescale) {
   return w;
 }
 
+// The method arguments of weights / fused_ as a solver::MethodSpec, checked against T, S and
+// the device (orders and losses must be present exactly when the method / normalisation
+// uses them).
+solver::MethodSpec method_spec(const std::optional<at::Tensor>& orders,
+                               const std::optional<at::Tensor>& losses, int64_t S, int64_t T,
+                               int64_t method, int64_t solver_code, int64_t max_iter, double tol,
+                               double c, int64_t rescale, int64_t normalization,
+                               bool normalize_weights, const char* op) {
+  solver::MethodSpec spec;
+  spec.method = int(method);
+  spec.solver = int(solver_code);
+  spec.max_iter = int(std::min<int64_t>(max_iter, INT32_MAX));
+  spec.tol = tol;
+  spec.c = c;
+  spec.rescale = int(rescale);
+  spec.normalization = int(normalization);
+  spec.normalize_weights = normalize_weights;
+  ops::check_solver_message(solver::method_check(spec, int(T)), op);
+  if (spec.method == solver::kMethodPcgrad) {
+    TORCH_CHECK(orders.has_value(), op, ": method 2 (pcgrad) needs orders [T, T-1]; got None");
+    check_cpu(*orders, "orders", op);
+    ops::check_orders(*orders, T, orders->device(), op);
+    ops::check_orders_values(orders->data_ptr<int64_t>(), T, op);
+    spec.orders = orders->data_ptr<int64_t>();
+  }
+  if (solver::uses_losses(spec.normalization)) {
+    TORCH_CHECK(losses.has_value(), op, ": normalization ", normalization,
+                " (loss, loss+) needs losses [S, T]; got None");
+    const at::Tensor& l = *losses;
+    check_cpu(l, "losses", op);
+    TORCH_CHECK(l.scalar_type() == at::kDouble && l.dim() == 2 && l.size(0) == S &&
+                    l.size(1) == T && l.is_contiguous(),
+                op, ": losses must be a contiguous float64 [S, T] = [", S, ", ", T,
+                "] tensor; got ", l.scalar_type(), " ", l.sizes());
+  }
+  return spec;
+}
+
+const double* losses_ptr(const std::optional<at::Tensor>& losses, const solver::MethodSpec& spec) {
+  return solver::uses_losses(spec.normalization) ? losses->data_ptr<double>() : nullptr;
+}
+
+at::Tensor weights_cpu(at::Tensor gram, std::optional<at::Tensor> orders,
+                       std::optional<at::Tensor> losses, int64_t method, int64_t solver_code,
+                       int64_t max_iter, double tol, double c, int64_t rescale,
+                       int64_t normalization, bool normalize_weights) {
+  const char* op = "bucketmoo::weights";
+  check_cpu(gram, "gram", op);
+  TORCH_CHECK(gram.scalar_type() == at::kFloat, op, ": gram must be float32; got ",
+              gram.scalar_type());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.size(1) >= 1, op,
+              ": gram must have shape [S, T, T] with T >= 1; got ", gram.sizes());
+  TORCH_CHECK(gram.is_contiguous(), op, ": gram must be contiguous");
+  const int64_t S = gram.size(0), T = gram.size(1);
+  const solver::MethodSpec spec = method_spec(orders, losses, S, T, method, solver_code, max_iter,
+                                              tol, c, rescale, normalization, normalize_weights, op);
+  at::Tensor w = at::empty({S, T}, gram.options());
+  cpu::weights(gram.data_ptr<float>(), S, int(T), spec, losses_ptr(losses, spec),
+               w.data_ptr<float>(), at::get_num_threads());
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_cpu(at::Tensor out, std::vector<at::Tensor> grads,
+                                             at::Tensor offsets, std::optional<at::Tensor> orders,
+                                             std::optional<at::Tensor> losses, int64_t method,
+                                             int64_t solver_code, int64_t max_iter, double tol,
+                                             double c, int64_t rescale, int64_t normalization,
+                                             bool normalize_weights) {
+  const char* op = "bucketmoo::fused_";
+  const int64_t S = check_grads_offsets(grads, offsets, op);
+  const int64_t T = int64_t(grads.size());
+  ops::check_out(out, grads[0], op);
+  const solver::MethodSpec spec = method_spec(orders, losses, S, T, method, solver_code, max_iter,
+                                              tol, c, rescale, normalization, normalize_weights, op);
+  at::Tensor gram = at::empty({S, T, T}, grads[0].options().dtype(at::kFloat));
+  at::Tensor w = at::empty({S, T}, grads[0].options().dtype(at::kFloat));
+  std::vector<const void*> ptrs = grad_pointers(grads);
+  cpu::fused(out.data_ptr(), ptrs.data(), int(T), to_dtype(grads[0].scalar_type()),
+             offsets.data_ptr<int64_t>(), S, spec, losses_ptr(losses, spec),
+             gram.data_ptr<float>(), w.data_ptr<float>(), at::get_num_threads());
+  return {gram, w};
+}
+
 }  // namespace
 }  // namespace bucketmoo
 
@@ -128,6 +210,8 @@ TORCH_LIBRARY_IMPL(bucketmoo, CPU, m) {
   m.impl("solve_pcgrad", &bucketmoo::solve_pcgrad_cpu);
   m.impl("solve_cagrad", &bucketmoo::solve_cagrad_cpu);
   m.impl("combine_", &bucketmoo::combine_cpu);
+  m.impl("weights", &bucketmoo::weights_cpu);
+  m.impl("fused_", &bucketmoo::fused_cpu);
 }
 
 // ---- the Python module: importing it registers the ops above; it also says which

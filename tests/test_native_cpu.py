@@ -183,6 +183,148 @@ def test_isa_variants_give_the_same_bits(tmp_path):
         assert torch.equal(a, b)
 
 
+# ---------------------------------------------------------------- the fused sweep
+METHOD_CASES = [("mean", {}), ("mgda", {}), ("mgda", {"solver": "pgd", "max_iter": 60, "tol": 0.0}),
+                ("pcgrad", {"seed": 3}), ("cagrad", {"c": 0.5, "rescale": 2})]
+LOSSES = [0.5, 2.0, 0.0, 3.0, 1.0, 0.25, 4.0, 1.5, 0.75, 2.5, 1.25, 0.125]
+
+
+def _two_pass(grads, segs, method, opts, normalization, normalize_weights):
+    """gram, then the (native) weight step, then combine: the reference for the fused sweep."""
+    losses = LOSSES[:grads.shape[0]]
+    g = bm.gram(grads, segs, backend="cpu")
+    w = bm.solve(g, method, backend="cpu", normalization=normalization, losses=losses,
+                 normalize_weights=normalize_weights, **opts)
+    return g, w, bm.combine(grads, w, segs, backend="cpu")
+
+
+def _one_sweep(grads, segs, method, opts, normalization, normalize_weights, out=None):
+    tg = as_task_grads(grads)
+    segments = bm.inputs.as_segments(segs, tg.numel)
+    spec = bm.methods.get_method(method)
+    out = torch.empty(tg.numel, dtype=tg.dtype) if out is None else out
+    gram, weights = bm.get_backend("cpu", "cpu").fused(
+        tg, segments, out, spec, bm.methods.resolve_options(spec, opts), normalization,
+        LOSSES[:tg.num_tasks], normalize_weights)
+    return gram, weights, out
+
+
+def _assert_same_bits(a, b):
+    for x, y, what in zip(a, b, ("gram", "weights", "out")):
+        assert torch.equal(x, y), f"{what} differs between the fused sweep and the two passes"
+
+
+@pytest.mark.parametrize("method,opts", METHOD_CASES, ids=lambda v: str(v) if isinstance(v, str) else "")
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 4, 8])
+def test_fused_sweep_is_bit_identical_to_the_two_passes(method, opts, normalization, num_tasks):
+    if method == "cagrad" and num_tasks > 8:
+        pytest.skip("cagrad is exact for T <= 8")
+    n = 2 * CHUNK + 999
+    gen = torch.Generator().manual_seed(num_tasks)
+    for dtype in DTYPES:
+        grads = random_grads(num_tasks, n, dtype, generator=gen)
+        for layout in ("one", "uneven", "empty+len1"):
+            segs = LAYOUTS[layout](n)
+            for normalize_weights in (True, False):
+                args = (grads, segs, method, opts, normalization, normalize_weights)
+                _assert_same_bits(_one_sweep(*args), _two_pass(*args))
+
+
+def test_weight_step_matches_the_torch_pipeline():
+    """The native weight step (normalisation, method, rescale) against api._solve on the
+    torch backend, which runs the methods' torch functions."""
+    gen = torch.Generator().manual_seed(11)
+    for num_tasks in (2, 3, 5, 8, 12):
+        grams = bm.gram(random_grads(num_tasks, 600, generator=gen), 41, backend="torch")
+        grams[3] = 0.0  # a zero segment
+        for method, opts in METHOD_CASES:
+            if method == "cagrad" and num_tasks > 8:
+                continue
+            for normalization in ("none", "l2", "loss", "loss+"):
+                for normalize_weights in (True, False):
+                    kw = dict(normalization=normalization, losses=LOSSES[:num_tasks],
+                              normalize_weights=normalize_weights, **opts)
+                    native_w = ops.weights(grams, *bm.get_backend("cpu", "cpu")._method_args(
+                        bm.methods.get_method(method), opts, grams.shape[0], num_tasks,
+                        normalization, LOSSES[:num_tasks], normalize_weights, grams.device))
+                    assert torch.equal(native_w, bm.solve(grams, method, backend="cpu", **kw))
+                    tol = 1e-5 if opts.get("solver") == "pgd" else 1e-6
+                    assert_close(native_w, bm.solve(grams, method, backend="torch", **kw),
+                                 atol=tol, rtol=tol, what=f"{method} {normalization} T={num_tasks}")
+
+
+_GROUPS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests import test_native_cpu as t
+from tests.utils import offsets, random_grads
+n = 5 * t.CHUNK + 77
+layouts = [None, 3000, offsets(0, 100, n - 1100, 0, 1000), offsets(*[n // 40] * 39, n - 39 * (n // 40))]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    grads = random_grads(4, n, dtype, generator=torch.Generator().manual_seed(2))
+    for segs in layouts:
+        for method, opts in t.METHOD_CASES:
+            args = (grads, segs, method, opts, "l2", True)
+            t._assert_same_bits(t._one_sweep(*args), t._two_pass(*args))
+        aliased = grads.clone()
+        args = (aliased, segs, "mgda", {}, "none", True)
+        expected = t._two_pass(grads, *args[1:])
+        t._assert_same_bits(t._one_sweep(*args, out=aliased[2]), expected)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("group_bytes", [1, 4096, 300_000])
+def test_fused_sweep_with_small_groups(group_bytes):
+    """Many groups (each segment, or a few, per group; segments larger than a group) and an
+    output that aliases an input: still the two passes' bits."""
+    env = dict(os.environ, BUCKETMOO_CPU_FUSED_GROUP_BYTES=str(group_bytes))
+    done = subprocess.run([sys.executable, "-c", _GROUPS_SCRIPT, str(ROOT)], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_fused_sweep_threads_and_api_path(monkeypatch):
+    n = 6 * CHUNK + 5
+    grads = random_grads(3, n, torch.bfloat16, generator=torch.Generator().manual_seed(6))
+    segs = LAYOUTS["uneven"](n)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _one_sweep(grads, segs, "mgda", {}, "none", True)
+        torch.set_num_threads(2)
+        two = _one_sweep(grads, segs, "mgda", {}, "none", True)
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_bits(one, two)
+    # fused_bucket_moo takes the sweep with out=None or check_finite=False, else two passes.
+    calls = []
+    backend = bm.get_backend("cpu", "cpu")
+    real = backend.fused
+    monkeypatch.setattr(backend, "fused", lambda *a: calls.append(1) or real(*a))
+    out = bm.fused_bucket_moo(grads, segments=segs, backend="cpu")
+    bm.fused_bucket_moo(grads, segments=segs, backend="cpu", out=torch.empty_like(out),
+                        check_finite=False)
+    assert len(calls) == 2
+    kept = torch.empty_like(out)
+    bm.fused_bucket_moo(grads, segments=segs, backend="cpu", out=kept)
+    assert len(calls) == 2 and torch.equal(kept, out) and torch.equal(out, one[2])
+
+
+def test_fused_sweep_and_non_finite_gradients():
+    n = 3 * CHUNK
+    grads = random_grads(3, n, generator=torch.Generator().manual_seed(7))
+    grads[1, 5] = float("nan")
+    segs = offsets(CHUNK, 2 * CHUNK)
+    with pytest.raises(ValueError, match=r"segment\(s\) \[0\]"):
+        bm.fused_bucket_moo(grads, segments=segs, backend="cpu")
+    out = bm.fused_bucket_moo(grads, segments=segs, backend="cpu", check_finite=False)
+    assert out[:CHUNK].isnan().all() and torch.isfinite(out[CHUNK:]).all()
+    expected = bm.fused_bucket_moo(grads[:, CHUNK:], backend="cpu")
+    assert torch.equal(out[CHUNK:], expected)
+
+
 # ---------------------------------------------------------------- solvers vs torch methods
 def _random_grams(num_seg, num_tasks, seed, rank=None):
     gen = torch.Generator().manual_seed(seed)
@@ -304,7 +446,13 @@ def _small_args():
     return grads, off, gram
 
 
-@pytest.mark.parametrize("op", ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_"])
+# (orders, losses, method, solver, max_iter, tol, c, rescale, normalization, normalize_weights)
+_PCGRAD_LOSS_ARGS = (pcgrad.pcgrad_orders(3, 0), torch.rand(3, 3, dtype=torch.float64) + 0.5,
+                     2, 0, 0, 0.0, 0.0, 0, 3, True)
+
+
+@pytest.mark.parametrize("op", ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_",
+                                "weights", "fused_"])
 def test_opcheck(op):
     grads, off, gram = _small_args()
     args = {
@@ -313,6 +461,8 @@ def test_opcheck(op):
         "solve_pcgrad": (gram, pcgrad.pcgrad_orders(3, 0)),
         "solve_cagrad": (gram, 0.4, 1),
         "combine_": (torch.empty(50), grads, torch.rand(3, 3), off),
+        "weights": (gram.float(), *_PCGRAD_LOSS_ARGS),
+        "fused_": (torch.empty(50), grads, off, *_PCGRAD_LOSS_ARGS),
     }[op]
     torch.library.opcheck(getattr(ops, op).default, args)
 
@@ -329,6 +479,15 @@ def test_ops_compile_with_fullgraph():
 
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*grads, off), fused(*grads, off))
+
+    def one_sweep(g0, g1, g2, offs):
+        out = torch.empty_like(g0)
+        gram, w = ops.fused_(out, [g0, g1, g2], offs, None, None, 1, 0, 100, 1e-10, 0.0, 0, 0, True)
+        return out, gram, w
+
+    compiled = torch.compile(one_sweep, fullgraph=True, backend="aot_eager")
+    for x, y in zip(compiled(*grads, off), one_sweep(*grads, off)):
+        assert torch.equal(x, y)
 
 
 def _raises(match, fn, *args):
@@ -369,6 +528,32 @@ def test_bad_inputs_raise_clear_errors_before_writing():
     _raises("rescale must be 0, 1 or 2", ops.solve_cagrad, gram, 0.4, 3)
     _raises("orders must have shape", ops.solve_pcgrad, gram, torch.zeros(3, 3, dtype=torch.int64))
     _raises("another task index", ops.solve_pcgrad, gram, torch.tensor([[0, 1], [0, 2], [0, 1]]))
+    # the weight step and the fused sweep
+    g32 = gram.float()
+    mgda_args = (1, 0, 100, 1e-10, 0.0, 0, 0, True)  # method .. normalize_weights
+
+    def with_(**kw):
+        names = ("method", "solver", "max_iter", "tol", "c", "rescale", "normalization",
+                 "normalize_weights")
+        return tuple(kw.get(k, v) for k, v in zip(names, mgda_args))
+
+    _raises("gram must be float32", ops.weights, gram, None, None, *mgda_args)
+    _raises(r"method must be 0 \(mean\)", ops.weights, g32, None, None, *with_(method=4))
+    _raises(r"normalization must be 0 \(none\)", ops.weights, g32, None, None, *with_(normalization=4))
+    _raises("max_iter must be >= 0", ops.weights, g32, None, None, *with_(max_iter=-1))
+    _raises("needs orders", ops.weights, g32, None, None, *with_(method=2))
+    _raises("another task index", ops.weights, g32, torch.tensor([[0, 1], [0, 2], [0, 1]]), None,
+            *with_(method=2))
+    _raises("needs losses", ops.weights, g32, None, None, *with_(normalization=2))
+    _raises(r"losses must be a contiguous float64 \[S, T\] = \[3, 3\]", ops.weights, g32, None,
+            torch.ones(3), *with_(normalization=3))
+    _raises("rescale must be 0, 1 or 2", ops.fused_, out, grads, off, None, None,
+            *with_(method=3, rescale=5))
+    _raises("offsets must start at 0", ops.fused_, out, grads, offsets(10, 0, 39), None, None,
+            *mgda_args)
+    _raises("out must have the gradients' dtype", ops.fused_, out.half(), grads, off, None, None,
+            *mgda_args)
+    assert (out == 7.0).all()
 
 
 def test_backend_errors_and_fallbacks():

@@ -17,29 +17,45 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NORMALIZATIONS", "normalization_scales"]
+__all__ = ["NORMALIZATIONS", "USES_LOSSES", "check_normalization", "loss_table",
+           "normalization_scales"]
 
+#: In the order of their codes in csrc/common/bucketmoo_solvers.h (solver::Normalization).
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+#: The normalisations that need the per-task losses.
+USES_LOSSES = ("loss", "loss+")
+
+
+def check_normalization(normalization: str) -> int:
+    """The code of ``normalization`` (its index in :data:`NORMALIZATIONS`), or ValueError."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {normalization!r}"
+        )
+    return NORMALIZATIONS.index(normalization)
+
+
+def loss_table(losses, normalization: str, num_seg: int, num_tasks: int,
+               device: torch.device) -> torch.Tensor:
+    """``losses`` (``[T]`` or ``[S, T]``) as a contiguous float64 ``[S, T]`` tensor on ``device``."""
+    if losses is None:
+        raise ValueError(f"normalization={normalization!r} needs the per-task losses: pass losses=[L_1..L_T]")
+    losses = torch.as_tensor(losses, dtype=torch.float64).to(device)
+    if losses.shape not in ((num_tasks,), (num_seg, num_tasks)):
+        raise ValueError(f"losses must have shape [T] = [{num_tasks}]; got {tuple(losses.shape)}")
+    return losses.expand(num_seg, num_tasks).contiguous()
 
 
 def normalization_scales(gram: torch.Tensor, normalization: str,
                          losses: torch.Tensor | None) -> torch.Tensor | None:
     """``[S, T]`` float64 scales n_t for ``gram [S, T, T]``, or None for ``"none"``."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {normalization!r}"
-        )
+    check_normalization(normalization)
     if normalization == "none":
         return None
     num_seg, num_tasks, _ = gram.shape
     scales = torch.ones(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
     if normalization in ("l2", "loss+"):
         scales = scales * gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).clamp_min(0).sqrt()
-    if normalization in ("loss", "loss+"):
-        if losses is None:
-            raise ValueError(f"normalization={normalization!r} needs the per-task losses: pass losses=[L_1..L_T]")
-        losses = torch.as_tensor(losses, dtype=torch.float64).to(gram.device)
-        if losses.shape not in ((num_tasks,), (num_seg, num_tasks)):
-            raise ValueError(f"losses must have shape [T] = [{num_tasks}]; got {tuple(losses.shape)}")
-        scales = scales * losses
+    if normalization in USES_LOSSES:
+        scales = scales * loss_table(losses, normalization, num_seg, num_tasks, gram.device)
     return torch.where(scales > 0, scales, torch.ones_like(scales))

@@ -22,6 +22,11 @@
 //   cagrad_solve(gram, T, c, rescale, w)             T <= 8
 //   mgda_check(T, solver) / pcgrad_check(T) / cagrad_check(T, c, rescale) -> const char*
 //
+//   segment_weights(gram32, T, spec, losses, w32)    the whole weight step of one segment,
+//       as bucketmoo_kernels/api.py::_solve does it: float32 Gram -> float64, optional
+//       normalisation (congruence by the scales n_t), the method, w_t / n_t, optional
+//       rescale to sum 1, rounded once to float32. spec: MethodSpec; method_check(spec, T).
+//
 // Numeric contract (bucketmoo_kernels/methods/simplex.py): ridge RIDGE_REL*mean(diag M) +
 // RIDGE_ABS on the diagonal; a face candidate is feasible when all weights are finite and
 // >= -FEASIBLE_TOL; among candidates whose objective is <= best + TIE_REL*max(diag M, 0)
@@ -392,6 +397,89 @@ BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale,
   double lam = gw_norm > tiny ? radius / gw_norm : 0.0;
   double divisor = rescale == 0 ? 1.0 : (rescale == 1 ? 1.0 + c * c : 1.0 + c);
   for (int t = 0; t < T; ++t) w[t] = (mean_w + lam * w[t]) / divisor;
+}
+
+// ---------------------------------------------------------------- the weight step
+// Methods and normalisations the native weight step runs (bucketmoo_kernels/native.py maps
+// the names to these codes).
+enum Method : int { kMethodMean = 0, kMethodMgda = 1, kMethodPcgrad = 2, kMethodCagrad = 3 };
+enum Normalization : int { kNormNone = 0, kNormL2 = 1, kNormLoss = 2, kNormLossL2 = 3 };
+
+struct MethodSpec {
+  int method = kMethodMgda;
+  int solver = kAuto;                // mgda
+  int max_iter = 500;                // mgda (pgd)
+  double tol = 1e-10;                // mgda (pgd)
+  const int64_t* orders = nullptr;   // pcgrad: [T, T-1], validated by the caller
+  double c = 0.4;                    // cagrad
+  int rescale = 1;                   // cagrad
+  int normalization = kNormNone;
+  bool normalize_weights = true;     // rescale the weights to sum to 1 (when the sum is > 0)
+};
+
+BUCKETMOO_HD bool uses_losses(int normalization) {
+  return normalization == kNormLoss || normalization == kNormLossL2;
+}
+
+BUCKETMOO_HD const char* method_check(const MethodSpec& m, int T) {
+  if (m.normalization < kNormNone || m.normalization > kNormLossL2)
+    return "normalization must be 0 (none), 1 (l2), 2 (loss) or 3 (loss+)";
+  switch (m.method) {
+    case kMethodMean:
+      return (T < 1 || T > kMaxTasks) ? "mean: the native weight step handles 1 <= T <= 32 tasks"
+                                      : nullptr;
+    case kMethodMgda:
+      if (m.max_iter < 0) return "mgda: max_iter must be >= 0";
+      return mgda_check(T, m.solver);
+    case kMethodPcgrad:
+      return pcgrad_check(T);
+    case kMethodCagrad:
+      return cagrad_check(T, m.c, m.rescale);
+    default:
+      return "method must be 0 (mean), 1 (mgda), 2 (pcgrad) or 3 (cagrad)";
+  }
+}
+
+// gram32: [T, T] float32 Gram of one segment; losses: [T] float64 when the normalisation uses
+// them, else ignored; w32: [T] float32 output. The same float64 operations, in the same order,
+// as api._solve on the torch side, except the final sum, which runs in task order here.
+BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& m,
+                                  const double* losses, float* w32) {
+  double g[kMaxTasks * kMaxTasks];
+  double scale[kMaxTasks];
+  double w[kMaxTasks];
+  for (int i = 0; i < T * T; ++i) g[i] = double(gram32[i]);
+  const bool scaled = m.normalization != kNormNone;
+  if (scaled) {  // methods/normalization.py: n_t (zero or NaN -> 1), M_ab / (n_a n_b)
+    for (int t = 0; t < T; ++t) {
+      double s = 1.0;
+      if (m.normalization == kNormL2 || m.normalization == kNormLossL2) {
+        double d = g[t * T + t];
+        s = s * sqrt(d < 0 ? 0.0 : d);
+      }
+      if (uses_losses(m.normalization)) s = s * losses[t];
+      scale[t] = s > 0 ? s : 1.0;
+    }
+    for (int a = 0; a < T; ++a)
+      for (int b = 0; b < T; ++b) g[a * T + b] = g[a * T + b] / (scale[a] * scale[b]);
+  }
+  switch (m.method) {
+    case kMethodMean:
+      for (int t = 0; t < T; ++t) w[t] = 1.0 / T;
+      break;
+    case kMethodMgda: mgda_solve(g, T, m.solver, m.max_iter, m.tol, w); break;
+    case kMethodPcgrad: pcgrad_solve(g, T, m.orders, w); break;
+    default: cagrad_solve(g, T, m.c, m.rescale, w); break;
+  }
+  if (scaled)
+    for (int t = 0; t < T; ++t) w[t] = w[t] / scale[t];
+  if (m.normalize_weights) {
+    double total = 0.0;
+    for (int t = 0; t < T; ++t) total += w[t];
+    if (total > 0)
+      for (int t = 0; t < T; ++t) w[t] = w[t] / total;
+  }
+  for (int t = 0; t < T; ++t) w32[t] = float(w[t]);
 }
 
 }  // namespace solver

@@ -6,6 +6,12 @@
 //             element in task order (t = 0..T-1), rounded once to the output dtype; `out`
 //             may be the storage of one of the gradients.
 //   solve_*   per-segment solvers of csrc/common/bucketmoo_solvers.h over S segments.
+//   weights   the whole weight step (solver::segment_weights) over S float32 Grams.
+//   fused     gram -> weights -> combine in one sweep: each segment of at most
+//             fused_group_bytes() of gradients is swept by one thread (its combine finds it
+//             in that core's cache); larger ones by all threads, combine in reverse order.
+//             Same chunks, same sums, same weight step as gram + weights + combine:
+//             bit-identical results.
 //
 // Threading: OpenMP, `num_threads` threads (the binding passes torch's at::get_num_threads()).
 // Work is cut into fixed chunks of kChunk elements inside each segment, independent of the
@@ -14,6 +20,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "../common/bucketmoo_solvers.h"
 
 namespace bucketmoo {
 namespace cpu {
@@ -40,6 +48,22 @@ void solve_pcgrad(const double* gram64, int64_t num_segments, int num_tasks,
                   const int64_t* orders, double* weights, int num_threads);
 void solve_cagrad(const double* gram64, int64_t num_segments, int num_tasks, double c,
                   int rescale, double* weights, int num_threads);
+
+// gram: [S, T, T] float32 -> weights [S, T] float32. losses: [S, T] float64 when
+// solver::uses_losses(spec.normalization), else unused. spec checked with method_check().
+void weights(const float* gram, int64_t num_segments, int num_tasks,
+             const solver::MethodSpec& spec, const double* losses, float* weights,
+             int num_threads);
+
+// gram + weights + combine in one sweep over groups of segments (see above). Writes gram
+// [S, T, T] float32, weights [S, T] float32 and out (N elements of `dtype`, may alias grads[k]).
+void fused(void* out, const void* const* grads, int num_tasks, DType dtype,
+           const int64_t* offsets, int64_t num_segments, const solver::MethodSpec& spec,
+           const double* losses, float* gram, float* weights, int num_threads);
+
+// Largest segment (and run of segments) fused() sweeps on one thread, in gradient bytes (T
+// rows together): BUCKETMOO_CPU_FUSED_GROUP_BYTES, else half the L2 cache. Read once.
+int64_t fused_group_bytes();
 
 // Which instruction-set variant of the gram/combine loops runs here ("avx2" or "baseline").
 const char* isa_name();

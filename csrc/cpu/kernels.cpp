@@ -5,6 +5,8 @@
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -98,9 +100,101 @@ inline int64_t segment_of(const std::vector<int64_t>& first, int64_t c) {
   return int64_t(std::upper_bound(first.begin(), first.end(), c) - first.begin()) - 1;
 }
 
+// Segment s and element range [begin, end) of chunk c.
+struct ChunkRange {
+  int64_t s, begin, end;
+};
+inline ChunkRange chunk_range(const std::vector<int64_t>& first, const int64_t* offsets, int64_t c) {
+  const int64_t s = segment_of(first, c);
+  const int64_t begin = offsets[s] + (c - first[size_t(s)]) * kChunk;
+  return {s, begin, std::min(begin + kChunk, offsets[s + 1])};
+}
+
+// Sums the chunk partials of segment s in chunk order (fixed, thread-count independent) and
+// writes its symmetric float32 Gram [T, T].
+void reduce_segment(const double* partial, const std::vector<int64_t>& first, int64_t s, int T,
+                    float* gram_out) {
+  const int P = T * (T + 1) / 2;
+  double acc[8 * 9 / 2];
+  std::vector<double> big(P > 36 ? P : 0);
+  double* sum = P > 36 ? big.data() : acc;
+  for (int p = 0; p < P; ++p) sum[p] = 0.0;
+  for (int64_t c = first[size_t(s)]; c < first[size_t(s) + 1]; ++c)
+    for (int p = 0; p < P; ++p) sum[p] += partial[size_t(c) * P + p];
+  float* g = gram_out + s * T * T;
+  int p = 0;
+  for (int a = 0; a < T; ++a)
+    for (int b = a; b < T; ++b, ++p) {
+      g[a * T + b] = float(sum[p]);
+      g[b * T + a] = float(sum[p]);
+    }
+}
+
+inline int64_t element_bytes(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+// Non-temporal combine stores: float32 output far beyond the caches that aliases no input.
+bool use_stream_stores(const void* out, const void* const* grads, int T, DType dtype, int64_t N) {
+  bool stream = stream_stores_enabled() && dtype == DType::kFloat32 && N * 4 >= kStreamMinBytes;
+  for (int t = 0; t < T; ++t) stream = stream && grads[t] != out;
+  return stream;
+}
+
+// What fused() does with each segment: runs of consecutive small segments (each, and each
+// run in all, at most `budget` gradient bytes), each run swept by one thread while it is in
+// that core's cache; and the large segments, each swept by all threads together.
+struct SweepPlan {
+  std::vector<int64_t> run_starts;  // run r: segments run_starts[r] .. run_ends[r]
+  std::vector<int64_t> run_ends;
+  std::vector<int64_t> large;
+};
+
+SweepPlan plan_sweep(const int64_t* offsets, int64_t S, int64_t row_bytes, int64_t budget) {
+  SweepPlan plan;
+  int64_t bytes = 0;
+  bool open = false;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t b = (offsets[s + 1] - offsets[s]) * row_bytes;
+    if (b > budget) {
+      plan.large.push_back(s);
+      open = false;
+      continue;
+    }
+    if (!open || bytes + b > budget) {
+      plan.run_starts.push_back(s);
+      plan.run_ends.push_back(s);
+      bytes = 0;
+      open = true;
+    }
+    plan.run_ends.back() = s + 1;
+    bytes += b;
+  }
+  return plan;
+}
+
+int64_t default_group_bytes() {
+  int64_t bytes = int64_t(256) << 10;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (l2 > 0) bytes = int64_t(l2) / 2;  // half the core's L2: room for the output and the rest
+#endif
+  return std::max<int64_t>(bytes, int64_t(64) << 10);
+}
+
 }  // namespace
 
 const char* isa_name() { return variant().name; }
+
+int64_t fused_group_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("BUCKETMOO_CPU_FUSED_GROUP_BYTES");
+    if (env != nullptr) {
+      const long long v = std::atoll(env);
+      if (v > 0) return int64_t(v);
+    }
+    return default_group_bytes();
+  }();
+  return bytes;
+}
 
 void gram(const void* const* grads, int T, DType dtype, const int64_t* offsets, int64_t S,
           float* gram_out, int num_threads) {
@@ -117,29 +211,12 @@ void gram(const void* const* grads, int T, DType dtype, const int64_t* offsets, 
     std::vector<double> scratch(T > 8 ? static_cast<size_t>(T) * 256 : 0);
 #pragma omp for schedule(dynamic, grain)
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t s = segment_of(first, c);
-      const int64_t begin = offsets[s] + (c - first[size_t(s)]) * kChunk;
-      const int64_t end = std::min(begin + kChunk, offsets[s + 1]);
-      v.gram_chunk(grads, T, dtype, begin, end, partial.data() + size_t(c) * P, scratch.data());
+      const ChunkRange r = chunk_range(first, offsets, c);
+      v.gram_chunk(grads, T, dtype, r.begin, r.end, partial.data() + size_t(c) * P, scratch.data());
     }
   }
-  // Reduce the chunks of each segment in chunk order (fixed, thread-count independent).
 #pragma omp parallel for schedule(static) num_threads(nt) if (S >= 4096 && nt > 1)
-  for (int64_t s = 0; s < S; ++s) {
-    double acc[8 * 9 / 2];
-    std::vector<double> big(P > 36 ? P : 0);
-    double* sum = P > 36 ? big.data() : acc;
-    for (int p = 0; p < P; ++p) sum[p] = 0.0;
-    for (int64_t c = first[size_t(s)]; c < first[size_t(s) + 1]; ++c)
-      for (int p = 0; p < P; ++p) sum[p] += partial[size_t(c) * P + p];
-    float* g = gram_out + s * T * T;
-    int p = 0;
-    for (int a = 0; a < T; ++a)
-      for (int b = a; b < T; ++b, ++p) {
-        g[a * T + b] = float(sum[p]);
-        g[b * T + a] = float(sum[p]);
-      }
-  }
+  for (int64_t s = 0; s < S; ++s) reduce_segment(partial.data(), first, s, T, gram_out);
 }
 
 void combine(void* out, const void* const* grads, int T, DType dtype, const float* weights,
@@ -150,18 +227,88 @@ void combine(void* out, const void* const* grads, int T, DType dtype, const floa
   const int64_t N = offsets[S];
   const int nt = threads_for(num_threads);
   const int64_t grain = dynamic_grain(C, N);
-  bool stream = stream_stores_enabled() && dtype == DType::kFloat32 && N * 4 >= kStreamMinBytes;
-  for (int t = 0; t < T; ++t) stream = stream && grads[t] != out;
+  const bool stream = use_stream_stores(out, grads, T, dtype, N);
 #pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
   {
     std::vector<double> w(static_cast<size_t>(T));
 #pragma omp for schedule(dynamic, grain)
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t s = segment_of(first, c);
-      const int64_t begin = offsets[s] + (c - first[size_t(s)]) * kChunk;
-      const int64_t end = std::min(begin + kChunk, offsets[s + 1]);
-      for (int t = 0; t < T; ++t) w[size_t(t)] = double(weights[s * T + t]);
-      v.combine_range(out, grads, T, dtype, w.data(), begin, end, stream);
+      const ChunkRange r = chunk_range(first, offsets, c);
+      for (int t = 0; t < T; ++t) w[size_t(t)] = double(weights[r.s * T + t]);
+      v.combine_range(out, grads, T, dtype, w.data(), r.begin, r.end, stream);
+    }
+  }
+}
+
+void weights(const float* gram, int64_t S, int T, const solver::MethodSpec& spec,
+             const double* losses, float* w, int num_threads) {
+  const int nt = threads_for(num_threads);
+  const bool per_task_losses = solver::uses_losses(spec.normalization);
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (S >= 64 && nt > 1)
+  for (int64_t s = 0; s < S; ++s)
+    solver::segment_weights(gram + s * T * T, T, spec, per_task_losses ? losses + s * T : nullptr,
+                            w + s * T);
+}
+
+// Small segments: a thread takes a run and, segment by segment, computes its Gram, weights
+// and combine while the segment is still in its cache (no barrier). Large segments: all
+// threads share the gram chunks, one thread does the weight step, all share the combine
+// chunks in reverse order, so that the last-read (most likely still cached) end goes first.
+// Segments touch disjoint elements and their own partial / gram / weight slots, so only the
+// steps inside one large segment wait for each other.
+void fused(void* out, const void* const* grads, int T, DType dtype, const int64_t* offsets,
+           int64_t S, const solver::MethodSpec& spec, const double* losses, float* gram_out,
+           float* weights_out, int num_threads) {
+  const Variant& v = variant();
+  const std::vector<int64_t> first = chunk_starts(offsets, S);
+  const int64_t C = first[size_t(S)];
+  const int P = T * (T + 1) / 2;
+  const int64_t N = offsets[S];
+  std::vector<double> partial(size_t(C) * P);
+  const SweepPlan plan =
+      plan_sweep(offsets, S, int64_t(T) * element_bytes(dtype), fused_group_bytes());
+  const int64_t runs = int64_t(plan.run_starts.size());
+  const int nt = threads_for(num_threads);
+  const int64_t grain = dynamic_grain(C, N);
+  const bool stream = use_stream_stores(out, grads, T, dtype, N);
+  const bool per_task_losses = solver::uses_losses(spec.normalization);
+#pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
+  {
+    std::vector<double> scratch(T > 8 ? static_cast<size_t>(T) * 256 : 0);
+    std::vector<double> w(static_cast<size_t>(T));
+    auto gram_chunks = [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const ChunkRange r = chunk_range(first, offsets, c);
+        v.gram_chunk(grads, T, dtype, r.begin, r.end, partial.data() + size_t(c) * P,
+                     scratch.data());
+      }
+    };
+    auto weight_step = [&](int64_t s) {
+      reduce_segment(partial.data(), first, s, T, gram_out);
+      solver::segment_weights(gram_out + s * T * T, T, spec,
+                              per_task_losses ? losses + s * T : nullptr, weights_out + s * T);
+    };
+    auto combine_chunk = [&](int64_t c) {
+      const ChunkRange r = chunk_range(first, offsets, c);
+      for (int t = 0; t < T; ++t) w[size_t(t)] = double(weights_out[r.s * T + t]);
+      v.combine_range(out, grads, T, dtype, w.data(), r.begin, r.end, stream);
+    };
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t r = 0; r < runs; ++r) {
+      for (int64_t s = plan.run_starts[size_t(r)]; s < plan.run_ends[size_t(r)]; ++s) {
+        gram_chunks(first[size_t(s)], first[size_t(s) + 1]);
+        weight_step(s);
+        for (int64_t c = first[size_t(s)]; c < first[size_t(s) + 1]; ++c) combine_chunk(c);
+      }
+    }
+    for (const int64_t s : plan.large) {
+      const int64_t c0 = first[size_t(s)], c1 = first[size_t(s) + 1];
+#pragma omp for schedule(dynamic, grain)
+      for (int64_t c = c0; c < c1; ++c) gram_chunks(c, c + 1);
+#pragma omp single
+      weight_step(s);
+#pragma omp for schedule(dynamic, grain) nowait
+      for (int64_t i = 0; i < c1 - c0; ++i) combine_chunk(c1 - 1 - i);
     }
   }
 }
