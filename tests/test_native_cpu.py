@@ -325,6 +325,152 @@ def test_fused_sweep_and_non_finite_gradients():
     assert torch.equal(out[CHUNK:], expected)
 
 
+_ISA_SWEEP_SCRIPT = """
+import sys, torch, bucketmoo_kernels as bm
+from bucketmoo_kernels import native
+g = torch.Generator().manual_seed(10)
+n = 2 * 16384 + 3 * 256 + 5  # two chunks, full blocks and a tail
+halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    finite = halves.view(dtype) if dtype != torch.float32 else torch.randn(65536, generator=g)
+    finite = finite[torch.isfinite(finite)]
+    for num_tasks in range(1, 11):
+        grads = (torch.randn(num_tasks, n, generator=g) * 3).to(dtype)
+        grads[:, :finite.numel() // 2] = finite[torch.randperm(finite.numel(), generator=g)[:finite.numel() // 2]]
+        segs = torch.tensor([0, 7, 300, 16390, n])
+        gram = bm.gram(grads, segs, backend="cpu")
+        w = torch.rand(4, num_tasks, generator=g) * 2 - 0.5
+        out += [gram, bm.combine(grads, w, segs, backend="cpu")]
+torch.save((native.cpu_isa(), out), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_isa_variants_give_the_same_bits_for_every_task_count(tmp_path):
+    """T = 1..10 (each T has its own register tiles), all dtypes, every finite bf16/fp16
+    value (subnormals included), full blocks, tails and two chunks."""
+    results = {}
+    for isa in ("baseline", "auto"):
+        env = dict(os.environ)
+        env.pop("BUCKETMOO_CPU_ISA", None)
+        if isa == "baseline":
+            env["BUCKETMOO_CPU_ISA"] = "baseline"
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SWEEP_SCRIPT, str(path)], check=True, env=env, cwd=ROOT)
+        results[isa] = torch.load(path)
+    assert results["baseline"][0] == "baseline"
+    for a, b in zip(results["baseline"][1], results["auto"][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("num_tasks", range(1, 11))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_gram_and_combine_every_task_count(num_tasks, dtype):
+    """Every T (register tiles of T <= 8, the generic loop above), segments cutting blocks
+    and chunks at odd places."""
+    n = CHUNK + 5 * 256 + 13
+    grads = random_grads(num_tasks, n, dtype, generator=torch.Generator().manual_seed(num_tasks))
+    segs = Segments(offsets(1, 255, 256, 1000, CHUNK - 1000, n - CHUNK - 512))
+    tg = as_task_grads(grads)
+    assert_close(bm.gram(grads, segs, backend="cpu"), gram_reference(tg, segs), what="gram",
+                 **_gram_tol(dtype))
+    weights = torch.rand(segs.num_segments, num_tasks, generator=torch.Generator().manual_seed(0))
+    out = bm.combine(grads, weights, segs, backend="cpu")
+    assert torch.equal(out, combine_reference(tg, weights, segs, torch.empty_like(out)))
+
+
+# ---------------------------------------------------------------- half-precision conversions
+def _every_value(dtype, finite_only=False):
+    """All 65536 bit patterns of a 16-bit dtype (subnormals, +-0, +-inf, NaNs)."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    return values[torch.isfinite(values)] if finite_only else values
+
+
+def _assert_same_values(actual, expected, what):
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{what}: NaN positions differ"
+    bits_a = actual[~nan].view(torch.int16)
+    bits_e = expected[~nan].view(torch.int16)
+    bad = torch.nonzero(bits_a != bits_e).flatten()
+    assert bad.numel() == 0, (f"{what}: {bad.numel()} values differ, e.g. "
+                              f"{actual[~nan][bad[:4]].tolist()} vs {expected[~nan][bad[:4]].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("num_tasks", [1, 3, 9])
+def test_combine_of_every_half_value_matches_torch(dtype, num_tasks):
+    """Every bit pattern through combine with weights that keep, halve (subnormal results and
+    round-to-even ties), scale (rounding), double (overflow to inf) and negate: the same values
+    as torch's own float64 -> dtype conversion; NaN stays NaN, inf stays inf."""
+    x = _every_value(dtype)
+    n = x.numel()
+    grads = torch.stack([x.roll(37 * t) for t in range(num_tasks)])
+    segs = Segments(offsets(*([n // 8] * 8)))
+    weights = torch.zeros(8, num_tasks)
+    for s, w0 in enumerate([1.0, 0.5, 0.25, 1.5, 0.1, 2.0, -1.0, 3.0e-5]):
+        weights[s, 0] = w0
+        weights[s, 1:] = 0.0 if s % 2 else 2.0 ** -(s + 12)
+    out = bm.combine(grads, weights, segs, backend="cpu")
+    lengths = segs.lengths
+    w64 = torch.repeat_interleave(weights.double(), lengths, dim=0).T
+    g64 = grads.double()
+    expected64 = w64[0] * g64[0]
+    for t in range(1, num_tasks):  # task order, as the kernel sums (0 * inf is NaN there too)
+        expected64 = expected64 + w64[t] * g64[t]
+    _assert_same_values(out, expected64.to(dtype), f"combine {dtype} T={num_tasks}")
+
+
+def test_combine_with_zero_weight_and_inf_is_nan():
+    """0 * inf is NaN in float64: the combine computes it, it does not skip zero weights."""
+    x = torch.tensor([float("inf"), 1.0, float("nan")], dtype=torch.float16).repeat(300)
+    grads = torch.stack([torch.ones_like(x), x])
+    out = bm.combine(grads, torch.tensor([[1.0, 0.0]]), backend="cpu")
+    expected = (grads.double()[0] + 0.0 * grads.double()[1]).to(torch.float16)
+    _assert_same_values(out, expected, "combine 0 * inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_gram_of_every_finite_half_value(dtype):
+    """Every finite bit pattern, sorted by magnitude into segments of one block each, so that a
+    wrong conversion of any value (a subnormal included) shows in its segment's Gram."""
+    x = _every_value(dtype, finite_only=True)
+    x = x[torch.argsort(x.double().abs(), stable=True)]
+    n = x.numel() // 256 * 256
+    x = x[:n]
+    grads = torch.stack([x, -x.roll(1), x.flip(0)])
+    segs = Segments.chunks(n, 256)
+    got = bm.gram(grads, segs, backend="cpu")
+    assert_close(got, gram_reference(as_task_grads(grads), segs), atol=0.0, rtol=1e-6, what="gram")
+
+
+def test_fp16_subnormals_survive_flush_denormal_mode():
+    """float16 subnormals convert exactly even with DAZ/FTZ set (torch.set_flush_denormal):
+    the gram of subnormal-only rows is exact in float64, and the combine rounds to subnormal
+    halves."""
+    sub = _every_value(torch.float16, finite_only=True)
+    sub = sub[(sub != 0) & (sub.double().abs() < 2.0 ** -14)]  # the 2046 nonzero subnormals
+    n = 4096 + 256 + 7  # full blocks and a tail; below the parallel threshold (calling thread)
+    grads = torch.stack([sub.repeat(3)[:n], sub.flip(0).repeat(3)[:n], sub.roll(5).repeat(3)[:n]])
+    g64 = grads.double()
+    gram_exact = (g64 @ g64.T).float()[None]  # integer multiples of 2^-48: exact
+    weights = torch.tensor([[0.5, 0.25, 0.125]])
+    combined = (0.5 * g64[0] + 0.25 * g64[1] + 0.125 * g64[2]).to(torch.float16)
+    before = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("flush-denormal mode is not supported on this CPU")
+    try:
+        torch.set_num_threads(1)
+        gram = bm.gram(grads, backend="cpu")
+        out = bm.combine(grads, weights, backend="cpu")
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+    assert torch.equal(gram, gram_exact)
+    assert torch.equal(out, combined)
+    assert (out != 0).sum() > n // 2
+
+
 # ---------------------------------------------------------------- solvers vs torch methods
 def _random_grams(num_seg, num_tasks, seed, rank=None):
     gen = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define BUCKETMOO_ISA_NS isa_avx2
+#define BUCKETMOO_ISA_AVX2 1
 #include "kernels_impl.h"
 #pragma GCC pop_options
 
