@@ -1,16 +1,18 @@
 """The CPU goal of issue 5: ``fused_bucket_moo`` on the native ``cpu`` backend vs ``torch``.
 
-Setup: T = 4 fp32 gradients of N = 16M elements (one segment, MGDA), on this machine's
-cores. Reports, in the same run:
+Setup: T = 4 fp32 gradients of N = 16M elements (MGDA), on this machine's cores; one
+segment (the goal's setup) and, for the fused sweep, segments of 16K elements (a
+chunk-granularity layout whose segments fit in a core's L2). Reports, in the same run:
 
 * the median time of ``fused_bucket_moo(..., backend="cpu")`` and of ``backend="torch"``
-  and their ratio (goal: >= 2x);
+  and their ratio (goal: >= 2x), for both cpu paths: two passes (a caller's ``out`` with
+  ``check_finite=True``) and the fused sweep (``check_finite=False``, as the hooks call it);
 * the effective bandwidth of the cpu backend, (T*N*4 bytes read + N*4 written) / time,
   as a share of what ``dst.copy_(src)`` reaches on the same number of bytes read + written
   (a copy of (T+1)*N/2 fp32 elements), measured in the same run (goal: >= 70%);
 * the split into gram and combine, for diagnosis.
 
-Run: ``python -m benchmarks.bench_cpu_goal [--n 16777216] [--tasks 4]``.
+Run: ``python -m benchmarks.bench_cpu_goal [--n 16777216] [--tasks 4] [--segment 16384]``.
 Writes ``benchmarks/results/cpu_goal.md`` / ``.json``.
 """
 
@@ -46,7 +48,7 @@ def _interleaved_ms(fns: dict, rounds: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def run(num_tasks: int, n: int, repeats: int, threads: int | None) -> list[dict]:
+def run(num_tasks: int, n: int, repeats: int, threads: int | None, segment: int) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -67,21 +69,30 @@ def run(num_tasks: int, n: int, repeats: int, threads: int | None) -> list[dict]
         rows.append(r)
         return r
 
+    def fused(segments, check_finite):
+        return lambda: bm.fused_bucket_moo(grads, segments=segments, out=out, backend="cpu",
+                                           check_finite=check_finite)
+
     times = _interleaved_ms({
         "copy": lambda: dst.copy_(src),
-        "fused": lambda: bm.fused_bucket_moo(grads, out=out, backend="cpu"),
+        "two passes": fused(None, True),
+        "sweep": fused(None, False),
+        "two passes, short segments": fused(segment, True),
+        "sweep, short segments": fused(segment, False),
         "gram": lambda: bm.gram(grads, backend="cpu"),
         "combine": lambda: bm.combine(grads, weights, out=out, backend="cpu"),
     }, repeats)
     copy_row = row("torch copy_ of the same bytes", times["copy"], moved)
-    cpu_row = row("fused_bucket_moo backend=cpu", times["fused"], moved)
     torch_t = time_ms(lambda: bm.fused_bucket_moo(grads, out=out, backend="torch"), "cpu",
                       warmup=1, repeats=max(3, repeats // 5))
-    row("fused_bucket_moo backend=torch", torch_t, moved)
-    cpu_row["speedup_vs_torch"] = torch_t["median_ms"] / times["fused"]["median_ms"]
-    cpu_row["bw_vs_copy"] = cpu_row["GB/s"] / copy_row["GB/s"]
-    row("gram backend=cpu", times["gram"], num_tasks * n * 4)
-    row("combine backend=cpu", times["combine"], moved)
+    for path in ("two passes", "sweep"):
+        for layout, key in (("1 segment", path), (f"segments of {segment}", f"{path}, short segments")):
+            r = row(f"fused_bucket_moo cpu, {path}, {layout}", times[key], moved)
+            r["speedup_vs_torch"] = torch_t["median_ms"] / times[key]["median_ms"]
+            r["bw_vs_copy"] = r["GB/s"] / copy_row["GB/s"]
+    row("fused_bucket_moo torch, 1 segment", torch_t, moved)
+    row("gram cpu, 1 segment", times["gram"], num_tasks * n * 4)
+    row("combine cpu, 1 segment", times["combine"], moved)
     return rows
 
 
@@ -90,13 +101,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--segment", type=int, default=16384,
+                        help="segment length of the short-segment layout (default 16384)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
                         help="torch.set_num_threads values to run (default: 2 1)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     rows = []
     for threads in args.threads:
-        rows += run(args.tasks, args.n, args.repeats, threads)
+        rows += run(args.tasks, args.n, args.repeats, threads, args.segment)
     env = environment("cpu")
     from bucketmoo_kernels import native
 
@@ -106,22 +119,26 @@ def main() -> None:
     except OSError:
         pass
     results = [r for r in rows if "bw_vs_copy" in r]
-    summary = "; ".join(f"{r['threads']} thread(s): **{r['speedup_vs_torch']:.1f}x** faster than torch, "
+    summary = "; ".join(f"{r['what'].removeprefix('fused_bucket_moo cpu, ')} ({r['threads']} thread(s)): "
+                        f"**{r['speedup_vs_torch']:.1f}x** faster than torch, "
                         f"**{100 * r['bw_vs_copy']:.0f}%** of the copy bandwidth" for r in results)
     notes = (
         f"Goal (issue 5): cpu >= 2x torch, and cpu bandwidth >= 70% of a torch copy of the same "
         f"bytes. This run: {summary}.\n\n"
-        "Copy, fused, gram and combine are timed round-robin (one call of each per round, "
-        "median over the rounds), so that load from other processes affects them alike.\n\n"
+        "All rows but torch are timed round-robin (one call of each per round, median over "
+        "the rounds), so that load from other processes affects them alike.\n\n"
         "Bytes counted: T*N*4 read + N*4 written (an ideal single pass); the copy baseline "
-        "copies (T+1)*N/2 fp32 elements, the same number of bytes read + written. The cpu "
-        "backend makes two passes over the gradients (gram, then combine: the weights of a "
-        "segment depend on its whole Gram), so it really moves about 2*T*N*4 + N*4 bytes.\n\n"
-        "Measured on a shared 2-core machine while other processes (other engineers' builds "
-        "and tests) also used the cores (see the load average above): numbers vary run to run."
+        "copies (T+1)*N/2 fp32 elements, the same number of bytes read + written. A segment's "
+        "weights depend on its whole Gram, so every segment is read twice (gram, then "
+        "combine). With two passes both reads come from memory (about 2*T*N*4 + N*4 bytes "
+        "moved); the fused sweep combines each short segment right after its Gram, so the "
+        "second read comes from the core's cache, and combines a long segment from its "
+        "end, where the last-level cache still holds part of it.\n\n"
+        "Measured on a shared 2-core machine while other processes may also use the cores "
+        "(see the load average above): numbers vary run to run."
     )
     if not args.no_write:
-        path = write_results("cpu_goal", rows, env, title="CPU goal: fused_bucket_moo, T=4, N=16M fp32",
+        path = write_results("cpu_goal", rows, env, title=f"CPU goal: fused_bucket_moo, T={args.tasks}, N={args.n} fp32",
                              notes=notes)
         print(f"wrote {path}")
     from benchmarks.harness import markdown_table

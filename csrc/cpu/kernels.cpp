@@ -100,6 +100,18 @@ inline int64_t segment_of(const std::vector<int64_t>& first, int64_t c) {
   return int64_t(std::upper_bound(first.begin(), first.end(), c) - first.begin()) - 1;
 }
 
+// The chunks of a layout and one partial Gram (P = T(T+1)/2 doubles) per chunk.
+struct GramChunks {
+  std::vector<int64_t> first;  // chunk_starts()
+  int64_t C, N, grain;
+  int P;
+  std::vector<double> partial;
+  GramChunks(const int64_t* offsets, int64_t S, int T)
+      : first(chunk_starts(offsets, S)), C(first[size_t(S)]), N(offsets[S]),
+        grain(dynamic_grain(C, N)), P(T * (T + 1) / 2), partial(size_t(C) * P) {}
+  double* partial_of(int64_t c) { return partial.data() + size_t(c) * P; }
+};
+
 // Segment s and element range [begin, end) of chunk c.
 struct ChunkRange {
   int64_t s, begin, end;
@@ -199,24 +211,20 @@ int64_t fused_group_bytes() {
 void gram(const void* const* grads, int T, DType dtype, const int64_t* offsets, int64_t S,
           float* gram_out, int num_threads) {
   const Variant& v = variant();
-  const std::vector<int64_t> first = chunk_starts(offsets, S);
-  const int64_t C = first[size_t(S)];
-  const int P = T * (T + 1) / 2;
-  const int64_t N = offsets[S];
-  std::vector<double> partial(size_t(C) * P);
+  GramChunks plan(offsets, S, T);
+  const std::vector<int64_t>& first = plan.first;
   const int nt = threads_for(num_threads);
-  const int64_t grain = dynamic_grain(C, N);
-#pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
+#pragma omp parallel num_threads(nt) if (plan.N >= kParallelMin && nt > 1)
   {
     std::vector<double> scratch(T > 8 ? static_cast<size_t>(T) * 256 : 0);
-#pragma omp for schedule(dynamic, grain)
-    for (int64_t c = 0; c < C; ++c) {
+#pragma omp for schedule(dynamic, plan.grain)
+    for (int64_t c = 0; c < plan.C; ++c) {
       const ChunkRange r = chunk_range(first, offsets, c);
-      v.gram_chunk(grads, T, dtype, r.begin, r.end, partial.data() + size_t(c) * P, scratch.data());
+      v.gram_chunk(grads, T, dtype, r.begin, r.end, plan.partial_of(c), scratch.data());
     }
   }
 #pragma omp parallel for schedule(static) num_threads(nt) if (S >= 4096 && nt > 1)
-  for (int64_t s = 0; s < S; ++s) reduce_segment(partial.data(), first, s, T, gram_out);
+  for (int64_t s = 0; s < S; ++s) reduce_segment(plan.partial.data(), first, s, T, gram_out);
 }
 
 void combine(void* out, const void* const* grads, int T, DType dtype, const float* weights,
@@ -260,16 +268,13 @@ void fused(void* out, const void* const* grads, int T, DType dtype, const int64_
            int64_t S, const solver::MethodSpec& spec, const double* losses, float* gram_out,
            float* weights_out, int num_threads) {
   const Variant& v = variant();
-  const std::vector<int64_t> first = chunk_starts(offsets, S);
-  const int64_t C = first[size_t(S)];
-  const int P = T * (T + 1) / 2;
-  const int64_t N = offsets[S];
-  std::vector<double> partial(size_t(C) * P);
+  GramChunks chunks(offsets, S, T);
+  const std::vector<int64_t>& first = chunks.first;
+  const int64_t N = chunks.N, grain = chunks.grain;
   const SweepPlan plan =
       plan_sweep(offsets, S, int64_t(T) * element_bytes(dtype), fused_group_bytes());
   const int64_t runs = int64_t(plan.run_starts.size());
   const int nt = threads_for(num_threads);
-  const int64_t grain = dynamic_grain(C, N);
   const bool stream = use_stream_stores(out, grads, T, dtype, N);
   const bool per_task_losses = solver::uses_losses(spec.normalization);
 #pragma omp parallel num_threads(nt) if (N >= kParallelMin && nt > 1)
@@ -279,12 +284,11 @@ void fused(void* out, const void* const* grads, int T, DType dtype, const int64_
     auto gram_chunks = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const ChunkRange r = chunk_range(first, offsets, c);
-        v.gram_chunk(grads, T, dtype, r.begin, r.end, partial.data() + size_t(c) * P,
-                     scratch.data());
+        v.gram_chunk(grads, T, dtype, r.begin, r.end, chunks.partial_of(c), scratch.data());
       }
     };
     auto weight_step = [&](int64_t s) {
-      reduce_segment(partial.data(), first, s, T, gram_out);
+      reduce_segment(chunks.partial.data(), first, s, T, gram_out);
       solver::segment_weights(gram_out + s * T * T, T, spec,
                               per_task_losses ? losses + s * T : nullptr, weights_out + s * T);
     };
