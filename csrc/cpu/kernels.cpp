@@ -29,16 +29,26 @@ struct Variant {
   const char* name;
 };
 
+// The best variant this CPU runs; BUCKETMOO_CPU_ISA=baseline|avx2|avx512 picks one (if the CPU
+// has it; an unknown or unavailable name gets the best available). All give the same bits.
 Variant pick_variant() {
-  const char* env = std::getenv("BUCKETMOO_CPU_ISA");  // "baseline" forces the portable loops
-  bool want_baseline = env != nullptr && std::strcmp(env, "baseline") == 0;
+  const char* env = std::getenv("BUCKETMOO_CPU_ISA");
+  const bool want_baseline = env != nullptr && std::strcmp(env, "baseline") == 0;
+  const bool want_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
+  if (want_baseline) return {gram_chunk_baseline, combine_range_baseline, "baseline"};
 #if BUCKETMOO_HAVE_AVX2_VARIANT
   __builtin_cpu_init();
-  if (!want_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return {gram_chunk_avx2, combine_range_avx2, "avx2"};
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
+#if BUCKETMOO_HAVE_AVX512_VARIANT
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq");
+  if (has_avx512 && !want_avx2) return {gram_chunk_avx512, combine_range_avx512, "avx512"};
 #endif
-  (void)want_baseline;
+  if (has_avx2) return {gram_chunk_avx2, combine_range_avx2, "avx2"};
+#endif
+  (void)want_avx2;
   return {gram_chunk_baseline, combine_range_baseline, "baseline"};
 }
 

@@ -1,41 +1,46 @@
 // kernels_impl.h -- the per-chunk loops of the CPU gram and combine, compiled once per
-// instruction-set variant (kernels_baseline.cpp, kernels_avx2.cpp). Each includer defines
-// BUCKETMOO_ISA_NS to a distinct namespace so the variants never merge at link time, and
-// BUCKETMOO_ISA_AVX2 to 1 where AVX2, FMA and F16C (half <-> float) intrinsics may be used.
+// instruction-set variant (kernels_baseline.cpp, kernels_avx2.cpp, kernels_avx512.cpp). Each
+// includer defines BUCKETMOO_ISA_NS to a distinct namespace so the variants never merge at link
+// time, BUCKETMOO_ISA_AVX2 to 1 where AVX2, FMA and F16C (half <-> float) intrinsics may be
+// used, and BUCKETMOO_ISA_AVX512 to 1 where AVX-512 F/VL/BW/DQ ones may be used as well.
 //
 // No std:: calls in here (only builtins, GCC vector extensions and intrinsics): an inline std
 // function instantiated under a `#pragma GCC target` could otherwise be picked by the linker
 // for the baseline variant.
 //
 // The summation order is fixed by the source, not by the vector width the compiler picks:
-// the gram keeps a fixed number of lanes (gram_lanes<T>, kLanes) per pair accumulator, written
-// with 4-double vectors (v4d) that are one ymm register under AVX2 and two xmm registers on
-// the baseline. Every product of two fp32/bf16/fp16 values (and of a float32 weight and such
-// a value) is exact in float64, so FMA contraction never changes a bit either: both variants
-// give the same results.
+// the gram keeps kLanes = 8 lanes per pair accumulator for every T, lane l summing the
+// elements at l (mod 8) from the chunk's start in element order, the lanes added in order at
+// the end. The lanes are one zmm register in the AVX-512 variant, two 4-double vectors (v4d)
+// elsewhere: two ymm registers under AVX2, four xmm on the baseline. Every product of two
+// fp32/bf16/fp16 values (and of a float32 weight and such a value) is exact in float64, so
+// FMA contraction never changes a bit either: all variants give the same results.
 //
 // The loops are templates over the source type (F32, BF16, FP16): no dtype branch inside a
 // loop, so the conversions vectorise (F16C for float16 in the AVX2 variant).
 //
-// The tiled gram (T <= 8) sums each pair exactly as the earlier one-pass loop did: lane l of
-// a pair takes the elements begin + l (mod lanes) in element order, lanes added in order at
-// the end of the chunk. Only the grouping of the pairs into register tiles is new.
+// The tiled gram (T <= 8) sums each pair exactly as the generic loop does; the grouping of
+// the pairs into register tiles (which may differ per variant) never changes a result.
 #ifndef BUCKETMOO_ISA_NS
 #error "define BUCKETMOO_ISA_NS before including kernels_impl.h"
 #endif
 #ifndef BUCKETMOO_ISA_AVX2
 #define BUCKETMOO_ISA_AVX2 0
 #endif
+#ifndef BUCKETMOO_ISA_AVX512
+#define BUCKETMOO_ISA_AVX512 0
+#endif
+#if BUCKETMOO_ISA_AVX512 && !BUCKETMOO_ISA_AVX2
+#error "BUCKETMOO_ISA_AVX512 needs BUCKETMOO_ISA_AVX2"
+#endif
 
 namespace bucketmoo {
 namespace cpu {
 namespace BUCKETMOO_ISA_NS {
 
-constexpr int kLanes = 8;  // lanes of the generic (T > 8) gram loop
-// Lanes of each pair accumulator of the register-tiled gram (T <= 8): 8 for T <= 2 (enough
-// independent FMA chains), else 4. Depends on T only, never on the ISA variant.
-template <int T>
-constexpr int gram_lanes() { return T <= 2 ? 8 : 4; }
+// Lanes of every pair accumulator of the gram (any T, every variant): with 8, one zmm holds
+// a pair and T = 3, 4 still have enough independent FMA chains on AVX-512.
+constexpr int kLanes = 8;
 constexpr int kBlock = 256;  // elements per combine / generic-gram block (multiple of kLanes)
 // Elements per block of the tiled gram: T rows of it (at most 8 KiB) stay in L1 while every
 // register tile sweeps it. A multiple of 8.
@@ -145,6 +150,23 @@ inline void load8(const typename D::Elem* p, v4d& lo, v4d& hi) {
   load4<D>(hi, p + 4);
 }
 
+#if BUCKETMOO_ISA_AVX512
+// 8 consecutive elements as 8 doubles in one zmm (exact)
+template <class D>
+inline __m512d load8z(const typename D::Elem* p) {
+  __m256 f;
+  if constexpr (D::dtype == DType::kFloat32) {
+    f = _mm256_loadu_ps(p);
+  } else if constexpr (D::dtype == DType::kBFloat16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  return _mm512_cvtps_pd(f);
+}
+#endif
+
 // xs[t][k] = double(g[t][b0 + k]) for k < n, then zeros up to `padded`. The T rows are read
 // side by side (T streams advancing together), not one after the other.
 template <int T, class D>
@@ -208,11 +230,17 @@ struct DirectRows {
   const typename D::Elem* const* g;
   int64_t b0;
   inline void get(v4d& v, int t, int k) const { load4<D>(v, g[t] + b0 + k); }
+#if BUCKETMOO_ISA_AVX512
+  inline __m512d get8(int t, int k) const { return load8z<D>(g[t] + b0 + k); }
+#endif
 };
 // ... or widened to double (zero-padded to a multiple of the lanes) in a scratch block.
 struct ScratchRows {
   const double* xs;  // [T][kGramBlock]
   inline void get(v4d& v, int t, int k) const { load4(v, xs + t * kGramBlock + k); }
+#if BUCKETMOO_ISA_AVX512
+  inline __m512d get8(int t, int k) const { return _mm512_loadu_pd(xs + t * kGramBlock + k); }
+#endif
 };
 
 // Pair (a, b), a <= b: index in the row-major upper triangle.
@@ -220,12 +248,13 @@ template <int T>
 constexpr int pair_index(int a, int b) { return a * T - a * (a - 1) / 2 + (b - a); }
 
 // One register tile: the pairs (a, b) with a in [A0, A0+NA), b in [B0, B0+NB) and a <= b,
-// over the n elements (a multiple of L) of the block xs [T][kGramBlock]. acc [P][L]: lane l
-// of a pair holds the products of the elements at l (mod L) from the chunk's start, summed
-// in element order. Tiles touch disjoint pairs, so their order never changes a result.
-template <int T, int L, int A0, int NA, int B0, int NB, class Rows>
+// lanes 4H .. 4(H+V)-1 of each, over the n elements (a multiple of L) of the block. acc
+// [P][L]: lane l of a pair holds the products of the elements at l (mod L) from the chunk's
+// start, summed in element order. Tiles touch disjoint (pair, lane) sets, so their order
+// never changes a result.
+template <int T, int L, int H, int V, int A0, int NA, int B0, int NB, class Rows>
 inline void gram_tile(const Rows& rows, int n, double* acc, LinePrefetcher<T>& pf) {
-  constexpr int V = L / 4;
+  static_assert(4 * (H + V) <= L, "lane groups");
   v4d c[NA][NB][V];
 #pragma GCC unroll 8
   for (int ia = 0; ia < NA; ++ia)
@@ -233,7 +262,7 @@ inline void gram_tile(const Rows& rows, int n, double* acc, LinePrefetcher<T>& p
     for (int ib = 0; ib < NB; ++ib)
 #pragma GCC unroll 2
       for (int j = 0; j < V; ++j)
-        if (A0 + ia <= B0 + ib) load4(c[ia][ib][j], acc + pair_index<T>(A0 + ia, B0 + ib) * L + 4 * j);
+        if (A0 + ia <= B0 + ib) load4(c[ia][ib][j], acc + pair_index<T>(A0 + ia, B0 + ib) * L + 4 * (H + j));
         else c[ia][ib][j] = v4d{0.0, 0.0, 0.0, 0.0};
   for (int k = 0; k < n; k += L) {
     pf.step();
@@ -241,12 +270,12 @@ inline void gram_tile(const Rows& rows, int n, double* acc, LinePrefetcher<T>& p
 #pragma GCC unroll 8
     for (int ib = 0; ib < NB; ++ib)
 #pragma GCC unroll 2
-      for (int j = 0; j < V; ++j) rows.get(xb[ib][j], B0 + ib, k + 4 * j);
+      for (int j = 0; j < V; ++j) rows.get(xb[ib][j], B0 + ib, k + 4 * (H + j));
 #pragma GCC unroll 8
     for (int ia = 0; ia < NA; ++ia) {
       v4d xa[V];
 #pragma GCC unroll 2
-      for (int j = 0; j < V; ++j) rows.get(xa[j], A0 + ia, k + 4 * j);
+      for (int j = 0; j < V; ++j) rows.get(xa[j], A0 + ia, k + 4 * (H + j));
 #pragma GCC unroll 8
       for (int ib = 0; ib < NB; ++ib)
 #pragma GCC unroll 2
@@ -260,7 +289,19 @@ inline void gram_tile(const Rows& rows, int n, double* acc, LinePrefetcher<T>& p
     for (int ib = 0; ib < NB; ++ib)
 #pragma GCC unroll 2
       for (int j = 0; j < V; ++j)
-        if (A0 + ia <= B0 + ib) store4(acc + pair_index<T>(A0 + ia, B0 + ib) * L + 4 * j, c[ia][ib][j]);
+        if (A0 + ia <= B0 + ib) store4(acc + pair_index<T>(A0 + ia, B0 + ib) * L + 4 * (H + j), c[ia][ib][j]);
+}
+
+// A tile's pairs over all L = 8 lanes: for T <= 2 both 4-lane groups in one sweep (enough
+// FMA chains, few registers), else one sweep per group, each with at most 12 accumulators.
+template <int T, int L, int A0, int NA, int B0, int NB, class Rows>
+inline void gram_tile_lanes(const Rows& rows, int n, double* acc, LinePrefetcher<T>& pf) {
+  if constexpr (T <= 2) {
+    gram_tile<T, L, 0, 2, A0, NA, B0, NB>(rows, n, acc, pf);
+  } else {
+    gram_tile<T, L, 0, 1, A0, NA, B0, NB>(rows, n, acc, pf);
+    gram_tile<T, L, 1, 1, A0, NA, B0, NB>(rows, n, acc, pf);
+  }
 }
 
 // The tiles of each T: at most 12 pair accumulators (one ymm each) plus the rows they read,
@@ -269,31 +310,87 @@ inline void gram_tile(const Rows& rows, int n, double* acc, LinePrefetcher<T>& p
 template <int T, int L, class Rows>
 inline void gram_tiles(const Rows& rows, int n, double* acc, LinePrefetcher<T>& pf) {
   if constexpr (T <= 4) {
-    gram_tile<T, L, 0, T, 0, T>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, T, 0, T>(rows, n, acc, pf);
   } else if constexpr (T == 5) {
-    gram_tile<T, L, 0, 3, 0, 3>(rows, n, acc, pf);
-    gram_tile<T, L, 0, 5, 3, 2>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 3, 0, 3>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 5, 3, 2>(rows, n, acc, pf);
   } else if constexpr (T == 6) {
-    gram_tile<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
-    gram_tile<T, L, 0, 6, 4, 2>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 6, 4, 2>(rows, n, acc, pf);
   } else if constexpr (T == 7) {
-    gram_tile<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
-    gram_tile<T, L, 0, 4, 4, 3>(rows, n, acc, pf);
-    gram_tile<T, L, 4, 3, 4, 3>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 4, 4, 3>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 4, 3, 4, 3>(rows, n, acc, pf);
   } else {
     static_assert(T == 8, "the tiled gram covers T <= 8");
-    gram_tile<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
-    gram_tile<T, L, 0, 4, 4, 2>(rows, n, acc, pf);
-    gram_tile<T, L, 0, 4, 6, 2>(rows, n, acc, pf);
-    gram_tile<T, L, 4, 4, 4, 4>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 4, 4, 2>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 4, 6, 2>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 4, 4, 4, 4>(rows, n, acc, pf);
   }
 }
 
+#if BUCKETMOO_ISA_AVX512
+// ---- the tiled gram on AVX-512: one zmm per pair accumulator (its 8 lanes), a tile of at
+// most 22 of them plus the rows it reads in the 32 registers. Same lanes, same order.
+template <int T, int A0, int NA, int B0, int NB, int PF, class Rows>
+inline void gram_tile_zmm(const Rows& rows, int n, double* acc, LinePrefetcher<T>& pf) {
+  __m512d c[NA][NB];
+#pragma GCC unroll 8
+  for (int ia = 0; ia < NA; ++ia)
+#pragma GCC unroll 8
+    for (int ib = 0; ib < NB; ++ib)
+      if (A0 + ia <= B0 + ib) c[ia][ib] = _mm512_loadu_pd(acc + pair_index<T>(A0 + ia, B0 + ib) * 8);
+      else c[ia][ib] = _mm512_setzero_pd();
+  for (int k = 0; k < n; k += 8) {
+#pragma GCC unroll 4
+    for (int q = 0; q < PF; ++q) pf.step();
+    __m512d xb[NB];
+#pragma GCC unroll 8
+    for (int ib = 0; ib < NB; ++ib) xb[ib] = rows.get8(B0 + ib, k);
+#pragma GCC unroll 8
+    for (int ia = 0; ia < NA; ++ia) {
+      const __m512d xa = A0 + ia >= B0 && A0 + ia < B0 + NB ? xb[A0 + ia - B0] : rows.get8(A0 + ia, k);
+#pragma GCC unroll 8
+      for (int ib = 0; ib < NB; ++ib)
+        if (A0 + ia <= B0 + ib) c[ia][ib] = _mm512_fmadd_pd(xa, xb[ib], c[ia][ib]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int ia = 0; ia < NA; ++ia)
+#pragma GCC unroll 8
+    for (int ib = 0; ib < NB; ++ib)
+      if (A0 + ia <= B0 + ib) _mm512_storeu_pd(acc + pair_index<T>(A0 + ia, B0 + ib) * 8, c[ia][ib]);
+}
+
+// Prefetch steps per 8 elements of a tile so that `tiles` tiles fetch T rows of 4-byte
+// elements of a block.
+template <int T>
+constexpr int zmm_prefetch_steps(int tiles) {
+  return (T * kGramBlock * 4 / 64 + tiles * (kGramBlock / 8) - 1) / (tiles * (kGramBlock / 8));
+}
+
+template <int T, class Rows>
+inline void gram_tiles_zmm(const Rows& rows, int n, double* acc, LinePrefetcher<T>& pf) {
+  if constexpr (T <= 6) {
+    gram_tile_zmm<T, 0, T, 0, T, zmm_prefetch_steps<T>(1)>(rows, n, acc, pf);
+  } else if constexpr (T == 7) {
+    constexpr int PF = zmm_prefetch_steps<T>(2);
+    gram_tile_zmm<T, 0, 3, 0, 7, PF>(rows, n, acc, pf);  // 18 pairs
+    gram_tile_zmm<T, 3, 4, 3, 4, PF>(rows, n, acc, pf);  // 10 pairs
+  } else {
+    static_assert(T == 8, "the tiled gram covers T <= 8");
+    constexpr int PF = zmm_prefetch_steps<T>(2);
+    gram_tile_zmm<T, 0, 3, 0, 8, PF>(rows, n, acc, pf);  // 21 pairs
+    gram_tile_zmm<T, 3, 5, 3, 5, PF>(rows, n, acc, pf);  // 15 pairs
+  }
+}
+#endif
 template <int T, class D>
 inline void gram_chunk_fixed(const typename D::Elem* const* g, int64_t begin, int64_t end,
                              double* partial) {
   constexpr int P = T * (T + 1) / 2;
-  constexpr int L = gram_lanes<T>();
+  constexpr int L = kLanes;
   constexpr int64_t kElem = int64_t(sizeof(typename D::Elem));
   // Full blocks are read in place, converted as each tile loads them; only the software
   // IEEE-half conversion (no F16C) is too slow to repeat per tile: widen those blocks once.
@@ -308,14 +405,22 @@ inline void gram_chunk_fixed(const typename D::Elem* const* g, int64_t begin, in
     if (pf.bytes <= 0) pf.row = T;
     for (int t = 0; t < T; ++t) pf.rows[t] = reinterpret_cast<const char*>(g[t] + (pf.bytes > 0 ? ahead : b0));
     if (kInPlace && n == kGramBlock) {
+#if BUCKETMOO_ISA_AVX512
+      gram_tiles_zmm<T>(DirectRows<D>{g, b0}, n, acc, pf);
+#else
       gram_tiles<T, L>(DirectRows<D>{g, b0}, n, acc, pf);
+#endif
     } else {
       // Zero padding up to a multiple of L adds +0.0 to lanes that start at +0.0 and can
       // never become -0.0, so the sums are those of the unpadded tail.
       const int padded = (n + L - 1) / L * L;
       alignas(32) double xs[T * kGramBlock];
       widen_rows<T, D>(g, b0, xs, n, padded);
+#if BUCKETMOO_ISA_AVX512
+      gram_tiles_zmm<T>(ScratchRows{xs}, padded, acc, pf);
+#else
       gram_tiles<T, L>(ScratchRows{xs}, padded, acc, pf);
+#endif
     }
   }
   for (int p = 0; p < P; ++p) {
@@ -385,9 +490,19 @@ template <int TT, class D>
 inline void combine_sums(double* acc, const typename D::Elem* const* g, int T, const double* w,
                          int64_t b0, int n) {
   if constexpr (TT > 0) {
+    int k = 0;
+#if BUCKETMOO_ISA_AVX512
+    __m512d wz[TT];
+    for (int t = 0; t < TT; ++t) wz[t] = _mm512_set1_pd(w[t]);
+    for (; k + 8 <= n; k += 8) {
+      __m512d a = _mm512_mul_pd(wz[0], load8z<D>(g[0] + b0 + k));
+#pragma GCC unroll 8
+      for (int t = 1; t < TT; ++t) a = _mm512_fmadd_pd(wz[t], load8z<D>(g[t] + b0 + k), a);
+      _mm512_storeu_pd(acc + k, a);
+    }
+#else
     v4d wv[TT];
     for (int t = 0; t < TT; ++t) wv[t] = v4d{w[t], w[t], w[t], w[t]};
-    int k = 0;
     for (; k + 8 <= n; k += 8) {
       v4d lo, hi;
       load8<D>(g[0] + b0 + k, lo, hi);
@@ -401,6 +516,7 @@ inline void combine_sums(double* acc, const typename D::Elem* const* g, int T, c
       store4(acc + k, a0);
       store4(acc + k + 4, a1);
     }
+#endif
     for (; k < n; ++k) {
       double a = w[0] * double(to_float(D{}, g[0][b0 + k]));
       for (int t = 1; t < TT; ++t) a += w[t] * double(to_float(D{}, g[t][b0 + k]));
@@ -411,6 +527,13 @@ inline void combine_sums(double* acc, const typename D::Elem* const* g, int T, c
       const v4d wt = {w[t], w[t], w[t], w[t]};
       const typename D::Elem* src = g[t] + b0;
       int k = 0;
+#if BUCKETMOO_ISA_AVX512
+      const __m512d wz = _mm512_set1_pd(w[t]);
+      for (; k + 8 <= n; k += 8) {
+        const __m512d x = load8z<D>(src + k);
+        _mm512_storeu_pd(acc + k, t == 0 ? _mm512_mul_pd(wz, x) : _mm512_fmadd_pd(wz, x, _mm512_loadu_pd(acc + k)));
+      }
+#endif
       for (; k + 8 <= n; k += 8) {
         v4d lo, hi;
         load8<D>(src + k, lo, hi);
@@ -450,7 +573,11 @@ inline void store_block(void* out, const double* acc, int64_t b0, int n, bool st
     }
 #endif
     (void)stream;
-    for (int k = 0; k < n; ++k) o[k] = float(acc[k]);
+    int k = 0;
+#if BUCKETMOO_ISA_AVX512
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(o + k, _mm512_cvtpd_ps(_mm512_loadu_pd(acc + k)));
+#endif
+    for (; k < n; ++k) o[k] = float(acc[k]);
   } else if constexpr (D::dtype == DType::kBFloat16) {
     (void)stream;
     uint16_t* o = static_cast<uint16_t*>(out) + b0;
