@@ -132,8 +132,8 @@ def main() -> None:
         "weights depend on its whole Gram, so every segment is read twice (gram, then "
         "combine). With two passes both reads come from memory (about 2*T*N*4 + N*4 bytes "
         "moved); the fused sweep combines each short segment right after its Gram, so the "
-        "second read comes from the core's cache, and combines a long segment from its "
-        "end, where the last-level cache still holds part of it.\n\n"
+        "second read comes from the core's cache; a segment larger than a core's share of the "
+        "cache is still read twice from memory.\n\n"
         "Measured on a shared 2-core machine while other processes may also use the cores "
         "(see the load average above): numbers vary run to run."
     )

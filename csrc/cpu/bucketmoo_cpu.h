@@ -9,7 +9,7 @@
 //   weights   the whole weight step (solver::segment_weights) over S float32 Grams.
 //   fused     gram -> weights -> combine in one sweep: each segment of at most
 //             fused_group_bytes() of gradients is swept by one thread (its combine finds it
-//             in that core's cache); larger ones by all threads, combine in reverse order.
+//             in that core's cache); larger ones by all threads together.
 //             Same chunks, same sums, same weight step as gram + weights + combine:
 //             bit-identical results.
 //
