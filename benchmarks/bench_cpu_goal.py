@@ -125,6 +125,7 @@ def main() -> None:
     notes = (
         f"Goal (issue 5): cpu >= 2x torch, and cpu bandwidth >= 70% of a torch copy of the same "
         f"bytes. This run: {summary}.\n\n"
+        "speedup_vs_torch always compares with the torch backend on one segment. "
         "All rows but torch are timed round-robin (one call of each per round, median over "
         "the rounds), so that load from other processes affects them alike.\n\n"
         "Bytes counted: T*N*4 read + N*4 written (an ideal single pass); the copy baseline "

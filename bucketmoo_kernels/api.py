@@ -168,10 +168,11 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
             i.e. a gradient holds NaN/Inf or its squared norm overflows float32. This costs
             one device-to-host sync of S*T*T floats. With False, non-finite input propagates
             NaN/Inf into the output without a sync (what a GradScaler-style step skip wants).
-            The ``cpu`` backend's single cache-blocked sweep (gram, weights and combine one
-            group of segments at a time) runs when ``check_finite=False`` or ``out`` is None;
-            with a caller's ``out`` and ``check_finite=True`` it makes two full passes so that
-            nothing is written before the whole Gram is checked. Both give the same bits.
+            The ``cpu`` backend's fused sweep (each segment that fits in a core's cache is
+            combined right after its Gram, so it is read from memory once) runs when
+            ``check_finite=False`` or ``out`` is None; with a caller's ``out`` and
+            ``check_finite=True`` it makes two full passes so that nothing is written before
+            the whole Gram is checked. Both give the same bits.
         **method_options: the method's options.
     Returns:
         ``[N]`` combined gradient in the grads' dtype, or ``(combined, MOOInfo)``.
@@ -186,12 +187,11 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     # One sweep writes `out` before all of the Gram is known, so it runs only where a
     # non-finite Gram cannot leave a caller's buffer half-written.
     if fused is not None and (out is None or not check_finite):
-        target = out if out is not None else torch.empty(
-            task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-        result = fused(task_grads, segs, target, spec, resolved, normalization, losses,
+        if out is None:
+            out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+        result = fused(task_grads, segs, out, spec, resolved, normalization, losses,
                        normalize_weights)
         if result is not None:
-            out = target
             gram_t, weights = result
             if check_finite:
                 _check_finite(gram_t)
