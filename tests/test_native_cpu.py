@@ -471,10 +471,10 @@ def test_gram_of_every_finite_half_value(dtype):
     assert_close(got, gram_reference(as_task_grads(grads), segs), atol=0.0, rtol=1e-6, what="gram")
 
 
-def test_fp16_subnormals_survive_flush_denormal_mode():
-    """float16 subnormals convert exactly even with DAZ/FTZ set (torch.set_flush_denormal):
-    the gram of subnormal-only rows is exact in float64, and the combine rounds to subnormal
-    halves."""
+def _fp16_subnormals_under_flush_denormal():
+    """[gram, exact gram, combine, exact combine] of float16 rows of subnormals, computed by
+    the cpu backend with DAZ/FTZ set (torch.set_flush_denormal), or None where the CPU has
+    no such mode."""
     sub = _every_value(torch.float16, finite_only=True)
     sub = sub[(sub != 0) & (sub.double().abs() < 2.0 ** -14)]  # the 2046 nonzero subnormals
     n = 4096 + 256 + 7  # full blocks and a tail; below the parallel threshold (calling thread)
@@ -485,7 +485,7 @@ def test_fp16_subnormals_survive_flush_denormal_mode():
     combined = (0.5 * g64[0] + 0.25 * g64[1] + 0.125 * g64[2]).to(torch.float16)
     before = torch.get_num_threads()
     if not torch.set_flush_denormal(True):
-        pytest.skip("flush-denormal mode is not supported on this CPU")
+        return None
     try:
         torch.set_num_threads(1)
         gram = bm.gram(grads, backend="cpu")
@@ -493,9 +493,30 @@ def test_fp16_subnormals_survive_flush_denormal_mode():
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(before)
+    return [gram, gram_exact, out, combined]
+
+
+_FLUSH_SCRIPT = """
+import sys, torch
+from bucketmoo_kernels import native
+from tests.test_native_cpu import _fp16_subnormals_under_flush_denormal as case
+torch.save((native.cpu_isa(), case()), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", ("baseline",) + ISA_VARIANTS)
+def test_fp16_subnormals_survive_flush_denormal_mode(isa_run, isa):
+    """float16 subnormals convert exactly in every variant even with DAZ/FTZ set: the gram of
+    subnormal-only rows is exact in float64, and the combine rounds to subnormal halves."""
+    ran, result = isa_run(_FLUSH_SCRIPT, isa)
+    if ran != isa:
+        pytest.skip(f"this CPU cannot run the {isa} loops (BUCKETMOO_CPU_ISA={isa} ran {ran})")
+    if result is None:
+        pytest.skip("flush-denormal mode is not supported on this CPU")
+    gram, gram_exact, out, combined = result
     assert torch.equal(gram, gram_exact)
     assert torch.equal(out, combined)
-    assert (out != 0).sum() > n // 2
+    assert (out != 0).sum() > out.numel() // 2
 
 
 # ---------------------------------------------------------------- solvers vs torch methods
