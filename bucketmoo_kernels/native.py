@@ -10,7 +10,7 @@ Both compiled modules register the same ``torch.ops.bucketmoo`` operators (schem
 * ``solve_cagrad(Tensor gram, float c, int rescale) -> Tensor``: ``[S, T]`` f64
 * ``combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()``
 * ``weights(Tensor gram, Tensor? orders, Tensor? losses, <method>) -> Tensor``: the whole
-  weight step (normalisation, method, rescale), ``[S, T]`` float32 from a float32 Gram (CPU)
+  weight step (normalisation, method, rescale), ``[S, T]`` float32 from a float32 Gram
 * ``fused_(Tensor(a!) out, Tensor[] grads, Tensor offsets, Tensor? orders, Tensor? losses,
   <method>) -> (Tensor, Tensor)``: gram, weights and combine in one cache-blocked sweep (CPU)
 
@@ -163,10 +163,15 @@ class NativeBackend:
         self.max_tasks = int(limit()) if callable(limit) else None
         self._logged_fallback = False
         key = "CPU" if device_type == "cpu" else "CUDA"
-        #: whether the module implements the whole weight step and the fused sweep
-        self.has_weight_step = module is not None and all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"bucketmoo::{op}", key)
-            for op in ("weights", "fused_"))
+
+        def has_kernel(op: str) -> bool:
+            return module is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"bucketmoo::{op}", key)
+
+        #: whether the module runs the whole weight step (``weights``: cpu and cuda) and the
+        #: fused sweep (``fused_``: cpu)
+        self.has_weight_step = has_kernel("weights")
+        self.has_fused_sweep = has_kernel("fused_")
 
     def _native_tasks(self, num_tasks: int) -> bool:
         if self.max_tasks is None or num_tasks <= self.max_tasks:
@@ -268,7 +273,7 @@ class NativeBackend:
               normalize_weights: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Gram, weights and combine in one cache-blocked sweep (``fused_``), writing ``out``;
         returns ``(gram, weights)``, or None (nothing written) where it does not apply."""
-        if out.numel() > 1 and out.stride(0) != 1:
+        if not self.has_fused_sweep or (out.numel() > 1 and out.stride(0) != 1):
             return None
         args = self._method_args(method, options, segments.num_segments, grads.num_tasks,
                                  normalization, losses, normalize_weights, grads.device)

@@ -17,7 +17,7 @@
 //       weights [S, T] float32; out [N] in the grads' dtype; out may be the storage of a grad.
 //   weights(Tensor gram, Tensor? orders, Tensor? losses, <method>) -> Tensor
 //       gram [S, T, T] float32 -> [S, T] float32: the whole weight step (normalisation,
-//       method, rescale; solver::segment_weights). CPU only.
+//       method, rescale; solver::segment_weights). CPU and CUDA.
 //   fused_(Tensor(a!) out, Tensor[] grads, Tensor offsets, Tensor? orders, Tensor? losses,
 //          <method>) -> (Tensor, Tensor)
 //       gram + weights + combine_ in one cache-blocked sweep; returns (gram [S, T, T] f32,
@@ -34,6 +34,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "../csrc/common/bucketmoo_solvers.h"
@@ -168,6 +170,46 @@ inline void check_orders_values(const int64_t* ord, int64_t num_tasks, const cha
       TORCH_CHECK(j >= 0 && j < num_tasks && j != i, op, ": orders[", i, ", ", o,
                   "] must be another task index in [0, T) (not ", i, "); got ", j);
     }
+}
+
+inline void check_solver_message(const char* message, const char* op);
+
+// The <method> arguments of weights / fused_ as a solver::MethodSpec, checked against T; orders
+// and losses must be present exactly where the method / normalisation uses them, with the
+// right dtype, shape and device. Their values are not read (on CUDA that would sync).
+inline solver::MethodSpec method_spec(const std::optional<at::Tensor>& orders,
+                                      const std::optional<at::Tensor>& losses, int64_t S,
+                                      int64_t T, const at::Device& device, int64_t method,
+                                      int64_t solver_code, int64_t max_iter, double tol, double c,
+                                      int64_t rescale, int64_t normalization,
+                                      bool normalize_weights, const char* op) {
+  solver::MethodSpec spec;
+  spec.method = int(method);
+  spec.solver = int(solver_code);
+  spec.max_iter = int(max_iter < INT32_MAX ? max_iter : INT32_MAX);
+  spec.tol = tol;
+  spec.c = c;
+  spec.rescale = int(rescale);
+  spec.normalization = int(normalization);
+  spec.normalize_weights = normalize_weights;
+  check_solver_message(solver::method_check(spec, int(T)), op);
+  if (spec.method == solver::kMethodPcgrad) {
+    TORCH_CHECK(orders.has_value(), op, ": method 2 (pcgrad) needs orders [T, T-1]; got None");
+    check_orders(*orders, T, device, op);
+    spec.orders = orders->data_ptr<int64_t>();
+  }
+  if (solver::uses_losses(spec.normalization)) {
+    TORCH_CHECK(losses.has_value(), op, ": normalization ", normalization,
+                " (loss, loss+) needs losses [S, T]; got None");
+    const at::Tensor& l = *losses;
+    TORCH_CHECK(l.scalar_type() == at::kDouble && l.dim() == 2 && l.size(0) == S &&
+                    l.size(1) == T && l.is_contiguous(),
+                op, ": losses must be a contiguous float64 [S, T] = [", S, ", ", T,
+                "] tensor; got ", l.scalar_type(), " ", l.sizes());
+    TORCH_CHECK(l.device() == device, op, ": losses is on ", l.device(), " but the Gram is on ",
+                device);
+  }
+  return spec;
 }
 
 inline void check_solver_message(const char* message, const char* op) {

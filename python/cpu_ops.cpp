@@ -116,41 +116,16 @@ at::Tensor solve_cagrad_cpu(at::Tensor gram, double c, int64_t rescale) {
   return w;
 }
 
-// The method arguments of weights / fused_ as a solver::MethodSpec, checked against T, S and
-// the device (orders and losses must be present exactly when the method / normalisation
-// uses them).
-solver::MethodSpec method_spec(const std::optional<at::Tensor>& orders,
-                               const std::optional<at::Tensor>& losses, int64_t S, int64_t T,
-                               int64_t method, int64_t solver_code, int64_t max_iter, double tol,
-                               double c, int64_t rescale, int64_t normalization,
-                               bool normalize_weights, const char* op) {
-  solver::MethodSpec spec;
-  spec.method = int(method);
-  spec.solver = int(solver_code);
-  spec.max_iter = int(std::min<int64_t>(max_iter, INT32_MAX));
-  spec.tol = tol;
-  spec.c = c;
-  spec.rescale = int(rescale);
-  spec.normalization = int(normalization);
-  spec.normalize_weights = normalize_weights;
-  ops::check_solver_message(solver::method_check(spec, int(T)), op);
-  if (spec.method == solver::kMethodPcgrad) {
-    TORCH_CHECK(orders.has_value(), op, ": method 2 (pcgrad) needs orders [T, T-1]; got None");
-    check_cpu(*orders, "orders", op);
-    ops::check_orders(*orders, T, orders->device(), op);
-    ops::check_orders_values(orders->data_ptr<int64_t>(), T, op);
-    spec.orders = orders->data_ptr<int64_t>();
-  }
-  if (solver::uses_losses(spec.normalization)) {
-    TORCH_CHECK(losses.has_value(), op, ": normalization ", normalization,
-                " (loss, loss+) needs losses [S, T]; got None");
-    const at::Tensor& l = *losses;
-    check_cpu(l, "losses", op);
-    TORCH_CHECK(l.scalar_type() == at::kDouble && l.dim() == 2 && l.size(0) == S &&
-                    l.size(1) == T && l.is_contiguous(),
-                op, ": losses must be a contiguous float64 [S, T] = [", S, ", ", T,
-                "] tensor; got ", l.scalar_type(), " ", l.sizes());
-  }
+// ops::method_spec, and on the CPU also the values of PCGrad's orders.
+solver::MethodSpec cpu_method_spec(const std::optional<at::Tensor>& orders,
+                                   const std::optional<at::Tensor>& losses, int64_t S, int64_t T,
+                                   int64_t method, int64_t solver_code, int64_t max_iter,
+                                   double tol, double c, int64_t rescale, int64_t normalization,
+                                   bool normalize_weights, const char* op) {
+  const solver::MethodSpec spec =
+      ops::method_spec(orders, losses, S, T, at::Device(at::kCPU), method, solver_code, max_iter,
+                       tol, c, rescale, normalization, normalize_weights, op);
+  if (spec.orders != nullptr) ops::check_orders_values(spec.orders, T, op);
   return spec;
 }
 
@@ -170,8 +145,8 @@ at::Tensor weights_cpu(at::Tensor gram, std::optional<at::Tensor> orders,
               ": gram must have shape [S, T, T] with T >= 1; got ", gram.sizes());
   TORCH_CHECK(gram.is_contiguous(), op, ": gram must be contiguous");
   const int64_t S = gram.size(0), T = gram.size(1);
-  const solver::MethodSpec spec = method_spec(orders, losses, S, T, method, solver_code, max_iter,
-                                              tol, c, rescale, normalization, normalize_weights, op);
+  const solver::MethodSpec spec = cpu_method_spec(orders, losses, S, T, method, solver_code, max_iter,
+                                                  tol, c, rescale, normalization, normalize_weights, op);
   at::Tensor w = at::empty({S, T}, gram.options());
   cpu::weights(gram.data_ptr<float>(), S, int(T), spec, losses_ptr(losses, spec),
                w.data_ptr<float>(), at::get_num_threads());
@@ -188,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(at::Tensor out, std::vector<at::Ten
   const int64_t S = check_grads_offsets(grads, offsets, op);
   const int64_t T = int64_t(grads.size());
   ops::check_out(out, grads[0], op);
-  const solver::MethodSpec spec = method_spec(orders, losses, S, T, method, solver_code, max_iter,
-                                              tol, c, rescale, normalization, normalize_weights, op);
+  const solver::MethodSpec spec = cpu_method_spec(orders, losses, S, T, method, solver_code, max_iter,
+                                                  tol, c, rescale, normalization, normalize_weights, op);
   at::Tensor gram = at::empty({S, T, T}, grads[0].options().dtype(at::kFloat));
   at::Tensor w = at::empty({S, T}, grads[0].options().dtype(at::kFloat));
   std::vector<const void*> ptrs = grad_pointers(grads);

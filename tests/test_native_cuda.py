@@ -215,6 +215,33 @@ def test_cagrad_solver_matches_torch(num_tasks, c, rescale):
     assert_close(got, cagrad_weights(gram, c=c, rescale=rescale), atol=1e-7, rtol=1e-6, what="cagrad")
 
 
+# ---------------------------------------------------------------------------------- weight step
+WEIGHT_CASES = [("mean", {}), ("mgda", {}), ("mgda", {"solver": "exact"}),
+                ("mgda", {"solver": "pgd", "max_iter": 80, "tol": 0.0}), ("pcgrad", {"seed": 4}),
+                ("cagrad", {"c": 0.5, "rescale": 2})]
+LOSSES = [0.5, 2.0, 0.0, 3.0, 1.0, 0.25, 4.0, 1.5, 0.75, 2.5, 1.25, 0.125]
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8, 12])
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_weight_step_matches_cpu(num_tasks, normalization):
+    """The one-launch weight step (torch.ops.bucketmoo.weights, one warp per segment) against
+    the same header code on the CPU, every method, and what bm.solve returns on the GPU."""
+    gram = _random_gram(num_tasks, 41).float()
+    gram[5] = 0.0  # a zero segment
+    for method, options in WEIGHT_CASES:
+        if num_tasks > 8 and (method == "cagrad" or options.get("solver") == "exact"):
+            continue
+        kw = dict(normalization=normalization, losses=LOSSES[:num_tasks], **options)
+        for normalize_weights in (True, False):
+            got = bm.solve(gram.to(DEVICE), method, backend="cuda", normalize_weights=normalize_weights, **kw)
+            expected = bm.solve(gram, method, backend="cpu", normalize_weights=normalize_weights, **kw)
+            assert got.dtype == torch.float32 and got.device.type == DEVICE
+            tol = 1e-5 if options.get("solver") == "pgd" else 1e-6
+            assert_close(got, expected, atol=tol, rtol=tol,
+                         what=f"{method} {options} {normalization} T={num_tasks} nw={normalize_weights}")
+
+
 # ---------------------------------------------------------------------------------- fused
 def _reference_fused(grads, method, segments, **options):
     tg = as_task_grads(grads.cpu())
@@ -295,6 +322,10 @@ def test_opcheck_cuda_ops():
     out = torch.empty(1000, device=DEVICE)
     weights = torch.rand(3, 3, device=DEVICE)
     torch.library.opcheck(torch.ops.bucketmoo.combine_.default, (out, grads, weights, offs))
+    losses = torch.rand(3, 3, dtype=torch.float64, device=DEVICE) + 0.5
+    for args in ((None, None, 1, 0, 100, 0.0, 0.0, 0, 0, True),       # mgda, no normalisation
+                 (orders, losses, 2, 0, 0, 0.0, 0.0, 0, 3, False)):   # pcgrad, loss+
+        torch.library.opcheck(torch.ops.bucketmoo.weights.default, (gram64.float(), *args))
 
 
 # ---------------------------------------------------------------------------------- sanitizer
@@ -312,6 +343,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
             bm.fused_bucket_moo(shifted, segments=1000, out=shifted[0], backend="cuda")
     eye = torch.eye(12, dtype=torch.float64, device="cuda").expand(5, 12, 12).contiguous()
     torch.ops.bucketmoo.solve_mgda(eye, 3, 50, 0.0)  # pgd, T = 12
+    for method in ("mgda", "pcgrad"):  # the weight step's T = 12 kernel
+        bm.solve(eye.float(), method, backend="cuda", normalization="l2")
     torch.ops.bucketmoo.solve_pcgrad(eye, torch.stack([torch.tensor([j for j in range(12) if j != i])
                                                        for i in range(12)]).cuda())
     torch.cuda.synchronize()

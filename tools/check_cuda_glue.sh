@@ -6,7 +6,7 @@
 #  2. link it with the real csrc/cuda launchers (nvcc objects) and host stand-ins for the few
 #     libc10_cuda symbols it references (tools/cuda_glue_stubs.cpp; never called);
 #  3. load it into Python after bucketmoo_kernels.native (which defines the op schemas) and
-#     check that all five ops get a CUDA kernel whose signature matches the schema (a mismatch
+#     check that all six CUDA ops (every op but the CPU-only fused_) get a CUDA kernel whose signature matches the schema (a mismatch
 #     fails at load), and that redispatching to the CUDA key with CPU tensors reaches the
 #     glue's own argument check.
 #
@@ -52,7 +52,7 @@ import torch
 import bucketmoo_kernels.native  # noqa: F401  (defines the bucketmoo schemas)
 
 torch.ops.load_library(sys.argv[1])
-ops = ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_"]
+ops = ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_", "weights"]
 for op in ops:
     keys = [line.split(":")[0] for line in torch._C._dispatch_dump(f"bucketmoo::{op}").splitlines()]
     assert "CUDA" in keys, f"bucketmoo::{op} has no CUDA kernel: {keys}"
@@ -61,6 +61,7 @@ g, off, m = [torch.randn(10), torch.randn(10)], torch.tensor([0, 10]), torch.eye
 calls = {
     "gram": (g, off), "solve_mgda": (m, 0, 10, 0.0), "solve_pcgrad": (m, torch.tensor([[1], [0]])),
     "solve_cagrad": (m, 0.4, 1), "combine_": (torch.empty(10), g, torch.ones(1, 2), off),
+    "weights": (m.float(), None, None, 1, 0, 10, 0.0, 0.0, 0, 0, True),
 }
 for op, args in calls.items():
     try:
@@ -69,5 +70,5 @@ for op, args in calls.items():
         assert "must be a CUDA tensor" in str(exc), f"{op}: unexpected error {exc}"
     else:
         raise AssertionError(f"{op}: the CUDA kernel accepted CPU tensors")
-print("check_cuda_glue: the five ops have CUDA kernels matching their schemas")
+print(f"check_cuda_glue: the {len(ops)} CUDA ops have kernels matching their schemas")
 PY

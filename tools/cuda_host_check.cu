@@ -193,6 +193,25 @@ static void check_bad_arguments() {
   CHECK(bc::solve_cagrad_cuda(&dummy_d, 1, 9, 0.4, 1, &dummy_d, nullptr) == cudaErrorInvalidValue, "cagrad T = 9");
   CHECK(bc::solve_cagrad_cuda(&dummy_d, 1, 3, 0.4, 3, &dummy_d, nullptr) == cudaErrorInvalidValue, "cagrad rescale 3");
   CHECK(bc::solve_cagrad_cuda(&dummy_d, 0, 3, 0.4, 1, &dummy_d, nullptr) == cudaSuccess, "cagrad S = 0 is a no-op");
+  namespace sv = bucketmoo::solver;
+  sv::MethodSpec spec;  // mgda, auto
+  CHECK(bc::weights_cuda(&dummy_f, 0, 3, spec, nullptr, &dummy_f, nullptr) == cudaSuccess, "weights S = 0 is a no-op");
+  CHECK(bc::weights_cuda(&dummy_f, 1, 33, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights T = 33");
+  CHECK(bc::weights_cuda(nullptr, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights null gram");
+  spec.normalization = sv::kNormLoss;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue,
+        "weights loss normalisation without losses");
+  spec.normalization = 4;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue,
+        "weights normalization 4");
+  spec = sv::MethodSpec{};
+  spec.method = sv::kMethodPcgrad;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue,
+        "weights pcgrad without orders");
+  spec.method = sv::kMethodCagrad;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 9, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights cagrad T = 9");
+  spec.method = 4;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights method 4");
 }
 
 int main() {

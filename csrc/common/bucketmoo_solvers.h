@@ -26,6 +26,7 @@
 //       as bucketmoo_kernels/api.py::_solve does it: float32 Gram -> float64, optional
 //       normalisation (congruence by the scales n_t), the method, w_t / n_t, optional
 //       rescale to sum 1, rounded once to float32. spec: MethodSpec; method_check(spec, T).
+//       = weight_step_prepare + weight_step_method + weight_step_finish.
 //
 // Numeric contract (bucketmoo_kernels/methods/simplex.py): ridge RIDGE_REL*mean(diag M) +
 // RIDGE_ABS on the diagonal; a face candidate is feasible when all weights are finite and
@@ -440,29 +441,34 @@ BUCKETMOO_HD const char* method_check(const MethodSpec& m, int T) {
   }
 }
 
-// gram32: [T, T] float32 Gram of one segment; losses: [T] float64 when the normalisation uses
-// them, else ignored; w32: [T] float32 output. The same float64 operations, in the same order,
-// as api._solve on the torch side, except the final sum, which runs in task order here.
-BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& m,
-                                  const double* losses, float* w32) {
-  double g[kMaxTasks * kMaxTasks];
-  double scale[kMaxTasks];
-  double w[kMaxTasks];
+// The weight step in three parts, so that a caller can run the method its own way (the CUDA
+// kernel spreads exact MGDA's faces over a warp) between the first and the last:
+//   weight_step_prepare   float32 Gram -> float64 g, normalised by the scales n_t (zero or
+//                         NaN -> 1), M_ab / (n_a n_b); returns whether it scaled
+//   weight_step_method    the method's weights on g, in its paper scale
+//   weight_step_finish    w_t / n_t, rescale to sum 1 (if asked and the sum is > 0), float32
+// The same float64 operations, in the same order, as api._solve on the torch side, except
+// the final sum, which runs in task order here. g, scale: [T*T] and [T] caller buffers;
+// losses: [T] when the normalisation uses them, else ignored.
+BUCKETMOO_HD bool weight_step_prepare(const float* gram32, int T, const MethodSpec& m,
+                                      const double* losses, double* g, double* scale) {
   for (int i = 0; i < T * T; ++i) g[i] = double(gram32[i]);
-  const bool scaled = m.normalization != kNormNone;
-  if (scaled) {  // methods/normalization.py: n_t (zero or NaN -> 1), M_ab / (n_a n_b)
-    for (int t = 0; t < T; ++t) {
-      double s = 1.0;
-      if (m.normalization == kNormL2 || m.normalization == kNormLossL2) {
-        double d = g[t * T + t];
-        s = s * sqrt(d < 0 ? 0.0 : d);
-      }
-      if (uses_losses(m.normalization)) s = s * losses[t];
-      scale[t] = s > 0 ? s : 1.0;
+  if (m.normalization == kNormNone) return false;
+  for (int t = 0; t < T; ++t) {
+    double s = 1.0;
+    if (m.normalization == kNormL2 || m.normalization == kNormLossL2) {
+      double d = g[t * T + t];
+      s = s * sqrt(d < 0 ? 0.0 : d);
     }
-    for (int a = 0; a < T; ++a)
-      for (int b = 0; b < T; ++b) g[a * T + b] = g[a * T + b] / (scale[a] * scale[b]);
+    if (uses_losses(m.normalization)) s = s * losses[t];
+    scale[t] = s > 0 ? s : 1.0;
   }
+  for (int a = 0; a < T; ++a)
+    for (int b = 0; b < T; ++b) g[a * T + b] = g[a * T + b] / (scale[a] * scale[b]);
+  return true;
+}
+
+BUCKETMOO_HD void weight_step_method(const double* g, int T, const MethodSpec& m, double* w) {
   switch (m.method) {
     case kMethodMean:
       for (int t = 0; t < T; ++t) w[t] = 1.0 / T;
@@ -471,6 +477,10 @@ BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& 
     case kMethodPcgrad: pcgrad_solve(g, T, m.orders, w); break;
     default: cagrad_solve(g, T, m.c, m.rescale, w); break;
   }
+}
+
+BUCKETMOO_HD void weight_step_finish(double* w, int T, const MethodSpec& m, bool scaled,
+                                     const double* scale, float* w32) {
   if (scaled)
     for (int t = 0; t < T; ++t) w[t] = w[t] / scale[t];
   if (m.normalize_weights) {
@@ -480,6 +490,17 @@ BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& 
       for (int t = 0; t < T; ++t) w[t] = w[t] / total;
   }
   for (int t = 0; t < T; ++t) w32[t] = float(w[t]);
+}
+
+// gram32: [T, T] float32 Gram of one segment -> w32: [T] float32 weights (the three parts).
+BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& m,
+                                  const double* losses, float* w32) {
+  double g[kMaxTasks * kMaxTasks];
+  double scale[kMaxTasks];
+  double w[kMaxTasks];
+  const bool scaled = weight_step_prepare(gram32, T, m, losses, g, scale);
+  weight_step_method(g, T, m, w);
+  weight_step_finish(w, T, m, scaled, scale, w32);
 }
 
 }  // namespace solver

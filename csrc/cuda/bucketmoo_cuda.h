@@ -20,6 +20,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/bucketmoo_solvers.h"
+
 namespace bucketmoo {
 namespace cuda {
 
@@ -62,6 +64,14 @@ cudaError_t solve_pcgrad_cuda(const double* gram, int64_t num_segments, int num_
 // CAGrad weights (paper scale: divided per `rescale`), T <= 8.
 cudaError_t solve_cagrad_cuda(const double* gram, int64_t num_segments, int num_tasks, double c,
                               int rescale, double* weights, cudaStream_t stream);
+
+// The whole weight step of every segment (solver::segment_weights: normalisation, method,
+// unscale, rescale to sum 1) from float32 Grams [S, T, T] into float32 weights [S, T]; one
+// warp per segment. spec.orders (pcgrad) is a device int64 [T, T-1]; losses a device float64
+// [S, T] when the normalisation uses them, else may be null. spec checked with method_check.
+cudaError_t weights_cuda(const float* gram, int64_t num_segments, int num_tasks,
+                         const solver::MethodSpec& spec, const double* losses, float* weights,
+                         cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bucketmoo

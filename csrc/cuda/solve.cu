@@ -1,6 +1,7 @@
-// Per-segment weights from float64 Gram matrices, all segments in one launch.
+// Per-segment weights, all segments in one launch:
 //
-//   gram: float64 [S, T, T] -> weights: float64 [S, T]   (the method's paper scale)
+//   solve_*: gram float64 [S, T, T] -> weights float64 [S, T]   (the method's paper scale)
+//   weights: gram float32 [S, T, T] -> weights float32 [S, T]   (the whole weight step)
 //
 // The math is csrc/common/bucketmoo_solvers.h, the same code the CPU backend runs (results
 // agree up to the compilers' floating-point contraction choices). MGDA's exact solver runs a
@@ -31,38 +32,45 @@ solve_mgda_small_kernel(const double* __restrict__ gram, int64_t num_segments, i
   }
 }
 
-// MGDA, exact face enumeration (T <= 8): one warp per segment. The lanes share the 2^T - 1
-// face candidates (solver::mgda_face / quad_form / feasible, exactly the loop body of
-// solver::mgda_exact), the objectives meet in shared memory, and lane 0 applies the same
-// pick rule (solver::pick_index) and finishing step as solver::mgda_exact. Same result, about
-// 32x less latency than one thread walking all 255 faces at T = 8.
+// MGDA, exact face enumeration (T <= 8) of one segment on one warp. The lanes share the
+// 2^T - 1 face candidates (solver::mgda_face / quad_form / feasible, exactly the loop body of
+// solver::mgda_exact), the objectives meet in `objective` (this warp's shared slots), and
+// lane 0 applies the same pick rule (solver::pick_index) and finishing step as
+// solver::mgda_exact, leaving the weights in its `w`. Same result, about 32x less latency
+// than one thread walking all 255 faces at T = 8. All lanes of the warp must call it.
+__device__ void mgda_exact_on_warp(const double* g, int num_tasks, double* objective, int lane,
+                                   double* w) {
+  const int num_faces = (1 << num_tasks) - 1;
+  double m[solver::kMaxExactTasks * solver::kMaxExactTasks];
+  solver::add_ridge(g, num_tasks, m);
+  for (int k = lane; k < num_faces; k += kWarpSize) {
+    solver::mgda_face(m, num_tasks, k, w);
+    const double obj = solver::quad_form(m, num_tasks, w);
+    objective[k] = (solver::feasible(w, num_tasks) && solver::is_finite(obj)) ? obj : INFINITY;
+  }
+  __syncwarp();
+  if (lane == 0) {
+    const int chosen = solver::pick_index(objective, num_tasks, solver::tie_scale(g, num_tasks));
+    solver::mgda_face(m, num_tasks, chosen, w);
+    solver::clamp_normalise(w, num_tasks);
+  }
+  __syncwarp();  // `objective` is rewritten for the warp's next segment
+}
+
+// MGDA, exact (T <= 8): one warp per segment (mgda_exact_on_warp).
 __global__ void __launch_bounds__(kSolveThreads)
 solve_mgda_exact_kernel(const double* __restrict__ gram, int64_t num_segments, int num_tasks,
                         double* __restrict__ weights) {
   __shared__ double s_objective[kExactWarps][kMaxFaces];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int num_faces = (1 << num_tasks) - 1;
   // Uniform trip count per warp: every lane of a warp sees the same s.
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * kExactWarps + warp; s < num_segments;
        s += static_cast<int64_t>(gridDim.x) * kExactWarps) {
-    const double* g = gram + s * num_tasks * num_tasks;
-    double m[solver::kMaxExactTasks * solver::kMaxExactTasks];
     double w[solver::kMaxExactTasks];
-    solver::add_ridge(g, num_tasks, m);
-    for (int k = lane; k < num_faces; k += kWarpSize) {
-      solver::mgda_face(m, num_tasks, k, w);
-      const double obj = solver::quad_form(m, num_tasks, w);
-      s_objective[warp][k] = (solver::feasible(w, num_tasks) && solver::is_finite(obj)) ? obj : INFINITY;
-    }
-    __syncwarp();
-    if (lane == 0) {
-      const int chosen = solver::pick_index(s_objective[warp], num_tasks, solver::tie_scale(g, num_tasks));
-      solver::mgda_face(m, num_tasks, chosen, w);
-      solver::clamp_normalise(w, num_tasks);
+    mgda_exact_on_warp(gram + s * num_tasks * num_tasks, num_tasks, s_objective[warp], lane, w);
+    if (lane == 0)
       for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w[t];
-    }
-    __syncwarp();  // s_objective is rewritten for the next segment
   }
 }
 
@@ -101,9 +109,69 @@ solve_cagrad_kernel(const double* __restrict__ gram, int64_t num_segments, int n
   }
 }
 
+// The whole weight step (solver::segment_weights) from float32 Grams: one warp per segment.
+// Every lane prepares the normalised Gram (T^2 work, no broadcast needed); exact MGDA
+// spreads its faces over the warp, every other method runs on lane 0, which also
+// finishes (unscale, rescale to sum 1) and writes the segment's T float32 weights.
+//
+// The template arguments keep the stack frame small where it can be: the driver reserves
+// local memory for the largest frame of any kernel it has run, times every thread the GPU
+// can hold (on an H100, 132 x 2048 threads: 1 KB a thread is 270 MB). kCap bounds T and the
+// local buffers: the common T <= 8 kernel does not carry PGD's 32 x 32 work matrices
+// (kCap = 32: ~19 KB a thread, only for T > 8 or solver=pgd); kCagrad: only the CAGrad kernel
+// carries CAGrad's table of 255 face objectives.
+template <int kCap, bool kCagrad>
+__global__ void __launch_bounds__(kSolveThreads)
+weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tasks,
+               solver::MethodSpec spec, const double* __restrict__ losses,
+               float* __restrict__ weights) {
+  __shared__ double s_objective[kExactWarps][kMaxFaces];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int mgda_solver = solver::mgda_resolve_solver(spec.solver, num_tasks);
+  const bool exact_on_warp =
+      spec.method == solver::kMethodMgda && num_tasks >= 2 && mgda_solver == solver::kExact;
+  const bool per_task_losses = solver::uses_losses(spec.normalization);
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kExactWarps + warp; s < num_segments;
+       s += static_cast<int64_t>(gridDim.x) * kExactWarps) {
+    double g[kCap * kCap];
+    double scale[kCap];
+    double w[kCap];
+    const bool scaled = solver::weight_step_prepare(
+        gram + s * num_tasks * num_tasks, num_tasks, spec,
+        per_task_losses ? losses + s * num_tasks : nullptr, g, scale);
+    if (exact_on_warp) {
+      mgda_exact_on_warp(g, num_tasks, s_objective[warp], lane, w);
+    } else if (lane == 0) {
+      // solver::weight_step_method, written out so that kCap = 8 never calls mgda_pgd.
+      if (spec.method == solver::kMethodMean) {
+        for (int t = 0; t < num_tasks; ++t) w[t] = 1.0 / num_tasks;
+      } else if (spec.method == solver::kMethodMgda) {
+        if (num_tasks == 1) w[0] = 1.0;
+        else if (mgda_solver == solver::kClosedForm) solver::mgda_closed_form(g, w);
+        else if constexpr (kCap > solver::kMaxExactTasks) solver::mgda_pgd(g, num_tasks, spec.max_iter, spec.tol, w);
+      } else if (spec.method == solver::kMethodPcgrad) {
+        solver::pcgrad_solve(g, num_tasks, spec.orders, w);
+      } else if constexpr (kCagrad) {
+        solver::cagrad_solve(g, num_tasks, spec.c, spec.rescale, w);
+      }
+    }
+    if (lane == 0) {
+      float w32[kCap];
+      solver::weight_step_finish(w, num_tasks, spec, scaled, scale, w32);
+      for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w32[t];
+    }
+  }
+}
+
 inline unsigned solve_blocks(int64_t num_segments) {
   const int64_t blocks = ceil_div(num_segments, kSolveThreads);
   return static_cast<unsigned>(blocks < 0x7fffffff ? blocks : 0x7fffffff);  // grid-stride beyond
+}
+
+inline unsigned warp_blocks(int64_t num_segments) {  // one warp per segment
+  const int64_t blocks = ceil_div(num_segments, kExactWarps);
+  return static_cast<unsigned>(blocks < 0x7fffffff ? blocks : 0x7fffffff);
 }
 
 }  // namespace detail
@@ -121,9 +189,8 @@ cudaError_t solve_mgda_cuda(const double* gram, int64_t num_segments, int num_ta
     solve_mgda_small_kernel<<<solve_blocks(num_segments), kSolveThreads, 0, stream>>>(gram, num_segments,
                                                                                      num_tasks, weights);
   } else if (resolved == solver::kExact) {
-    const int64_t blocks = ceil_div(num_segments, kExactWarps);
-    solve_mgda_exact_kernel<<<static_cast<unsigned>(blocks < 0x7fffffff ? blocks : 0x7fffffff), kSolveThreads, 0,
-                              stream>>>(gram, num_segments, num_tasks, weights);
+    solve_mgda_exact_kernel<<<warp_blocks(num_segments), kSolveThreads, 0, stream>>>(
+        gram, num_segments, num_tasks, weights);
   } else {
     solve_mgda_pgd_kernel<<<solve_blocks(num_segments), kSolveThreads, 0, stream>>>(
         gram, num_segments, num_tasks, max_iter, tol, weights);
@@ -148,6 +215,33 @@ cudaError_t solve_cagrad_cuda(const double* gram, int64_t num_segments, int num_
   if (gram == nullptr || weights == nullptr) return cudaErrorInvalidValue;
   detail::solve_cagrad_kernel<<<detail::solve_blocks(num_segments), detail::kSolveThreads, 0, stream>>>(
       gram, num_segments, num_tasks, c, rescale, weights);
+  return cudaGetLastError();
+}
+
+cudaError_t weights_cuda(const float* gram, int64_t num_segments, int num_tasks,
+                         const solver::MethodSpec& spec, const double* losses, float* weights,
+                         cudaStream_t stream) {
+  if (solver::method_check(spec, num_tasks) != nullptr || num_segments < 0) return cudaErrorInvalidValue;
+  if (num_segments == 0) return cudaSuccess;
+  if (gram == nullptr || weights == nullptr ||
+      (spec.method == solver::kMethodPcgrad && spec.orders == nullptr && num_tasks > 1) ||
+      (solver::uses_losses(spec.normalization) && losses == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const bool pgd = spec.method == solver::kMethodMgda &&
+                   solver::mgda_resolve_solver(spec.solver, num_tasks) == solver::kPgd && num_tasks > 1;
+  const unsigned blocks = detail::warp_blocks(num_segments);
+  constexpr int kSmall = solver::kMaxExactTasks, kBig = solver::kMaxTasks, kThreads = detail::kSolveThreads;
+  if (spec.method == solver::kMethodCagrad) {  // T <= 8 (method_check)
+    detail::weights_kernel<kSmall, true><<<blocks, kThreads, 0, stream>>>(gram, num_segments, num_tasks,
+                                                                        spec, losses, weights);
+  } else if (num_tasks <= kSmall && !pgd) {
+    detail::weights_kernel<kSmall, false><<<blocks, kThreads, 0, stream>>>(gram, num_segments, num_tasks,
+                                                                         spec, losses, weights);
+  } else {
+    detail::weights_kernel<kBig, false><<<blocks, kThreads, 0, stream>>>(gram, num_segments, num_tasks,
+                                                                       spec, losses, weights);
+  }
   return cudaGetLastError();
 }
 
