@@ -23,6 +23,7 @@ for by name), registers the fake (meta) implementations so the ops trace under
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -170,8 +171,11 @@ class NativeBackend:
 
         #: whether the module runs the whole weight step (``weights``: cpu and cuda) and the
         #: fused sweep (``fused_``: cpu)
-        self.has_weight_step = has_kernel("weights")
-        self.has_fused_sweep = has_kernel("fused_")
+        #: ``BUCKETMOO_NATIVE_WEIGHTS=0`` (read once) turns both off: the weight step then runs
+        #: in Python around the native solvers, as before they existed (for bisecting).
+        native_weights = os.environ.get("BUCKETMOO_NATIVE_WEIGHTS", "1").strip() != "0"
+        self.has_weight_step = native_weights and has_kernel("weights")
+        self.has_fused_sweep = native_weights and has_kernel("fused_")
 
     def _native_tasks(self, num_tasks: int) -> bool:
         if self.max_tasks is None or num_tasks <= self.max_tasks:

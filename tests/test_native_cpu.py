@@ -349,6 +349,23 @@ def test_fused_sweep_threads_and_api_path(monkeypatch):
     assert len(calls) == 2 and torch.equal(kept, out) and torch.equal(out, one[2])
 
 
+def test_native_weight_step_can_be_turned_off(monkeypatch):
+    """With the weight step and the sweep off (BUCKETMOO_NATIVE_WEIGHTS=0 sets these flags),
+    the Python weight step around the native solvers gives the same weights to rounding."""
+    grads = random_grads(4, 3000, generator=torch.Generator().manual_seed(12))
+    on, info_on = bm.fused_bucket_moo(grads, segments=700, backend="cpu", normalization="l2",
+                                      return_info=True)
+    backend = bm.get_backend("cpu", "cpu")
+    monkeypatch.setattr(backend, "has_weight_step", False)
+    monkeypatch.setattr(backend, "has_fused_sweep", False)
+    calls = []
+    monkeypatch.setattr(torch.ops.bucketmoo, "weights", lambda *a: calls.append(1))
+    off, info_off = bm.fused_bucket_moo(grads, segments=700, backend="cpu", normalization="l2",
+                                        return_info=True)
+    assert not calls and torch.equal(info_on.gram, info_off.gram)
+    assert_close(info_off.weights, info_on.weights, atol=1e-7, rtol=1e-6, what="weights")
+
+
 def test_fused_sweep_and_non_finite_gradients():
     n = 3 * CHUNK
     grads = random_grads(3, n, generator=torch.Generator().manual_seed(7))
