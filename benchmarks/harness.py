@@ -13,11 +13,13 @@ Every benchmark script defines its sweep and calls:
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -156,10 +158,18 @@ def run_gloo_workers(worker, world: int, args) -> list[dict]:
 
 
 def finish_worker(rows: list[dict], rank: int, outdir: str) -> None:
-    """Rank 0 saves ``rows`` for :func:`run_gloo_workers`; every rank leaves the group."""
+    """Rank 0 saves ``rows`` for :func:`run_gloo_workers`; every rank leaves the group and
+    ends its process (``os._exit``: nothing may follow this call)."""
     import torch.distributed as dist
 
     if rank == 0:
         torch.save(rows, Path(outdir) / "rows.pt")
     dist.barrier()
+    gc.collect()  # DDP/FSDP objects (hook state, futures) go now, not at interpreter exit
     dist.destroy_process_group()
+    # The rows are on disk: leave without interpreter finalization, where C++ threads or
+    # destructors that still reach for Python can std::terminate ("terminate called without
+    # an active exception", seen rarely with gloo under load).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -581,7 +582,18 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
                 json.dump(summary, f)
         dist.barrier()  # nobody tears the group down while a peer still has work in flight
     finally:
+        gc.collect()  # DDP reducers (hook state, futures) go now, not at interpreter exit
         dist.destroy_process_group()
+    _leave()
+
+
+def _leave() -> None:
+    """End a spawned worker whose result is on disk without interpreter finalization: there,
+    C++ threads or destructors that still reach for Python can std::terminate the process
+    ("terminate called without an active exception", seen rarely with gloo under load)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _settings_dict(settings: DemoSettings) -> dict:
