@@ -220,6 +220,42 @@ def test_isa_variants_give_the_same_bits(isa_run, isa):
     _assert_same_bits_as_baseline(isa_run, _ISA_SCRIPT, isa)
 
 
+_ISA_HALF_BITS_SCRIPT = """
+import sys, torch, bucketmoo_kernels as bm
+from bucketmoo_kernels import native
+torch.set_num_threads(1)  # the flush-denormal mode is the calling thread's (MXCSR)
+g = torch.Generator().manual_seed(11)
+halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+out = []
+for flush in (False, True):
+    if flush and not torch.set_flush_denormal(True):
+        break
+    for dtype in (torch.bfloat16, torch.float16):
+        x = halves.view(dtype)  # every bit pattern: NaN payloads, +-inf, subnormals
+        n = x.numel()
+        for num_tasks in (1, 2, 3, 7, 8, 9):
+            grads = torch.stack([x.roll(37 * t) for t in range(num_tasks)])
+            ws = [1.0, 0.5, 0.25, 1.5, 2.0, -1.0, 3.0e-5, 1.0 + 2.0 ** -20]
+            w = torch.rand(len(ws), num_tasks, generator=g) * 2 ** -12
+            w[:, 0] = torch.tensor(ws)
+            segs = torch.tensor([0, 5, 8200, 8207, 20000, 33333, 40000, 50001, n])
+            # the raw bits: torch.equal would treat every NaN as unequal
+            out.append(bm.combine(grads, w, segs, backend="cpu").view(torch.int16))
+            out.append(bm.combine(grads, w * 1.0e-9, segs, backend="cpu").view(torch.int16))
+torch.set_flush_denormal(False)
+torch.save((native.cpu_isa(), out), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", ISA_VARIANTS)
+def test_isa_variants_round_every_half_value_to_the_same_bits(isa_run, isa):
+    """The 16-bit combine output (rounded in vector registers on AVX2 / AVX-512, by the scalar
+    to_bf16 / to_fp16 on the baseline): every bit pattern, results that are NaN (the exact
+    NaN bits), inf, overflow, subnormal or ties, T with and without register sums (1..9),
+    with and without DAZ/FTZ: the same bits in every variant."""
+    _assert_same_bits_as_baseline(isa_run, _ISA_HALF_BITS_SCRIPT, isa)
+
+
 # ---------------------------------------------------------------- the fused sweep
 METHOD_CASES = [("mean", {}), ("mgda", {}), ("mgda", {"solver": "pgd", "max_iter": 60, "tol": 0.0}),
                 ("pcgrad", {"seed": 3}), ("cagrad", {"c": 0.5, "rescale": 2})]

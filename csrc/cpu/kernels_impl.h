@@ -318,9 +318,12 @@ inline void gram_tiles(const Rows& rows, int n, double* acc, LinePrefetcher<T>& 
     gram_tile_lanes<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
     gram_tile_lanes<T, L, 0, 6, 4, 2>(rows, n, acc, pf);
   } else if constexpr (T == 7) {
+    // 10 + 9 + 9 pairs, 14 row loads per step as with 10 + 12 + 6, but no tile with fewer
+    // than 8 FMA chains and no 12-accumulator tile filling all 16 registers: AVX2 fp32 in
+    // cache 1.20 -> 0.99 ns/element (1 thread), bf16/fp16 ~7% faster.
     gram_tile_lanes<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
-    gram_tile_lanes<T, L, 0, 4, 4, 3>(rows, n, acc, pf);
-    gram_tile_lanes<T, L, 4, 3, 4, 3>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 0, 3, 4, 3>(rows, n, acc, pf);
+    gram_tile_lanes<T, L, 3, 4, 4, 3>(rows, n, acc, pf);
   } else {
     static_assert(T == 8, "the tiled gram covers T <= 8");
     gram_tile_lanes<T, L, 0, 4, 0, 4>(rows, n, acc, pf);
