@@ -114,14 +114,19 @@ inline void check_offsets_values(const int64_t* off, int64_t num_segments, int64
                 off[s], " > offsets[", s + 1, "]=", off[s + 1]);
 }
 
-// gram: float64 [S, T, T], contiguous. Returns T.
-inline int64_t check_gram64(const at::Tensor& gram, const char* op) {
-  TORCH_CHECK(gram.scalar_type() == at::kDouble, op, ": gram must be float64; got ",
-              gram.scalar_type());
+// gram: [S, T, T] of `dtype` (float64 for the solvers, float32 for weights), contiguous.
+// Returns T.
+inline int64_t check_gram(const at::Tensor& gram, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(gram.scalar_type() == dtype, op, ": gram must be ",
+              dtype == at::kDouble ? "float64" : "float32", "; got ", gram.scalar_type());
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.size(1) >= 1, op,
               ": gram must have shape [S, T, T] with T >= 1; got ", gram.sizes());
   TORCH_CHECK(gram.is_contiguous(), op, ": gram must be contiguous");
   return gram.size(1);
+}
+
+inline int64_t check_gram64(const at::Tensor& gram, const char* op) {
+  return check_gram(gram, at::kDouble, op);
 }
 
 // weights: float32 [S, T] contiguous on `device`.
@@ -210,6 +215,12 @@ inline solver::MethodSpec method_spec(const std::optional<at::Tensor>& orders,
                 device);
   }
   return spec;
+}
+
+// The losses of a spec made by method_spec: their data where the normalisation uses them.
+inline const double* losses_ptr(const std::optional<at::Tensor>& losses,
+                                const solver::MethodSpec& spec) {
+  return solver::uses_losses(spec.normalization) ? losses->data_ptr<double>() : nullptr;
 }
 
 inline void check_solver_message(const char* message, const char* op) {

@@ -129,26 +129,17 @@ solver::MethodSpec cpu_method_spec(const std::optional<at::Tensor>& orders,
   return spec;
 }
 
-const double* losses_ptr(const std::optional<at::Tensor>& losses, const solver::MethodSpec& spec) {
-  return solver::uses_losses(spec.normalization) ? losses->data_ptr<double>() : nullptr;
-}
-
 at::Tensor weights_cpu(at::Tensor gram, std::optional<at::Tensor> orders,
                        std::optional<at::Tensor> losses, int64_t method, int64_t solver_code,
                        int64_t max_iter, double tol, double c, int64_t rescale,
                        int64_t normalization, bool normalize_weights) {
   const char* op = "bucketmoo::weights";
   check_cpu(gram, "gram", op);
-  TORCH_CHECK(gram.scalar_type() == at::kFloat, op, ": gram must be float32; got ",
-              gram.scalar_type());
-  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.size(1) >= 1, op,
-              ": gram must have shape [S, T, T] with T >= 1; got ", gram.sizes());
-  TORCH_CHECK(gram.is_contiguous(), op, ": gram must be contiguous");
-  const int64_t S = gram.size(0), T = gram.size(1);
+  const int64_t T = ops::check_gram(gram, at::kFloat, op), S = gram.size(0);
   const solver::MethodSpec spec = cpu_method_spec(orders, losses, S, T, method, solver_code, max_iter,
                                                   tol, c, rescale, normalization, normalize_weights, op);
   at::Tensor w = at::empty({S, T}, gram.options());
-  cpu::weights(gram.data_ptr<float>(), S, int(T), spec, losses_ptr(losses, spec),
+  cpu::weights(gram.data_ptr<float>(), S, int(T), spec, ops::losses_ptr(losses, spec),
                w.data_ptr<float>(), at::get_num_threads());
   return w;
 }
@@ -169,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(at::Tensor out, std::vector<at::Ten
   at::Tensor w = at::empty({S, T}, grads[0].options().dtype(at::kFloat));
   std::vector<const void*> ptrs = grad_pointers(grads);
   cpu::fused(out.data_ptr(), ptrs.data(), int(T), to_dtype(grads[0].scalar_type()),
-             offsets.data_ptr<int64_t>(), S, spec, losses_ptr(losses, spec),
+             offsets.data_ptr<int64_t>(), S, spec, ops::losses_ptr(losses, spec),
              gram.data_ptr<float>(), w.data_ptr<float>(), at::get_num_threads());
   return {gram, w};
 }

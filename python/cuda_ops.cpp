@@ -176,21 +176,16 @@ Tensor weights_cuda(Tensor gram, std::optional<Tensor> orders, std::optional<Ten
                     int64_t rescale, int64_t normalization, bool normalize_weights) {
   const char* op = "bucketmoo::weights";
   check_cuda(gram, "gram", op);
-  TORCH_CHECK(gram.scalar_type() == at::kFloat, op, ": gram must be float32; got ", gram.scalar_type());
-  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.size(1) >= 1, op,
-              ": gram must have shape [S, T, T] with T >= 1; got ", gram.sizes());
-  TORCH_CHECK(gram.is_contiguous(), op, ": gram must be contiguous");
-  const int64_t num_segments = gram.size(0), num_tasks = gram.size(1);
+  const int64_t num_tasks = ops::check_gram(gram, at::kFloat, op), num_segments = gram.size(0);
   checked_int(max_iter, "max_iter", op);
   const solver::MethodSpec spec =
       ops::method_spec(orders, losses, num_segments, num_tasks, gram.device(), method, solver_code,
                        max_iter, tol, c, rescale, normalization, normalize_weights, op);
   const c10::cuda::CUDAGuard guard(gram.device());
   Tensor weights = at::empty({num_segments, num_tasks}, gram.options());
-  const double* losses_ptr =
-      solver::uses_losses(spec.normalization) ? losses->data_ptr<double>() : nullptr;
   check_launch(bc::weights_cuda(gram.data_ptr<float>(), num_segments, static_cast<int>(num_tasks), spec,
-                                losses_ptr, weights.data_ptr<float>(), current_stream(gram.device())),
+                                ops::losses_ptr(losses, spec), weights.data_ptr<float>(),
+                                current_stream(gram.device())),
                op);
   return weights;
 }
