@@ -152,7 +152,10 @@ class NativeBackend:
     the torch reference above it (logged once). The native solvers cover ``mgda`` (all
     solvers; T <= 32), ``pcgrad`` (T <= 32) and ``cagrad`` (T <= 8). Any other method, or a
     configuration the native solver rejects, returns None from :meth:`solve` so that the
-    method's torch function runs (and raises its own error for bad options).
+    method's torch function runs (and raises its own error for bad options). Where the
+    module has them, :meth:`weights` runs the whole weight step natively (``mean`` too) and
+    :meth:`fused` the CPU's one-sweep gram + weights + combine; both return None where they
+    do not apply, and the caller takes the step-by-step path.
     """
 
     def __init__(self, name: str, device_type: str, module, error: str | None):
