@@ -161,7 +161,7 @@ def pretrain(settings: StudySettings, data, cache: Path) -> tuple[dict, dict]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     record = {"steps": settings.pretrain_steps, "wall_s": time.perf_counter() - started,
               "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "parameters": model.num_parameters()}
     cache.mkdir(parents=True, exist_ok=True)
