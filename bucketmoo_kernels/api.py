@@ -87,7 +87,7 @@ def _solve(gram_f32: torch.Tensor, spec, options: dict[str, Any], backend_obj, n
     if weight_step is not None:  # a backend that runs all of it natively
         weights = weight_step(gram_f32, spec, options, normalization, losses, normalize_weights)
         if weights is not None:
-            return weights
+            return _nan_where_not_finite(gram_f32, weights)
     gram64 = gram_f32.to(torch.float64)
     scales = normalization_scales(gram64, normalization, losses)
     if scales is not None:
@@ -101,7 +101,15 @@ def _solve(gram_f32: torch.Tensor, spec, options: dict[str, Any], backend_obj, n
     if normalize_weights:
         total = weights.sum(-1, keepdim=True)
         weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), weights)
-    return weights.to(torch.float32)
+    return _nan_where_not_finite(gram_f32, weights.to(torch.float32))
+
+
+def _nan_where_not_finite(gram_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The one non-finite policy of every backend: a segment whose Gram is not finite (a NaN/Inf
+    gradient, or squares that overflow float32) gets NaN weights, so its combined gradient is
+    NaN and a GradScaler-style check sees it. No host sync."""
+    finite = torch.isfinite(gram_t).flatten(1).all(-1)
+    return torch.where(finite[:, None], weights, torch.full_like(weights, float("nan")))
 
 
 def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: str = "none",

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from .options import check_option_values
+
 __all__ = ["Method", "register_method", "get_method", "available_methods", "resolve_options"]
 
 MethodFn = Callable[..., torch.Tensor]
@@ -78,7 +80,8 @@ def available_methods() -> list[str]:
 
 
 def resolve_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with ``options``; unknown option names raise ``TypeError``."""
+    """Defaults overlaid with ``options``; unknown option names and values of the wrong type raise
+    ``TypeError``, values out of range ``ValueError`` (see :mod:`.options`)."""
     unknown = set(options) - set(method.defaults)
     if unknown:
         accepted = ", ".join(sorted(method.defaults)) or "none"
@@ -86,6 +89,7 @@ def resolve_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
             f"method {method.name!r} got unknown option(s) {', '.join(sorted(unknown))}; "
             f"it accepts: {accepted}"
         )
+    check_option_values(method.name, method.defaults, options)
     resolved = dict(method.defaults)
     resolved.update(options)
     return resolved
