@@ -41,10 +41,8 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future:
 
 
 def _fused_kwargs(state: BucketMOOState) -> dict:
-    s = state.settings
-    return dict(method=s.method, backend=s.backend, normalization=s.normalization, losses=state.runtime.losses,
-                normalize_weights=s.normalize_weights, check_finite=False, return_info=True,
-                **state.method_call_options())
+    return dict(weight_step=state.weight_step(), backend=state.settings.backend, losses=state.runtime.losses,
+                check_finite=False, return_info=True)
 
 
 def _all_reduce_mean(buf: torch.Tensor, group, world: int) -> None:
@@ -107,7 +105,7 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
     total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
     if s.protocol == "sharded":
         total = reduce_gram(total, group)
-    weights = solve_weights(total, s.method, **state.solve_kwargs())
+    weights = solve_weights(total, state.weight_step(), **state.solve_kwargs())
     gather_extra = 0
     for bucket_buf, payload, _, bucket_fut in pending:
         if s.protocol == "sharded":
@@ -136,7 +134,7 @@ def _finish_inflight(state: BucketMOOState) -> None:
     try:
         sharded = finish_scatter_tasks(handle)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.settings.method, **state.solve_kwargs())
+        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs())
         gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.settings.backend)
     except BaseException as exc:
         fut.set_exception(exc)
@@ -185,7 +183,7 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
         if s.protocol == "sharded":
             local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
             gram_matrix, weights, extra = sharded_moo(
-                buf, segs, tasks, s.method, group=group, wire_dtype=s.wire_dtype,
+                buf, segs, tasks, state.weight_step(), group=group, wire_dtype=s.wire_dtype,
                 local_segments=local, **state.solve_kwargs())
         else:
             rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=s.wire_dtype)
@@ -236,7 +234,7 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             return fut
         pending = rt.take_pending()
         total = torch.stack([p[2] for p in pending]).sum(0)
-        weights = solve_weights(total, s.method, **state.solve_kwargs())
+        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs())
         for bucket_buf, bucket_rows, _, _ in pending:
             combine(bucket_rows, weights, None, out=bucket_buf, backend=s.backend)
             if s.stash_reduce == "combined" and world > 1:

@@ -40,6 +40,7 @@ import torch
 
 from ..api import combine, gram, solve
 from ..inputs import Segments
+from ..weight_step import WeightStep
 from . import collectives
 
 __all__ = ["TaskLayout", "ShardedTasks", "ScatterHandle", "shard_length", "local_shard_length", "shard_segments",
@@ -268,13 +269,23 @@ def reduce_gram(partial_gram: torch.Tensor, group=None) -> torch.Tensor:
     return partial_gram
 
 
-def solve_weights(gram_matrix: torch.Tensor, method: str, *, options: dict | None = None,
-                  normalization: str = "none", losses=None, normalize_weights: bool = True,
-                  backend: str = "auto") -> torch.Tensor:
+def solve_weights(gram_matrix: torch.Tensor, weight_step: WeightStep | str, *, losses=None,
+                  backend: str = "auto", options: dict | None = None, normalization: str = "none",
+                  normalize_weights: bool = True) -> torch.Tensor:
     """Step 3: ``[S, T, T]`` Gram -> ``[S, T]`` float32 weights (same input, same code: same
-    weights on every rank)."""
-    return solve(gram_matrix, method, backend=backend, normalization=normalization, losses=losses,
-                 normalize_weights=normalize_weights, **(options or {}))
+    weights on every rank).
+
+    ``weight_step`` is a prebuilt :class:`~bucketmoo_kernels.weight_step.WeightStep` (what the
+    DDP hook and the FSDP path pass), or a method name with ``options``, ``normalization`` and
+    ``normalize_weights`` as loose arguments.
+    """
+    if not isinstance(weight_step, WeightStep):
+        weight_step = WeightStep(weight_step, options or {}, normalization=normalization,
+                                 normalize_weights=normalize_weights)
+    elif options or normalization != "none" or normalize_weights is not True:
+        raise TypeError("solve_weights: pass either a WeightStep or a method name with options/normalization/"
+                        "normalize_weights, not both")
+    return solve(gram_matrix, weight_step=weight_step, backend=backend, losses=losses)
 
 
 def combine_shard(sharded: ShardedTasks, weights: torch.Tensor, out: torch.Tensor | None = None,
@@ -327,12 +338,13 @@ def gather_combined(sharded: ShardedTasks, weights: torch.Tensor, flat: torch.Te
     return extra
 
 
-def sharded_moo(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, method: str, *, group=None,
-                options: dict | None = None, normalization: str = "none", losses=None,
-                normalize_weights: bool = True, wire_dtype: torch.dtype | None = None,
-                backend: str = "auto", local_segments: Segments | None = None):
+def sharded_moo(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, weight_step: WeightStep | str, *,
+                group=None, losses=None, wire_dtype: torch.dtype | None = None, backend: str = "auto",
+                local_segments: Segments | None = None, **step_kwargs):
     """Steps 1-4 on one bucket: ``flat`` (this rank's task gradient) is replaced in place by
     the combined gradient of all tasks, identical on every rank.
+
+    ``weight_step`` and ``step_kwargs``: as for :func:`solve_weights`.
 
     Returns:
         ``(gram [S, T, T] f32, weights [S, T] f32, extra_bytes)``.
@@ -340,8 +352,7 @@ def sharded_moo(flat: torch.Tensor, segments: Segments, tasks: TaskLayout, metho
     sharded = scatter_tasks(flat, segments, tasks, group=group, wire_dtype=wire_dtype, backend=backend,
                             local_segments=local_segments)
     gram_matrix = reduce_gram(sharded.partial_gram, group)
-    weights = solve_weights(gram_matrix, method, options=options, normalization=normalization,
-                            losses=losses, normalize_weights=normalize_weights, backend=backend)
+    weights = solve_weights(gram_matrix, weight_step, losses=losses, backend=backend, **step_kwargs)
     extra = sharded.extra_bytes + gather_combined(sharded, weights, flat, group=group, backend=backend)
     return gram_matrix, weights, extra
 

@@ -69,6 +69,7 @@ class MOORuntime:
         self._model_params: list | None = None  # DDP's parameters, in its initial single bucket's order
         self._observing: list[list[int]] | None = None
         self._layout_confirmed = False
+        self._weight_step = None
 
     # ------------------------------------------------------------------ counters
     def begin_bucket(self, index: int, buf: torch.Tensor, params: Sequence) -> None:
@@ -104,6 +105,13 @@ class MOORuntime:
         """Append bucket ``index``'s diagnostics for this step when ``enabled``."""
         if enabled:
             self.diagnostics.append(BucketRecord.from_gram(self.step, index, gram_matrix, weights))
+
+    def weight_step_at(self, settings, step: int):
+        """``settings.weight_step_at(step)``, built once per step (PCGrad's per-step seed)."""
+        cached = self._weight_step
+        if cached is None or cached[0] is not settings or cached[1] != step:
+            cached = self._weight_step = (settings, step, settings.weight_step_at(step))
+        return cached[2]
 
     # ------------------------------------------------------------------ pipelines
     def add_pending(self, item: tuple) -> None:

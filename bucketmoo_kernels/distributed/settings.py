@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from ..dispatch import BACKEND_NAMES
-from ..methods import NORMALIZATIONS, get_method, resolve_options
+from ..methods import NORMALIZATIONS, get_method
+from ..weight_step import WeightStep
 
 def _is_numpy_bool(value) -> bool:
     return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
@@ -109,7 +110,7 @@ class MOOSettings:
     record_diagnostics: bool = False
     max_diagnostic_steps: int = 1000
     bucket_cap_mb: float | None = None
-    _resolved: dict = field(default=None, compare=False, repr=False, hash=False)  # type: ignore[assignment]
+    _weight_step: WeightStep = field(default=None, compare=False, repr=False, hash=False)  # type: ignore[assignment]
 
     @classmethod
     def build(cls, method: str = "mgda", mode: str = "ranks", granularity: str = "bucket",
@@ -119,8 +120,7 @@ class MOOSettings:
               backend: str = "auto", record_diagnostics: bool = False, max_diagnostic_steps: int = 1000,
               bucket_cap_mb: float | None = None, **method_options: Any) -> "MOOSettings":
         """Validate every argument (errors name it) and return the frozen settings."""
-        spec = get_method(method)  # ValueError listing the known methods
-        resolved = resolve_options(spec, method_options)  # TypeError/ValueError naming the option
+        get_method(method)  # ValueError listing the known methods
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         parse_granularity(granularity)
@@ -150,6 +150,10 @@ class MOOSettings:
         except (TypeError, ValueError):
             raise ValueError(f"max_diagnostic_steps must be a positive int; got {max_diagnostic_steps!r}") from None
         bucket_cap_mb = _check_bucket_cap(bucket_cap_mb)
+        # The weight step, built once: the method's options resolved and their values checked
+        # (TypeError / ValueError naming the option).
+        weight_step = WeightStep(method, method_options, normalization=normalization,
+                                 normalize_weights=normalize_weights)
         if mode == "stash":
             if num_tasks is None:
                 raise ValueError("mode='stash' needs num_tasks (how many backward passes, one per task, "
@@ -179,7 +183,7 @@ class MOOSettings:
                        compress=compress, stash_reduce=stash_reduce, overlap=overlap, backend=backend,
                        record_diagnostics=record_diagnostics, max_diagnostic_steps=max_diagnostic_steps,
                        bucket_cap_mb=bucket_cap_mb)
-        object.__setattr__(settings, "_resolved", resolved)
+        object.__setattr__(settings, "_weight_step", weight_step)
         return settings
 
     # ------------------------------------------------------------------ derived values
@@ -191,7 +195,21 @@ class MOOSettings:
     @property
     def resolved_options(self) -> dict[str, Any]:
         """The method's defaults overlaid with the given options."""
-        return dict(self._resolved)
+        return dict(self._weight_step.options)
+
+    @property
+    def weight_step(self) -> WeightStep:
+        """The :class:`~bucketmoo_kernels.weight_step.WeightStep` (method, resolved options,
+        normalisation, ``normalize_weights``), built once; see :meth:`weight_step_at`."""
+        return self._weight_step
+
+    def weight_step_at(self, step: int) -> WeightStep:
+        """The weight step of optimizer step ``step``: :attr:`weight_step`, or for a method with a
+        ``seed`` option a copy whose seed is ``seed + step`` (same on every rank, new every step)."""
+        base = self._weight_step
+        if "seed" not in base.options:
+            return base
+        return base.with_options(seed=int(self.options.get("seed", base.options["seed"])) + int(step))
 
     @property
     def granularity_kind(self) -> tuple[str, int | None]:
@@ -222,7 +240,7 @@ class MOOSettings:
     def agreed_values(self) -> dict[str, Any]:
         """The value of every :data:`AGREED` family, as plain Python data (printable per rank)."""
         return {
-            "method": (self.method, tuple(sorted(self._resolved.items()))),
+            "method": (self.method, tuple(sorted(self._weight_step.options.items()))),
             "granularity": self.granularity,
             "mode": (self.mode, self.num_tasks, self.stash_reduce),
             "task_of_rank": self.task_of_rank,

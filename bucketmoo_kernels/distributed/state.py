@@ -146,8 +146,7 @@ class BucketMOOState:
             setattr(self.runtime, name, value)
         elif name == "record_diagnostics":  # may be switched on and off between steps (on every rank)
             object.__setattr__(self, "settings",
-                               dataclasses.replace(self.settings, record_diagnostics=check_bool(name, value),
-                                                   _resolved=self.settings.resolved_options))
+                               dataclasses.replace(self.settings, record_diagnostics=check_bool(name, value)))
         elif name in _SETTING_NAMES:
             raise AttributeError(f"BucketMOOState.{name} is a setting and settings are fixed once built; "
                                  "build a new BucketMOOState (or load_state_dict) to change it")
@@ -195,11 +194,15 @@ class BucketMOOState:
         """The method options for this step (PCGrad-style ``seed`` becomes ``seed + step``)."""
         return self.settings.method_call_options(self.runtime.step)
 
+    def weight_step(self):
+        """The :class:`~bucketmoo_kernels.weight_step.WeightStep` of the current optimizer step
+        (built once by the settings; PCGrad-style seeds advance with the step)."""
+        return self.runtime.weight_step_at(self.settings, self.runtime.step)
+
     def solve_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~bucketmoo_kernels.distributed.protocol.solve_weights` for this step."""
-        s = self.settings
-        return dict(options=self.method_call_options(), normalization=s.normalization, losses=self.runtime.losses,
-                    normalize_weights=s.normalize_weights, backend=s.backend)
+        """Keyword arguments of :func:`~bucketmoo_kernels.distributed.protocol.solve_weights` for
+        this step, after the weight step: ``losses`` and ``backend``."""
+        return dict(losses=self.runtime.losses, backend=self.settings.backend)
 
     def segments_for(self, index: int, numel: int, param_numels: Sequence[int] | None):
         """The (cached) segment layout of a bucket for this state's granularity, and the bucket's
