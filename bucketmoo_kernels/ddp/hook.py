@@ -335,7 +335,7 @@ def bucket_moo_hook(state: BucketMOOState, bucket: dist.GradBucket) -> torch.fut
     decompose = not s.plain_average if s.mode == "ranks" else rt.current_task is not None and rt.final_task()
     virtual = rt.first_iteration_buckets(bucket, s.bucket_cap_mb) if decompose else None
     if virtual is not None:
-        rt.hook_calls += 1
+        rt.begin_single_bucket(buf)
         return _as_rebuilt_buckets(state, bucket, virtual, mode_hook)
     rt.begin_bucket(bucket.index(), buf, bucket.parameters())
     rt.observe_bucket(bucket)

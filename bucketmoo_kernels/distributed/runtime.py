@@ -80,6 +80,11 @@ class MOORuntime:
             self.bucket_params = {}
         self.bucket_params[index] = list(params)
 
+    def begin_single_bucket(self, buf: torch.Tensor) -> None:
+        """Account for DDP's initial single bucket, which the hook runs as the rebuilt buckets."""
+        self.hook_calls += 1
+        self.largest_bucket_bytes = max(self.largest_bucket_bytes, buf.numel() * buf.element_size())
+
     def begin_backward(self) -> None:
         """The first bucket of a backward: forget what a failed backward left in flight."""
         self._pending = []
