@@ -77,4 +77,14 @@ def cagrad_weights(gram: torch.Tensor, *, c: float = 0.4, rescale: int = 1) -> t
     return weights / divisor
 
 
-register_method("cagrad", defaults={"c": 0.4, "rescale": 1}, max_tasks=MAX_EXACT_TASKS)(cagrad_weights)
+def _cagrad_native_args(num_tasks: int, options) -> dict | None:
+    """The native codes, or None for bad options (the torch function raises the error)."""
+    c, rescale = float(options["c"]), options["rescale"]
+    if not c >= 0 or rescale not in (0, 1, 2):
+        return None
+    return {"c": c, "rescale": int(rescale)}
+
+
+register_method("cagrad", defaults={"c": 0.4, "rescale": 1}, max_tasks=MAX_EXACT_TASKS,
+                native_code=3, native_max_tasks=MAX_EXACT_TASKS,
+                native_args=_cagrad_native_args)(cagrad_weights)
