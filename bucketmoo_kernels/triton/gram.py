@@ -181,7 +181,8 @@ def _gram_reduce_kernel(partial_ptr, reduce_ptr, out_ptr, TT: tl.constexpr, TTP:
     tl.store(out_ptr + seg * TT + e, total.to(tl.float32), mask=e_ok)
 
 
-def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | None) -> torch.Tensor:
+def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | None,
+                 reduce_slots: int) -> torch.Tensor:
     num_tasks = grads.num_tasks
     device = grads.device
     if grads.numel == 0:  # nothing to read (and an empty tensor may have a null pointer)
@@ -204,12 +205,12 @@ def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | 
         if tiles.num_multi:
             tt = num_tasks * num_tasks
             _gram_reduce_kernel[(tiles.num_multi,)](partial, tiles.reduce, out, TT=tt, TTP=next_pow2(tt),
-                                                    R=REDUCE_SLOTS, num_warps=4)
+                                                    R=reduce_slots, num_warps=4)
     return out
 
 
 def gram_triton(grads: TaskGrads, segments: Segments, *, chunk: int | None = None,
-                block: int | None = None) -> torch.Tensor:
+                block: int | None = None, reduce_slots: int = REDUCE_SLOTS) -> torch.Tensor:
     """Per-segment Gram matrices ``M_s = G_s G_s^T`` in one kernel launch.
 
     Args:
@@ -218,7 +219,10 @@ def gram_triton(grads: TaskGrads, segments: Segments, *, chunk: int | None = Non
             are stacked first).
         segments: S segments covering ``0..N`` (empty segments give zero matrices).
         chunk: elements per program (tile); long segments are split into tiles of this size.
-        block: elements per inner step (a power of two >= 16; None: by dtype and T).
+        block: elements per inner step (a power of two >= 16; None: :func:`gram_block`).
+        reduce_slots: partial slots a reduction program adds at once (a power of two; 1 is
+            a serial chain of dependent loads, kept for the GPU benchmark). The bits depend on
+            it: replicas must use the same value.
     Returns:
         ``[S, T, T]`` float32, accumulated in float32 within a tile and in float64 across the
         tiles of a long segment; bit-identical from call to call.
@@ -228,4 +232,6 @@ def gram_triton(grads: TaskGrads, segments: Segments, *, chunk: int | None = Non
         raise ValueError(f"chunk must be a positive number of elements; got {chunk}")
     if block is not None and (int(block) < 16 or int(block) & (int(block) - 1)):
         raise ValueError(f"block must be a power of two >= 16; got {block}")
-    return _launch_gram(grads, segments, chunk, block)
+    if reduce_slots < 1 or reduce_slots & (reduce_slots - 1):
+        raise ValueError(f"reduce_slots must be a power of two >= 1; got {reduce_slots}")
+    return _launch_gram(grads, segments, chunk, block, int(reduce_slots))
