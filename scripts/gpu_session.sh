@@ -12,7 +12,8 @@
 # (a step cut short is reported as TIMED OUT; a step with no time left as SKIPPED).
 #   build     both extensions in place (BUCKETMOO_CUDA_ARCHS, default 90; MAX_JOBS, default 16)
 #   test      the CUDA and Triton test files (tests/triton_kernels: the CUDA-graph replay in
-#             both orders, tables used from a side stream), the API tests on the GPU build
+#             both orders, tables used from a side stream; tests/test_cuda_resources.py: the
+#             memory the first PGD weight step reserves), the API tests on the GPU build
 #   sanitize  compute-sanitizer memcheck / racecheck / initcheck / synccheck (docs/cuda.md)
 #   bench     benchmarks.bench_gpu_fixes first (issue 14: serial vs parallel Gram reduction,
 #             vector vs scalar loads, CUDA-graph replay vs eager), then benchmarks.bench_cuda
@@ -72,7 +73,7 @@ stage_build() {
 stage_test() {
   new_stage
   step test_triton_kernels 200 "$PY" -m pytest -q -p no:cacheprovider \
-    --junitxml="$OUT_DIR/results/test_triton_kernels.xml" tests/triton_kernels
+    --junitxml="$OUT_DIR/results/test_triton_kernels.xml" tests/triton_kernels tests/test_cuda_resources.py
   step test_native_cuda 580 env BUCKETMOO_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -q -x -p no:cacheprovider \
     --junitxml="$OUT_DIR/results/test_native_cuda.xml" tests/test_native_cuda.py
   step test_triton 580 "$PY" -m pytest -q -p no:cacheprovider \

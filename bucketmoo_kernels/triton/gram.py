@@ -204,8 +204,11 @@ def _launch_gram(grads: TaskGrads, segments: Segments, chunk: int, block: int | 
             UPCAST=upcast, USE_DOT=use_dot, num_warps=4)
         if tiles.num_multi:
             tt = num_tasks * num_tasks
-            _gram_reduce_kernel[(tiles.num_multi,)](partial, tiles.reduce, out, TT=tt, TTP=next_pow2(tt),
-                                                    R=reduce_slots, num_warps=4)
+            ttp = next_pow2(tt)
+            # at most 2048 float64 accumulators (16 a thread at 4 warps): fewer slots at once
+            # for large T (a function of T only, so replicas still agree)
+            r = min(reduce_slots, max(1, 2048 // ttp))
+            _gram_reduce_kernel[(tiles.num_multi,)](partial, tiles.reduce, out, TT=tt, TTP=ttp, R=r, num_warps=4)
     return out
 
 
@@ -220,8 +223,9 @@ def gram_triton(grads: TaskGrads, segments: Segments, *, chunk: int | None = Non
         segments: S segments covering ``0..N`` (empty segments give zero matrices).
         chunk: elements per program (tile); long segments are split into tiles of this size.
         block: elements per inner step (a power of two >= 16; None: :func:`gram_block`).
-        reduce_slots: partial slots a reduction program adds at once (a power of two; 1 is
-            a serial chain of dependent loads, kept for the GPU benchmark). The bits depend on
+        reduce_slots: partial slots a reduction program adds at most at once (a power of
+            two; capped so that the float64 accumulator has at most 2048 entries; 1 is a
+            serial chain of dependent loads, kept for the GPU benchmark). The bits depend on
             it: replicas must use the same value.
     Returns:
         ``[S, T, T]`` float32, accumulated in float32 within a tile and in float64 across the
