@@ -179,13 +179,24 @@ class Segments:
         return int(self.lengths.max()) if self.num_segments else 0
 
     def on(self, device: torch.device | str) -> torch.Tensor:
-        """The offsets as an int64 tensor on ``device`` (cached)."""
+        """The offsets as an int64 tensor on ``device`` (cached).
+
+        The first call per device copies from pageable host memory, which waits for the copy
+        (a one-time host sync; refused during CUDA graph capture: warm up first). Every call
+        registers the current CUDA stream with ``record_stream`` (a no-op on the allocating
+        stream), so the cached copy is never reused by the allocator while a kernel queued on
+        another stream may still read it."""
         device = torch.device(device)
         key = str(device)
         cached = self._device_cache.get(key)
         if cached is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("Segments.on: the offsets are not on the device yet and cannot be copied "
+                                   "there during CUDA graph capture; run the call once before capturing")
             cached = self.offsets.to(device)
             self._device_cache[key] = cached
+        if cached.is_cuda:
+            cached.record_stream(torch.cuda.current_stream(cached.device))
         return cached
 
     def segment_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:

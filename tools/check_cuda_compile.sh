@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile every .cu file of csrc/cuda with nvcc for sm_80 and sm_90 (no GPU needed), then
-# link and run tools/cuda_host_check.cu (launcher signatures, the kernels' index math and
+# Compile every .cu file of csrc/cuda with nvcc for sm_80 and sm_90 (no GPU needed), check
+# every kernel's local memory (ptxas -v) against its budget (tools/check_cuda_local_memory.sh,
+# budgets in tools/cuda_local_memory_budget.txt), then link and run tools/cuda_host_check.cu (launcher signatures, the kernels' index math and
 # argument checks, all on the host). Exits non-zero on any compile, link or check failure.
 #
 # The flags mirror what torch's CUDAExtension passes to nvcc (the half/bfloat16 operator
@@ -55,28 +56,41 @@ fi
 echo "check_cuda_compile: $("$nvcc_bin" --version | tail -n 1)"
 failed=0
 objects=()
+ptxas_logs=()
 for std in "${stds[@]}"; do
   for src in "${sources[@]}"; do
     obj="$build_dir/$(basename "${src%.cu}")_${std//+/x}.o"
     # First standard: plain flags, every arch (these objects are linked into the host check).
     # Further standards: torch's extension flags, last arch only (a syntax/type check).
     if [ "$std" = "${stds[0]}" ]; then
-      extra=("${gencode[@]}")
+      extra=("${gencode[@]}" -Xptxas -v)
     else
       extra=("${torch_flags[@]}" "${gencode[@]: -2}")
     fi
     echo "  nvcc -std=$std ${extra[*]} -c $src"
-    if ! "$nvcc_bin" -std="$std" "${extra[@]}" -Icsrc -Xcompiler -Wall -c "$src" -o "$obj"; then
+    log="${obj%.o}.ptxas"
+    if ! "$nvcc_bin" -std="$std" "${extra[@]}" -Icsrc -Xcompiler -Wall -c "$src" -o "$obj" 2> "$log"; then
+      cat "$log" >&2
       echo "check_cuda_compile: FAILED to compile $src (-std=$std)" >&2
       failed=1
     elif [ "$std" = "${stds[0]}" ]; then
+      grep -iE "warning|error" "$log" >&2 || true  # the -v report itself is checked below
       objects+=("$obj")
+      ptxas_logs+=("$log")
     fi
   done
 done
 if [ "$failed" -ne 0 ]; then
   exit 1
 fi
+
+# Local memory (stack frame) of every kernel against tools/cuda_local_memory_budget.txt.
+echo "  local memory per kernel (ptxas -v) vs tools/cuda_local_memory_budget.txt"
+if ! bash tools/check_cuda_local_memory.sh "${ptxas_logs[@]}" > "$build_dir/lmem.txt"; then
+  grep -v " ok$" "$build_dir/lmem.txt" >&2
+  exit 1
+fi
+grep -E "weights_kernel|solve_.*sm_90|OK" "$build_dir/lmem.txt"  # the solvers' figures, sm_90
 
 if [ "${BUCKETMOO_SKIP_HOST_CHECK:-0}" != "1" ]; then
   echo "  nvcc tools/cuda_host_check.cu + objects -> host check"

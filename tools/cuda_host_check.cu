@@ -62,16 +62,23 @@ static void check_segment_of(const std::vector<int64_t>& off) {
 }
 
 // Simulate gram_partial_kernel's partition + gram_finalize_kernel's reads with integer
-// "values" (element n has value n + 1) and compare per-segment sums with the direct ones.
+// "values" (element n has value n + 1) and compare per-segment sums with the direct ones:
+// single-tile segments must be written straight into the output by exactly one tile, every
+// piece of a multi-tile segment must get a slot no other piece uses, inside the workspace,
+// and the finalize walk must read exactly the segment's own slots in increasing order.
 static void check_gram_partition(const std::vector<int64_t>& off, int64_t tile) {
   constexpr int kMaxBig = 8;  // gram.cu
   const int64_t num_segments = static_cast<int64_t>(off.size()) - 1;
   const int64_t numel = off.back();
   const int64_t num_tiles = bd::ceil_div(numel, tile);
-  const int64_t num_slots = bd::num_partial_slots(numel, num_segments, tile);
+  const int64_t num_slots = bd::num_partial_slots(numel, tile);
+  CHECK(num_slots == 2 * num_tiles, "workspace slots %lld for %lld tiles", (long long)num_slots,
+        (long long)num_tiles);
   const int64_t big = tile / kMaxBig;
   std::vector<int64_t> owner(num_slots, -1);
   std::vector<int64_t> value(num_slots, 0);
+  std::vector<int64_t> direct(num_segments, 0);
+  std::vector<int> direct_writes(num_segments, 0);
   std::vector<int64_t> visits(numel, 0);
   for (int64_t b = 0; b < num_tiles; ++b) {
     const int64_t t0 = b * tile;
@@ -90,12 +97,22 @@ static void check_gram_partition(const std::vector<int64_t>& off, int64_t tile) 
         CHECK(k < kMaxBig && big_slot[k] == -1, "tile %lld: big slot %lld reused", (long long)b, (long long)k);
         big_slot[k] = s;
       }
-      const int64_t slot = s + b;
-      CHECK(slot < num_slots && owner[slot] == -1, "slot %lld out of range or written twice", (long long)slot);
-      owner[slot] = s;
+      int64_t sum = 0;
       for (int64_t n = lo; n < hi; ++n) {
-        value[slot] += n + 1;
+        sum += n + 1;
         ++visits[n];
+      }
+      if (bd::single_tile(off[s], off[s + 1], tile)) {
+        CHECK(lo == off[s] && hi == off[s + 1], "single-tile segment %lld cut by tile %lld", (long long)s,
+              (long long)b);
+        direct[s] = sum;
+        ++direct_writes[s];
+      } else {
+        const int64_t slot = bd::partial_slot(lo, b, tile);
+        CHECK(slot >= 2 * b && slot < 2 * b + 2, "slot %lld outside tile %lld's pair", (long long)slot, (long long)b);
+        CHECK(owner[slot] == -1, "slot %lld written twice", (long long)slot);
+        owner[slot] = s;
+        value[slot] = sum;
       }
     }
   }
@@ -104,8 +121,19 @@ static void check_gram_partition(const std::vector<int64_t>& off, int64_t tile) 
     int64_t expect = 0;
     for (int64_t n = off[s]; n < off[s + 1]; ++n) expect += n + 1;
     int64_t got = 0;
-    if (off[s + 1] > off[s]) {
-      for (int64_t slot = bd::first_tile(off[s], tile) + s; slot <= bd::last_tile(off[s + 1], tile) + s; ++slot) {
+    const int64_t begin = off[s], end = off[s + 1];
+    if (end > begin && bd::single_tile(begin, end, tile)) {
+      CHECK(direct_writes[s] == 1, "single-tile segment %lld written %d times", (long long)s, direct_writes[s]);
+      got = direct[s];
+    } else if (end > begin) {
+      CHECK(direct_writes[s] == 0, "multi-tile segment %lld written directly", (long long)s);
+      const int64_t count = bd::last_tile(end, tile) - bd::first_tile(begin, tile) + 1;
+      int64_t previous = -1;
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t slot = bd::segment_slot(begin, tile, k);
+        CHECK(slot > previous && slot < num_slots, "segment %lld: slot %lld out of order or range", (long long)s,
+              (long long)slot);
+        previous = slot;
         CHECK(owner[slot] == s, "segment %lld reads slot %lld owned by %lld", (long long)s, (long long)slot,
               (long long)owner[slot]);
         got += value[slot];

@@ -34,14 +34,17 @@ import triton
 import triton.language as tl
 
 from ..methods import simplex
-from ..methods.pcgrad import pcgrad_orders_on
-from .tiles import next_pow2, on_device
+from ..methods.pcgrad import pcgrad_orders
+from .tiles import next_pow2, on_device, to_device_table
 
 __all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton",
            "cagrad_triton"]
 
 # Small device tensors cached per device: contract constants and CAGrad parameters per
-# (c, rescale); PCGrad orders per (T, seed) in the bounded cache of _orders_flat.
+# (c, rescale) (never freed, so reading them from any stream is safe); PCGrad orders per
+# (T, seed) in the bounded cache of _orders_flat (evicted entries are freed: every use
+# registers the current stream with record_stream). Each is copied once from pageable host
+# memory (a one-time host sync) and refused during CUDA graph capture (warm up first).
 _constants: dict[str, torch.Tensor] = {}
 _cagrad_params: dict[tuple[float, int, str], torch.Tensor] = {}
 
@@ -51,15 +54,17 @@ def _contract_constants(device: torch.device) -> torch.Tensor:
     key = str(device)
     cached = _constants.get(key)
     if cached is None:
-        cached = torch.tensor([simplex.RIDGE_REL, simplex.RIDGE_ABS, simplex.TIE_REL,
-                               simplex.FEASIBLE_TOL], dtype=torch.float64, device=device)
+        host = torch.tensor([simplex.RIDGE_REL, simplex.RIDGE_ABS, simplex.TIE_REL, simplex.FEASIBLE_TOL],
+                            dtype=torch.float64)
+        cached = to_device_table(host, torch.device(device), "solver constants").tensor
         _constants[key] = cached
     return cached
 
 
 @triton.jit
 def _mgda_closed_form_kernel(g_ptr, c_ptr, w_ptr, S, BLOCK_S: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # int64: offs * 4 overflows int32 past 2^29 segments
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok = offs < S
     ridge_rel = tl.load(c_ptr + 0)
     ridge_abs = tl.load(c_ptr + 1)
@@ -258,7 +263,7 @@ def _mgda_pgd_kernel(g_ptr, c_ptr, w_ptr, max_iter, T: tl.constexpr, TP: tl.cons
 
 @triton.jit
 def _pcgrad_kernel(g_ptr, order_ptr, w_ptr, S, T: tl.constexpr, TP: tl.constexpr, BLOCK_S: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     seg_ok = offs < S
     i = tl.arange(0, TP)
     real = i < T
@@ -331,9 +336,11 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _orders_flat(num_tasks: int, seed: int, device: str) -> torch.Tensor:
-    """The kernel's layout of PCGrad's orders: flat int32 with one pad element (never empty)."""
-    orders = pcgrad_orders_on(num_tasks, seed, device).to(torch.int32).reshape(-1)
-    return torch.cat([orders, orders.new_zeros(1)])
+    """The kernel's layout of PCGrad's orders: flat int32 with one pad element (never empty),
+    built on the host and copied once (complete when this returns)."""
+    orders = pcgrad_orders(num_tasks, seed).to(torch.int32).reshape(-1)
+    host = torch.cat([orders, orders.new_zeros(1)])
+    return to_device_table(host, torch.device(device), "PCGrad orders").tensor
 
 
 def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -346,6 +353,8 @@ def pcgrad_triton(gram: torch.Tensor, seed: int = 0) -> torch.Tensor:
     if num_seg == 0:
         return out
     orders = _orders_flat(num_tasks, int(seed), str(gram.device))
+    if orders.is_cuda:  # an evicted entry must outlive kernels queued on other streams
+        orders.record_stream(torch.cuda.current_stream(orders.device))
     tp = max(2, next_pow2(num_tasks))
     block = max(1, 2048 // (tp * tp))
     with on_device(gram.device):
@@ -371,7 +380,8 @@ def cagrad_triton(gram: torch.Tensor, c: float = 0.4, rescale: int = 1) -> torch
     params = _cagrad_params.get(key)
     if params is None:
         divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
-        params = torch.tensor([c, divisor, 1e-12], dtype=torch.float64, device=gram.device)
+        params = to_device_table(torch.tensor([c, divisor, 1e-12], dtype=torch.float64), gram.device,
+                                 "CAGrad parameters").tensor
         _cagrad_params[key] = params
     tp = next_pow2(num_tasks)
     kp = 1 << num_tasks

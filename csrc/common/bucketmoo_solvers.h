@@ -272,13 +272,20 @@ BUCKETMOO_HD void mgda_exact(const double* gram, int T, double* w) {
   clamp_normalise(w, T);
 }
 
+// The ridged matrix M + ridge I is never copied: its entries are formed where they are read
+// (the same one addition, so the same bits as a copy), so `gram` may live in global or
+// shared memory and a GPU thread keeps only the four T-vectors below (no T x T local buffer:
+// the driver reserves a thread's local memory for every thread the GPU can hold).
+BUCKETMOO_HD double ridged_entry(const double* gram, int T, double r, int t, int u) {
+  return t == u ? gram[t * T + u] + r : gram[t * T + u];
+}
+
 BUCKETMOO_HD void mgda_pgd(const double* gram, int T, int max_iter, double tol, double* w) {
-  double m[kMaxTasks * kMaxTasks];
-  add_ridge(gram, T, m);
+  const double r = ridge(gram, T);
   double lip = 0.0;
   for (int t = 0; t < T; ++t) {
     double s = 0.0;
-    for (int u = 0; u < T; ++u) s += fabs(m[t * T + u]);
+    for (int u = 0; u < T; ++u) s += fabs(ridged_entry(gram, T, r, t, u));
     lip = (s > lip || s != s) ? s : lip;
   }
   double step = 1.0 / (lip > kTinyF64 || lip != lip ? lip : kTinyF64);
@@ -288,7 +295,7 @@ BUCKETMOO_HD void mgda_pgd(const double* gram, int T, int max_iter, double tol, 
   for (int it = 0; it < max_iter; ++it) {
     for (int t = 0; t < T; ++t) {
       double s = 0.0;
-      for (int u = 0; u < T; ++u) s += m[t * T + u] * y[u];
+      for (int u = 0; u < T; ++u) s += ridged_entry(gram, T, r, t, u) * y[u];
       grad[t] = 2 * s;
     }
     for (int t = 0; t < T; ++t) w_next[t] = y[t] - (step / 2) * grad[t];

@@ -32,13 +32,15 @@ constexpr int kMaxTasks = 8;
 // Element type of the gradients (the glue maps torch dtypes onto it).
 enum class GradDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Bytes of workspace `gram_cuda` needs for these sizes (float32 partial sums of every
-// (segment, tile) pair). Returns 0 for bad arguments (T outside 1..kMaxTasks).
+// Bytes of workspace `gram_cuda` needs for these sizes: float32 partial sums of the pieces of
+// segments that span several tiles, 2 ceil(N / tile) T(T+1)/2 floats (at least one slot),
+// independent of the number of segments. Returns 0 for bad arguments (T outside 1..kMaxTasks).
 size_t gram_workspace_bytes(int num_tasks, GradDType dtype, int64_t numel, int64_t num_segments);
 
 // Per-segment Gram matrices: gram[s] = G_s G_s^T, float32 accumulation, deterministic
 // (fixed partial slots and a fixed-order float64 final sum; no float atomics).
-// Two kernels: the partial Grams of all (segment, tile) pairs, then the final sums.
+// Two kernels: the Grams of single-tile segments and the partial Grams of the pieces of
+// longer ones, then (one warp per segment) the final sums and the zeros of empty segments.
 cudaError_t gram_cuda(const void* const* grads, int num_tasks, GradDType dtype, int64_t numel,
                       const int64_t* offsets, int64_t num_segments, float* gram, void* workspace,
                       size_t workspace_bytes, cudaStream_t stream);

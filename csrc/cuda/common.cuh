@@ -114,12 +114,20 @@ __device__ __forceinline__ void block_reduce_store(acc_t (&acc)[P], acc_t (*scra
 // Segments and tiles (host and device, so the index math can be unit-tested on the host).
 //
 // The N elements are cut into tiles of `tile` elements; block b of a kernel owns tile b.
-// A tile meets one or more segments; each non-empty (segment s, tile b) intersection gets its
-// own partial slot s + b. That is injective: for a fixed s the tiles differ, and the tiles of
-// a later segment s' > s start at or after the last tile of s, so s' + b' > s + b. Hence
-// num_tiles + S slots always suffice, and the final sum of segment s reads the contiguous
-// slots first_tile(s) + s .. last_tile(s) + s in increasing order.
-
+// A tile meets one or more segments. A segment that lies inside one tile ("single-tile") is
+// reduced completely by that tile's block, which writes its Gram straight into the output.
+// Every other non-empty (segment, tile b) intersection -- a piece of a segment that spans
+// several tiles -- gets its own partial slot:
+//
+//   slot 2b      the intersection contains the tile's first element t0 (the segment started
+//                at or before t0);
+//   slot 2b + 1  it starts after t0 (then it must run to the tile's end).
+//
+// At most one segment contains t0, and at most one intersection that starts after t0 runs to
+// the tile's end, so the map is injective and 2 ceil(N / tile) slots always suffice, whatever
+// S is (the workspace does not grow with the number of segments). The slots of a multi-tile
+// segment with tiles b0 < ... < b1 are partial_slot(begin, b0) < 2(b0 + 1) < ... < 2 b1: the
+// finalize kernel reads them in that (increasing) order.
 // The segment holding element n: the largest s in [lo, hi] with offsets[s] <= n. Requires
 // offsets[lo] <= n < offsets[hi + 1]; empty segments are never returned.
 __host__ __device__ __forceinline__ int64_t segment_of(const int64_t* offsets, int64_t lo, int64_t hi,
@@ -137,13 +145,28 @@ __host__ __device__ __forceinline__ int64_t segment_of(const int64_t* offsets, i
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-__host__ __device__ __forceinline__ int64_t num_partial_slots(int64_t numel, int64_t num_segments, int64_t tile) {
-  return ceil_div(numel, tile) + num_segments;
+__host__ __device__ __forceinline__ int64_t num_partial_slots(int64_t numel, int64_t tile) {
+  return 2 * ceil_div(numel, tile);
 }
 
 // Tiles [first, last] of a non-empty segment [begin, end).
 __host__ __device__ __forceinline__ int64_t first_tile(int64_t begin, int64_t tile) { return begin / tile; }
 __host__ __device__ __forceinline__ int64_t last_tile(int64_t end, int64_t tile) { return (end - 1) / tile; }
+
+__host__ __device__ __forceinline__ bool single_tile(int64_t begin, int64_t end, int64_t tile) {
+  return first_tile(begin, tile) == last_tile(end, tile);
+}
+
+// Slot of the intersection [lo, ...) of a multi-tile segment with tile b (see above).
+__host__ __device__ __forceinline__ int64_t partial_slot(int64_t lo, int64_t b, int64_t tile) {
+  return 2 * b + (lo == b * tile ? 0 : 1);
+}
+
+// The k-th slot (k = 0 .. last_tile - first_tile) of the multi-tile segment starting at begin.
+__host__ __device__ __forceinline__ int64_t segment_slot(int64_t begin, int64_t tile, int64_t k) {
+  const int64_t b0 = first_tile(begin, tile);
+  return k == 0 ? partial_slot(begin, b0, tile) : 2 * (b0 + k);
+}
 
 // Upper-triangle index e of (i, j), i <= j, row-major: (0,0), (0,1), ..., (0,T-1), (1,1), ...
 __host__ __device__ __forceinline__ constexpr int tri_index(int i, int j, int num_tasks) {

@@ -3,15 +3,20 @@
 //   grads: T x [N] fp32 / bf16 / fp16,  offsets: int64 [S + 1]  ->  gram: float32 [S, T, T]
 //
 // Kernel 1 (gram_partial_kernel, one block per tile of `tile` elements): every non-empty
-// (segment, tile) intersection gets the float32 partial Gram (upper triangle, P = T(T+1)/2
-// values) of its elements, written to its own slot s + b of the workspace (see common.cuh).
-// Intersections of at least tile / kMaxBig elements are processed by the whole block with
-// 128-bit loads (a scalar head and tail around the aligned body); shorter ones are spread
-// over the warps, one intersection per warp, so a tile full of tiny segments keeps every warp
-// busy and a long segment uses every block it spans.
-// Kernel 2 (gram_finalize_kernel, one block per segment): sums the segment's slots in
-// increasing slot order (float64, each thread a fixed subset, then a fixed reduction tree),
-// writes gram[s] and its mirror. No atomics anywhere, so results are bitwise reproducible.
+// (segment, tile) intersection is reduced to the float32 Gram (upper triangle, P = T(T+1)/2
+// values) of its elements. A segment that lies inside the tile is then complete and is
+// written straight into `gram` (with its mirror); a piece of a segment spanning several
+// tiles goes to its own workspace slot 2b or 2b + 1 (see common.cuh), so the workspace is
+// 2 ceil(N / tile) P floats, whatever the number of segments. Intersections of at least
+// tile / kMaxBig elements are processed by the whole block with 128-bit loads (a scalar head
+// and tail around the aligned body); shorter ones are spread over the warps, one intersection
+// per warp, so a tile full of tiny segments keeps every warp busy and a long segment uses
+// every block it spans.
+// Kernel 2 (gram_finalize_kernel, one warp per segment, grid-stride): writes zeros for empty
+// segments, skips single-tile ones (already written) and sums a multi-tile segment's slots in
+// a fixed order (lane k takes its k-th, (k+32)-th, ... slot in increasing order, float64,
+// then the xor butterfly), writes gram[s] and its mirror. No atomics anywhere, so results
+// are bitwise reproducible.
 #include "common.cuh"
 
 namespace bucketmoo {
@@ -19,7 +24,8 @@ namespace cuda {
 namespace detail {
 
 constexpr int kGramThreads = 256;
-constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeThreads = 256;  // 8 warps, one segment each per grid-stride step
+constexpr int64_t kFinalizeMaxBlocks = 4096;
 // At most this many "big" intersections per tile: an intersection is big when it has at least
 // tile / kMaxBig elements, so two of them start >= that far apart and (start - t0) / big is a
 // distinct index for each.
@@ -58,16 +64,33 @@ __device__ __forceinline__ void accumulate_vector(float (&acc)[T * (T + 1) / 2],
   }
 }
 
+// Write the P upper-triangle sums of segment s as its full T x T Gram (value and mirror).
+template <int T, typename acc_t>
+__device__ __forceinline__ void store_gram(const acc_t (&sums)[T * (T + 1) / 2], float* __restrict__ gram,
+                                           int64_t s) {
+  float* dst = gram + s * T * T;
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+#pragma unroll
+    for (int j = i; j < T; ++j) {
+      const float value = static_cast<float>(sums[tri_index(i, j, T)]);
+      dst[i * T + j] = value;
+      dst[j * T + i] = value;
+    }
+  }
+}
+
 template <typename scalar_t, int T, bool kVectorized>
 __global__ void __launch_bounds__(kGramThreads)
 gram_partial_kernel(GradPtrs ptrs, int64_t numel, const int64_t* __restrict__ offsets, int64_t num_segments,
-                    int64_t tile, float* __restrict__ partial) {
+                    int64_t tile, float* __restrict__ partial, float* __restrict__ gram) {
   constexpr int P = T * (T + 1) / 2;
   constexpr int V = Elem<scalar_t>::kVec;
   constexpr int kWarps = kGramThreads / kWarpSize;
   __shared__ int64_t s_range[2];
   __shared__ int64_t s_big[kMaxBig];
   __shared__ float s_red[kWarps][P];
+  __shared__ float s_sum[P];
 
   const int64_t b = blockIdx.x;
   const int64_t t0 = b * tile;
@@ -101,9 +124,13 @@ gram_partial_kernel(GradPtrs ptrs, int64_t numel, const int64_t* __restrict__ of
 #pragma unroll
     for (int e = 0; e < P; ++e) acc[e] = warp_allreduce(acc[e]);
     if (lane == 0) {
-      float* dst = partial + (s + b) * P;
+      if (single_tile(offsets[s], offsets[s + 1], tile)) {
+        store_gram<T>(acc, gram, s);
+      } else {
+        float* dst = partial + partial_slot(lo, b, tile) * P;
 #pragma unroll
-      for (int e = 0; e < P; ++e) dst[e] = acc[e];
+        for (int e = 0; e < P; ++e) dst[e] = acc[e];
+      }
     }
   }
   __syncthreads();
@@ -134,7 +161,18 @@ gram_partial_kernel(GradPtrs ptrs, int64_t numel, const int64_t* __restrict__ of
     } else {
       for (int64_t n = lo + threadIdx.x; n < hi; n += kGramThreads) accumulate_element<scalar_t, T>(acc, ptrs, n);
     }
-    block_reduce_store<P, kGramThreads>(acc, s_red, partial + (s + b) * P);
+    block_reduce_store<P, kGramThreads>(acc, s_red, s_sum);  // ends with a barrier
+    if (threadIdx.x < P) {
+      if (single_tile(offsets[s], offsets[s + 1], tile)) {
+        int i, j;
+        tri_pair(threadIdx.x, T, &i, &j);
+        gram[(s * T + i) * T + j] = s_sum[threadIdx.x];
+        gram[(s * T + j) * T + i] = s_sum[threadIdx.x];
+      } else {
+        partial[partial_slot(lo, b, tile) * P + threadIdx.x] = s_sum[threadIdx.x];
+      }
+    }
+    // s_sum[e] is read and rewritten (next big intersection) only by thread e: no barrier.
   }
 }
 
@@ -143,31 +181,28 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 gram_finalize_kernel(const float* __restrict__ partial, const int64_t* __restrict__ offsets, int64_t num_segments,
                      int64_t tile, float* __restrict__ gram) {
   constexpr int P = T * (T + 1) / 2;
-  __shared__ double s_red[kFinalizeThreads / kWarpSize][P];
-  __shared__ double s_sum[P];
-  for (int64_t s = blockIdx.x; s < num_segments; s += gridDim.x) {
+  constexpr int kWarps = kFinalizeThreads / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  // One warp per segment; every lane of a warp sees the same s (uniform trip count).
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; s < num_segments;
+       s += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t begin = offsets[s];
     const int64_t end = offsets[s + 1];
+    if (end > begin && single_tile(begin, end, tile)) continue;  // written by gram_partial_kernel
     double acc[P];
 #pragma unroll
     for (int e = 0; e < P; ++e) acc[e] = 0.0;
     if (end > begin) {
-      const int64_t last = last_tile(end, tile) + s;
-      for (int64_t slot = first_tile(begin, tile) + s + threadIdx.x; slot <= last; slot += kFinalizeThreads) {
-        const float* src = partial + slot * P;
+      const int64_t num_slots = last_tile(end, tile) - first_tile(begin, tile) + 1;
+      for (int64_t k = lane; k < num_slots; k += kWarpSize) {
+        const float* src = partial + segment_slot(begin, tile, k) * P;
 #pragma unroll
         for (int e = 0; e < P; ++e) acc[e] += static_cast<double>(src[e]);
       }
     }
-    block_reduce_store<P, kFinalizeThreads>(acc, s_red, s_sum);
-    if (threadIdx.x < P) {
-      int i, j;
-      tri_pair(threadIdx.x, T, &i, &j);
-      const float value = static_cast<float>(s_sum[threadIdx.x]);
-      gram[(s * T + i) * T + j] = value;
-      gram[(s * T + j) * T + i] = value;
-    }
-    __syncthreads();  // s_sum is rewritten by the next segment of this block
+#pragma unroll
+    for (int e = 0; e < P; ++e) acc[e] = warp_allreduce(acc[e]);
+    if (lane == 0) store_gram<T>(acc, gram, s);
   }
 }
 
@@ -185,7 +220,9 @@ size_t gram_workspace_bytes(int num_tasks, GradDType dtype, int64_t numel, int64
   if (num_tasks < 1 || num_tasks > kMaxTasks || numel < 0 || num_segments < 0) return 0;
   const int64_t tile = detail::gram_tile(num_tasks, dtype);
   const int64_t pairs = num_tasks * (num_tasks + 1) / 2;
-  return static_cast<size_t>(detail::num_partial_slots(numel, num_segments, tile) * pairs) * sizeof(float);
+  // max(1, ...): a valid (non-null) workspace even when N = 0.
+  const int64_t slots = detail::num_partial_slots(numel, tile);
+  return static_cast<size_t>((slots > 0 ? slots : 1) * pairs) * sizeof(float);
 }
 
 cudaError_t gram_cuda(const void* const* grads, int num_tasks, GradDType dtype, int64_t numel,
@@ -210,17 +247,19 @@ cudaError_t gram_cuda(const void* const* grads, int num_tasks, GradDType dtype, 
   const int64_t num_tiles = ceil_div(numel, tile);
   if (num_tiles > 0x7fffffff) return cudaErrorInvalidValue;
   float* partial = static_cast<float*>(workspace);
-  const unsigned finalize_blocks = static_cast<unsigned>(num_segments < 0x7fffffff ? num_segments : 0x7fffffff);
+  const int64_t warps_needed = ceil_div(num_segments, kFinalizeThreads / kWarpSize);
+  const unsigned finalize_blocks =
+      static_cast<unsigned>(warps_needed < kFinalizeMaxBlocks ? warps_needed : kFinalizeMaxBlocks);
   return dispatch_dtype_tasks(dtype, num_tasks, [&](auto tag, auto tasks) -> cudaError_t {
     using scalar_t = decltype(tag);
     constexpr int T = decltype(tasks)::value;
     if (num_tiles > 0) {
       if (vectorized) {
         gram_partial_kernel<scalar_t, T, true><<<static_cast<unsigned>(num_tiles), kGramThreads, 0, stream>>>(
-            ptrs, numel, offsets, num_segments, tile, partial);
+            ptrs, numel, offsets, num_segments, tile, partial, gram);
       } else {
         gram_partial_kernel<scalar_t, T, false><<<static_cast<unsigned>(num_tiles), kGramThreads, 0, stream>>>(
-            ptrs, numel, offsets, num_segments, tile, partial);
+            ptrs, numel, offsets, num_segments, tile, partial, gram);
       }
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;

@@ -7,7 +7,8 @@
 // agree up to the compilers' floating-point contraction choices). MGDA's exact solver runs a
 // warp per segment (lanes share the face candidates); everything else runs one thread per
 // segment. The work is tiny and latency-bound; small blocks spread segments over the SMs.
-// Each thread works in local buffers and writes its T weights once.
+// No thread keeps a T x T matrix in local memory (the weight step's Gram is in shared memory,
+// PGD reads its matrix in place); each writes its T weights once.
 #include "common.cuh"
 
 #include "../common/bucketmoo_solvers.h"
@@ -74,8 +75,9 @@ solve_mgda_exact_kernel(const double* __restrict__ gram, int64_t num_segments, i
   }
 }
 
-// MGDA, projected gradient (any T <= 32): one thread per segment. Needs ~12 KiB of local
-// memory per thread (the header's fixed 32 x 32 work matrix).
+// MGDA, projected gradient (any T <= 32): one thread per segment, reading its Gram in place
+// from global memory (solver::mgda_pgd copies no T x T matrix; about 1.3 KiB of T-vectors a
+// thread, see tools/check_cuda_local_memory.sh).
 __global__ void __launch_bounds__(kSolveThreads)
 solve_mgda_pgd_kernel(const double* __restrict__ gram, int64_t num_segments, int num_tasks, int max_iter,
                       double tol, double* __restrict__ weights) {
@@ -110,36 +112,42 @@ solve_cagrad_kernel(const double* __restrict__ gram, int64_t num_segments, int n
 }
 
 // The whole weight step (solver::segment_weights) from float32 Grams: one warp per segment.
-// Every lane prepares the normalised Gram (T^2 work, no broadcast needed); exact MGDA
-// spreads its faces over the warp, every other method runs on lane 0, which also
-// finishes (unscale, rescale to sum 1) and writes the segment's T float32 weights.
+// Lane 0 prepares the normalised float64 Gram in this warp's shared-memory slot; exact MGDA
+// spreads its faces over the warp (every lane reads the slot), every other method runs on
+// lane 0, which also finishes (unscale, rescale to sum 1) and writes the segment's T float32
+// weights.
 //
-// The template arguments keep the stack frame small where it can be: the driver reserves
-// local memory for the largest frame of any kernel it has run, times every thread the GPU
-// can hold (on an H100, 132 x 2048 threads: 1 KB a thread is 270 MB). kCap bounds T and the
-// local buffers: the common T <= 8 kernel does not carry PGD's 32 x 32 work matrices
-// (kCap = 32: ~19 KB a thread, only for T > 8 or solver=pgd); kCagrad: only the CAGrad kernel
-// carries CAGrad's table of 255 face objectives.
+// Local memory: the driver reserves a kernel's per-thread stack frame for every thread the
+// GPU can hold (on an H100, 132 SMs x 2048 threads: 1 KiB a thread is 270 MiB, held for the
+// life of the context), so no thread keeps a T x T matrix: the normalised Gram lives in shared
+// memory (kCap^2 doubles a warp: 16 KiB a block at kCap = 32), and PGD reads it in place
+// (solver::mgda_pgd forms the ridged entries where it reads them). kCap bounds T and the
+// per-thread T-vectors; kCagrad: only the CAGrad kernel carries CAGrad's face tables. The
+// stack frame of every kernel is checked against a budget by tools/check_cuda_local_memory.sh.
 template <int kCap, bool kCagrad>
 __global__ void __launch_bounds__(kSolveThreads)
 weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tasks,
                solver::MethodSpec spec, const double* __restrict__ losses,
                float* __restrict__ weights) {
   __shared__ double s_objective[kExactWarps][kMaxFaces];
+  __shared__ double s_gram[kExactWarps][kCap * kCap];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int mgda_solver = solver::mgda_resolve_solver(spec.solver, num_tasks);
   const bool exact_on_warp =
       spec.method == solver::kMethodMgda && num_tasks >= 2 && mgda_solver == solver::kExact;
   const bool per_task_losses = solver::uses_losses(spec.normalization);
+  double* g = s_gram[warp];
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * kExactWarps + warp; s < num_segments;
        s += static_cast<int64_t>(gridDim.x) * kExactWarps) {
-    double g[kCap * kCap];
     double scale[kCap];
     double w[kCap];
-    const bool scaled = solver::weight_step_prepare(
-        gram + s * num_tasks * num_tasks, num_tasks, spec,
-        per_task_losses ? losses + s * num_tasks : nullptr, g, scale);
+    bool scaled = false;
+    if (lane == 0) {
+      scaled = solver::weight_step_prepare(gram + s * num_tasks * num_tasks, num_tasks, spec,
+                                           per_task_losses ? losses + s * num_tasks : nullptr, g, scale);
+    }
+    __syncwarp();  // the normalised Gram is in s_gram[warp] for every lane
     if (exact_on_warp) {
       mgda_exact_on_warp(g, num_tasks, s_objective[warp], lane, w);
     } else if (lane == 0) {
@@ -162,6 +170,7 @@ weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tas
       solver::nan_weights_if_not_finite(gram + s * num_tasks * num_tasks, num_tasks, w32);
       for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w32[t];
     }
+    __syncwarp();  // s_gram[warp] is rewritten for the warp's next segment
   }
 }
 
