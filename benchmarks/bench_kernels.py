@@ -1,7 +1,7 @@
 """Kernel microbenchmark: gram / solve / combine / fused on every backend available for the
 device, against the torch reference and a copy of the same bytes, measured in the same run.
 
-    python -m benchmarks.bench_kernels --quick            # a summary in ~1 minute on CPU
+    python -m benchmarks.bench_kernels --quick            # the main job's summary in ~1 minute on CPU
     python -m benchmarks.bench_kernels                     # the full sweep for the device
     python -m benchmarks.bench_kernels --device cuda --tasks 2 4 8 --sizes 25000000
 
@@ -234,7 +234,12 @@ def main(argv=None) -> int:
              "reference backend (the test oracle, written for clarity); speedup_vs_eager against `eager`, a "
              "hand-written fp32 torch version (a matmul per segment).")
     if args.quick:  # the main job's summary: the copy and the fused op, one segment
-        print(markdown_table([r for r in rows if r["op"] in ("copy", "fused")], columns))
+        summary = [r for r in rows if r["op"] in ("copy", "fused")]
+        path = append_results(args.name or f"kernels_{device.type}_quick", summary, env,
+                              title="Kernel microbenchmark, quick summary (the main job's)", notes=notes,
+                              columns=columns)
+        print(markdown_table(summary, columns))
+        print(f"appended to {path.relative_to(RESULTS_DIR.parent.parent)}")
         return 0
     name = args.name or f"kernels_{device.type}"
     stamp = env["date"][:10] + "-" + env["commit"].split()[0]
