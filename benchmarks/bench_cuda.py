@@ -3,11 +3,11 @@
 Sweep: T in {2, 4, 8}, N = 25M elements (the issue's size; DDP's default bucket is 25 MB), bf16
 and fp32, one segment, MGDA. For every point, in the same run:
 
-* ``copy``: ``dst.copy_(src)`` of (T+1)*N/2 elements of the same dtype, i.e. the same
+* ``copy`` (``harness.copy_baseline``): ``dst.copy_(src)`` of (T+1)*N/2 elements of the same dtype, i.e. the same
   number of bytes read + written as an ideal one-pass fused kernel, (T*N + N) * itemsize;
 * ``fused cuda``: ``fused_bucket_moo(..., backend="cuda", check_finite=False)`` (the
   sync-free, graph-capturable path; ``check_finite=True`` adds one tiny device-to-host copy);
-  its effective bandwidth counts the ideal bytes, so ``vs_copy`` is the issue's ratio
+  its effective bandwidth counts the ideal bytes, so ``copy_ratio`` is the issue's ratio
   (goal >= 0.85) and ``speedup_vs_torch`` the other goal (>= 3x);
 * ``fused torch``: the float64 reference backend;
 * ``gram cuda`` and ``combine cuda`` alone, each with the bytes it must move, to show how
@@ -18,7 +18,7 @@ all its elements, and 25M elements x T do not fit on chip or in L2), so the byte
 moved are (2T + 1) * N * itemsize; ``traffic_vs_copy`` reports the bandwidth on those bytes.
 
 Run on a GPU: ``python -m benchmarks.bench_cuda [--n 25000000] [--tasks 2 4 8]``.
-Writes ``benchmarks/results/cuda_goal.md`` / ``.json``.
+Appends a run to ``benchmarks/results/cuda_goal.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -29,41 +29,45 @@ import sys
 import torch
 
 import bucketmoo_kernels as bm
-from benchmarks.harness import copy_baseline_ms, environment, gbps, time_ms, write_results
+from benchmarks.harness import (COPY_RATIO, append_results, copy_baseline, copy_ratio, environment, gbps,
+                                time_round_robin)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def run_point(num_tasks: int, n: int, dtype: torch.dtype, with_torch: bool) -> list[dict]:
+def run_point(num_tasks: int, n: int, dtype: torch.dtype, with_torch: bool, samples: int) -> list[dict]:
     device = torch.device("cuda")
     item = torch.tensor([], dtype=dtype).element_size()
     grads = torch.randn(num_tasks, n, device=device).to(dtype)
-    out = torch.empty(n, dtype=dtype, device=device)
+    out = torch.zeros(n, dtype=dtype, device=device)
+    weights = torch.full((1, num_tasks), 1.0 / num_tasks, device=device)
     ideal = (num_tasks + 1) * n * item
     traffic = (2 * num_tasks + 1) * n * item
+    copy_fn, copy_bytes = copy_baseline(num_tasks, n, dtype, device)
+    calls = {  # what -> (call, ideal bytes)
+        "copy of the same bytes": (copy_fn, copy_bytes),
+        "fused_bucket_moo cuda": (lambda: bm.fused_bucket_moo(grads, out=out, backend="cuda", check_finite=False),
+                                  ideal),
+        "gram cuda": (lambda: bm.gram(grads, backend="cuda"), num_tasks * n * item),
+        "combine cuda": (lambda: bm.combine(grads, weights, out=out, backend="cuda"), ideal),
+    }
+    if with_torch:
+        calls["fused_bucket_moo torch"] = (
+            lambda: bm.fused_bucket_moo(grads, out=out, backend="torch", check_finite=False), ideal)
+    times = time_round_robin({what: fn for what, (fn, _) in calls.items()}, device, samples=samples)
+    copy_ms = times["copy of the same bytes"]["median_ms"]
     name = str(dtype).replace("torch.", "")
     rows = []
-
-    def row(what: str, t: dict, bytes_moved: int) -> dict:
+    for what, (_, nbytes) in calls.items():
+        t = times[what]
         r = {"T": num_tasks, "dtype": name, "N": n, "what": what, "median_ms": t["median_ms"],
-             "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"], "GB/s": gbps(bytes_moved, t["median_ms"])}
+             "iqr_ms": t["iqr_ms"], "GB/s": gbps(nbytes, t["median_ms"]),
+             COPY_RATIO: copy_ratio(nbytes, t["median_ms"], copy_bytes, copy_ms)}
+        if what == "fused_bucket_moo cuda":
+            r["traffic_vs_copy"] = copy_ratio(traffic, t["median_ms"], copy_bytes, copy_ms)
+            if with_torch:
+                r["speedup_vs_torch"] = times["fused_bucket_moo torch"]["median_ms"] / t["median_ms"]
         rows.append(r)
-        return r
-
-    copy = row("copy of the same bytes", copy_baseline_ms((num_tasks + 1) * n // 2, dtype, device), ideal)
-    fused_t = time_ms(lambda: bm.fused_bucket_moo(grads, out=out, backend="cuda", check_finite=False), device)
-    fused = row("fused_bucket_moo cuda", fused_t, ideal)
-    fused["vs_copy"] = fused["GB/s"] / copy["GB/s"]
-    fused["traffic_vs_copy"] = gbps(traffic, fused_t["median_ms"]) / copy["GB/s"]
-    if with_torch:
-        torch_t = time_ms(lambda: bm.fused_bucket_moo(grads, out=out, backend="torch", check_finite=False), device)
-        row("fused_bucket_moo torch", torch_t, ideal)
-        fused["speedup_vs_torch"] = torch_t["median_ms"] / fused_t["median_ms"]
-    gram_r = row("gram cuda", time_ms(lambda: bm.gram(grads, backend="cuda"), device), num_tasks * n * item)
-    gram_r["vs_copy"] = gram_r["GB/s"] / copy["GB/s"]
-    weights = torch.full((1, num_tasks), 1.0 / num_tasks, device=device)
-    comb = row("combine cuda", time_ms(lambda: bm.combine(grads, weights, out=out, backend="cuda"), device), ideal)
-    comb["vs_copy"] = comb["GB/s"] / copy["GB/s"]
     del grads, out
     torch.cuda.empty_cache()
     return rows
@@ -75,6 +79,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference")
+    parser.add_argument("--samples", type=int, default=20, help="round-robin samples per configuration")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -85,12 +90,13 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         for num_tasks in args.tasks:
-            rows += run_point(num_tasks, args.n, DTYPES[dtype], not args.no_torch)
-    columns = ["T", "dtype", "N", "what", "median_ms", "p20_ms", "p80_ms", "GB/s", "vs_copy",
-               "traffic_vs_copy", "speedup_vs_torch"]
+            rows += run_point(num_tasks, args.n, DTYPES[dtype], not args.no_torch, args.samples)
+    columns = ["T", "dtype", "N", "what", "median_ms", "iqr_ms", "GB/s", COPY_RATIO, "traffic_vs_copy",
+               "speedup_vs_torch"]
     notes = (
+        "All rows of a point timed round-robin in the same run (harness.time_round_robin, CUDA events). "
         "GB/s counts the bytes an ideal kernel moves: (T+1)*N*itemsize for the fused op and the "
-        "copy, T*N*itemsize for gram, (T+1)*N*itemsize for combine. vs_copy = GB/s / copy GB/s "
+        f"copy, T*N*itemsize for gram, (T+1)*N*itemsize for combine. {COPY_RATIO} = GB/s / copy GB/s "
         "(issue goal for fused: >= 0.85). traffic_vs_copy counts the (2T+1)*N*itemsize bytes the "
         "two passes really move. speedup_vs_torch: torch reference time / cuda time (goal >= 3). "
         "fused runs with check_finite=False (no host sync)."
@@ -100,7 +106,7 @@ def main() -> None:
 
         print(markdown_table(rows, columns))
         return
-    path = write_results("cuda_goal", rows, environment("cuda"),
+    path = append_results("cuda_goal", rows, environment("cuda"),
                          title="CUDA backend: fused_bucket_moo vs copy bandwidth and the torch reference",
                          notes=notes, columns=columns)
     print(path.read_text())

@@ -31,7 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bucketmoo_kernels as bm  # noqa: E402
-from benchmarks.harness import environment, finish_worker, run_gloo_workers, step_bench_parser, write_results  # noqa: E402
+from benchmarks.harness import append_results, environment, finish_worker, run_gloo_workers, step_bench_parser  # noqa: E402
 from bucketmoo_kernels.ddp import BucketMOOState  # noqa: E402
 from bucketmoo_kernels.fsdp import apply_bucket_moo  # noqa: E402
 
@@ -141,7 +141,7 @@ def main() -> None:
              "the gathered full task gradients plus the local flat and combined gradients. `extra / group` "
              "divides by one group's fp32 gradient. The machine is shared (2 cores): read ratios, not "
              "absolute times.")
-    path = write_results(args.name, table, env, title="FSDP2 step time: stock vs Bucket-Level MOO vs global MOO",
+    path = append_results(args.name, table, env, title="FSDP2 step time: stock vs Bucket-Level MOO vs global MOO",
                          notes=notes)
     print(f"wrote {path}")
 

@@ -1,14 +1,16 @@
 """Kernel microbenchmark: gram / solve / combine / fused on every backend available for the
 device, against the torch reference and a copy of the same bytes, measured in the same run.
 
-    python -m benchmarks.bench_kernels --quick            # a summary in ~1 minute on CPU
+    python -m benchmarks.bench_kernels --quick            # the main job's summary in ~1 minute on CPU
     python -m benchmarks.bench_kernels                     # the full sweep for the device
     python -m benchmarks.bench_kernels --device cuda --tasks 2 4 8 --sizes 25000000
 
 Effective bandwidth counts the ideal traffic: gram reads T*N elements; combine and fused
-read T*N and write N. The copy baseline copies T*N elements (reads and writes them), and its
-bandwidth is (read + written bytes) / time. "share" = effective bandwidth / copy bandwidth.
-Two torch baselines run in the same process: ``torch`` (the float64 reference backend) and
+read T*N and write N. The copy baseline (``harness.copy_baseline``) moves T*N + N elements
+(a copy of (T+1)*N/2 elements, read and written); ``copy_ratio`` = effective bandwidth / copy
+bandwidth. Every op, backend and the copy of one (T, N, dtype, layout) case are timed
+round-robin in the same run (``harness.time_round_robin``). Two torch baselines run in the
+same process: ``torch`` (the float64 reference backend) and
 ``eager`` (fp32 matmuls per segment, what one would write by hand). The Triton backend is
 skipped on CPU tensors: the interpreter is a test vehicle, not a backend.
 """
@@ -22,7 +24,8 @@ import torch
 
 import bucketmoo_kernels as bm
 from bucketmoo_kernels.inputs import Segments
-from benchmarks.harness import copy_baseline_ms, environment, gbps, markdown_table, time_ms, write_results
+from benchmarks.harness import (COPY_RATIO, RESULTS_DIR, append_results, copy_baseline, copy_ratio, environment, gbps,
+                                markdown_table, time_round_robin)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,79 +83,78 @@ def _eager_ops(grads, segments, out, gram, weights, backend="torch"):
             "combine": lambda: eager_combine(grads, weights, segments, out), "fused": fused}
 
 
-def bench_case(device, backend, num_tasks, n, dtype, layout, elt_bytes, copy_gbps, repeats):
+def backend_ops(device, backend, num_tasks, n, dtype, segments):
+    """op -> (call, ideal bytes) of one backend (or ``eager``) on one case."""
+    elt = torch.empty(0, dtype=dtype).element_size()
     grads = torch.randn(num_tasks, n, device=device).to(dtype)
-    segments = Segments.single(n) if layout == "one" else param_layout(n)
-    out = torch.empty(n, device=device, dtype=dtype)
-    gram = bm.gram(grads, segments, backend="torch" if backend == "eager" else backend)
-    weights = bm.solve(gram, backend="torch" if backend == "eager" else backend)
-    traffic = {"gram": num_tasks * n * elt_bytes, "solve": 0, "combine": (num_tasks + 1) * n * elt_bytes,
-               "fused": (num_tasks + 1) * n * elt_bytes}
+    out = torch.zeros(n, device=device, dtype=dtype)
+    ref_backend = "torch" if backend == "eager" else backend
+    gram = bm.gram(grads, segments, backend=ref_backend)
+    weights = bm.solve(gram, backend=ref_backend)
+    traffic = {"gram": num_tasks * n * elt, "solve": 0, "combine": (num_tasks + 1) * n * elt,
+               "fused": (num_tasks + 1) * n * elt}
     if backend == "eager":
-        ops = {op: (fn, traffic[op]) for op, fn in _eager_ops(grads, segments, out, gram, weights).items()}
-        return _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats)
-    ops = {
-        "gram": (lambda: bm.gram(grads, segments, backend=backend), num_tasks * n * elt_bytes),
-        "solve": (lambda: bm.solve(gram, backend=backend), 0),
-        "combine": (lambda: bm.combine(grads, weights, segments, out=out, backend=backend),
-                    (num_tasks + 1) * n * elt_bytes),
-        "fused": (lambda: bm.fused_bucket_moo(grads, segments=segments, out=out, backend=backend,
-                                              check_finite=False), (num_tasks + 1) * n * elt_bytes),
-    }
-    return _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats)
+        calls = _eager_ops(grads, segments, out, gram, weights)
+    else:
+        calls = {
+            "gram": lambda: bm.gram(grads, segments, backend=backend),
+            "solve": lambda: bm.solve(gram, backend=backend),
+            "combine": lambda: bm.combine(grads, weights, segments, out=out, backend=backend),
+            "fused": lambda: bm.fused_bucket_moo(grads, segments=segments, out=out, backend=backend,
+                                                 check_finite=False),
+        }
+    return {op: (fn, traffic[op]) for op, fn in calls.items()}
 
 
-def torchjd_case(device, num_tasks, n, dtype, layout, elt_bytes, copy_gbps, repeats):
+def torchjd_ops(device, num_tasks, n, dtype, segments):
     """torchjd's MGDA aggregator (Frank-Wolfe) on the same matrix, per segment: the 'fused' op only."""
     try:
         from torchjd.aggregation import MGDA
     except ImportError:
-        return []
+        return {}
     grads = torch.randn(num_tasks, n, device=device).to(dtype)
-    segments = Segments.single(n) if layout == "one" else param_layout(n)
     bounds = segments.offsets.tolist()
     aggregator = MGDA()
 
     def fused():
         return torch.cat([aggregator(grads[:, a:b].float()) for a, b in zip(bounds, bounds[1:])])
 
-    ops = {"fused": (fused, (num_tasks + 1) * n * elt_bytes)}
-    return _time_ops(ops, device, "torchjd", num_tasks, n, dtype, segments, copy_gbps, repeats)
+    return {"fused": (fused, (num_tasks + 1) * n * torch.empty(0, dtype=dtype).element_size())}
 
 
-def _time_ops(ops, device, backend, num_tasks, n, dtype, segments, copy_gbps, repeats):
-    rows = []
-    for op, (fn, nbytes) in ops.items():
-        t = time_ms(fn, device, repeats=repeats)["median_ms"]
-        bw = gbps(nbytes, t) if nbytes else float("nan")
-        rows.append({"op": op, "backend": backend, "T": num_tasks, "N": n, "dtype": _short(dtype),
-                     "segments": segments.num_segments, "median_ms": t, "GB/s": bw,
-                     "share_of_copy": bw / copy_gbps if nbytes else float("nan")})
-    return rows
-
-
-def run(device: torch.device, tasks, sizes, dtypes, layouts, repeats):
+def run(device: torch.device, tasks, sizes, dtypes, layouts, samples):
     rows = []
     names = backends_for(device)
     for n in sizes:
         for dname in dtypes:
             dtype = DTYPES[dname]
-            elt = torch.empty(0, dtype=dtype).element_size()
             for num_tasks in tasks:
-                copy_ms = copy_baseline_ms(num_tasks * n, dtype, device, repeats=repeats)["median_ms"]
-                copy_gbps = gbps(2 * num_tasks * n * elt, copy_ms)
-                rows.append({"op": "copy", "backend": "torch", "T": num_tasks, "N": n, "dtype": dname,
-                             "segments": 1, "median_ms": copy_ms, "GB/s": copy_gbps, "share_of_copy": 1.0})
                 for layout in layouts:
-                    case = []
+                    segments = Segments.single(n) if layout == "one" else param_layout(n)
+                    copy_fn, copy_bytes = copy_baseline(num_tasks, n, dtype, device)
+                    calls = {("copy", "torch"): (copy_fn, copy_bytes)}
                     for backend in names + ["eager"]:
-                        case += bench_case(device, backend, num_tasks, n, dtype, layout, elt, copy_gbps, repeats)
-                    case += torchjd_case(device, num_tasks, n, dtype, layout, elt, copy_gbps, repeats)
+                        for op, call in backend_ops(device, backend, num_tasks, n, dtype, segments).items():
+                            calls[(op, backend)] = call
+                    for op, call in torchjd_ops(device, num_tasks, n, dtype, segments).items():
+                        calls[(op, "torchjd")] = call
+                    times = time_round_robin({key: fn for key, (fn, _) in calls.items()}, device, samples=samples)
+                    copy_ms = times[("copy", "torch")]["median_ms"]
+                    case = []
+                    for (op, backend), (_, nbytes) in calls.items():
+                        t = times[(op, backend)]
+                        case.append({"op": op, "backend": backend, "T": num_tasks, "N": n, "dtype": dname,
+                                     "segments": segments.num_segments, "median_ms": t["median_ms"],
+                                     "iqr_ms": t["iqr_ms"],
+                                     "GB/s": gbps(nbytes, t["median_ms"]) if nbytes else float("nan"),
+                                     COPY_RATIO: (copy_ratio(nbytes, t["median_ms"], copy_bytes, copy_ms)
+                                                  if nbytes else float("nan"))})
                     ref = {r["op"]: r["median_ms"] for r in case if r["backend"] == "torch"}
                     eager = {r["op"]: r["median_ms"] for r in case if r["backend"] == "eager"}
                     for r in case:
-                        r["speedup_vs_torch"] = ref[r["op"]] / r["median_ms"]
-                        r["speedup_vs_eager"] = eager[r["op"]] / r["median_ms"]
+                        if r["op"] != "copy":
+                            r["speedup_vs_torch"] = ref[r["op"]] / r["median_ms"]
+                            r["speedup_vs_eager"] = eager[r["op"]] / r["median_ms"]
                     rows += case
     return rows
 
@@ -173,7 +175,7 @@ def plot_results(rows, path, device_name: str):
         tasks = sorted({r["T"] for r in fused})
         markers, styles = "os^Dv*", ["-", "--", ":", "-."]
         for (backend, num_tasks) in sorted({(r["backend"], r["T"]) for r in fused if r["dtype"] == dname}):
-            pts = sorted((r["N"], r["share_of_copy"]) for r in fused
+            pts = sorted((r["N"], r[COPY_RATIO]) for r in fused
                          if r["dtype"] == dname and r["backend"] == backend and r["T"] == num_tasks)
             b, t = backends.index(backend), tasks.index(num_tasks)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{b}", linestyle=styles[t % 4],
@@ -197,7 +199,8 @@ def replot(json_path: str) -> None:
     from pathlib import Path
 
     data = json.loads(Path(json_path).read_text())
-    plot_results(data["rows"], Path(json_path).with_suffix(".png"), data["env"]["device"])
+    run = data["runs"][-1] if "runs" in data else data
+    plot_results(run["rows"], Path(json_path).with_suffix(".png"), run["env"]["device"])
 
 
 def main(argv=None) -> int:
@@ -207,36 +210,44 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N values")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", default=["one", "params"], choices=["one", "params"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=10, help="round-robin samples per configuration")
     parser.add_argument("--quick", action="store_true", help="T=4, N=1M, fp32 only: about a minute on CPU")
     parser.add_argument("--name", default=None, help="results file name (default kernels_<device>)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
-        tasks, sizes, dtypes, repeats = [4], [1 << 20], ["fp32"], 3
+        tasks, sizes, dtypes, samples = [4], [1 << 20], ["fp32"], 5
     else:
         tasks = args.tasks or [2, 3, 4, 8]
         sizes = args.sizes or ([1 << 16, 1 << 20, 1 << 24] if device.type == "cpu" else [1 << 16, 1 << 20, 25_000_000, 100_000_000])
-        dtypes, repeats = args.dtypes or list(DTYPES), args.repeats
-    rows = run(device, tasks, sizes, dtypes, args.layouts, repeats)
+        dtypes, samples = args.dtypes or list(DTYPES), args.samples
+    layouts = ["one"] if args.quick else args.layouts
+    rows = run(device, tasks, sizes, dtypes, layouts, samples)
     env = environment(device)
-    columns = ["op", "backend", "T", "N", "dtype", "segments", "median_ms", "GB/s", "share_of_copy", "speedup_vs_torch",
-               "speedup_vs_eager"]
-    notes = ("Median of repeated runs (CPU) or triton.testing.do_bench (CUDA). share_of_copy = effective "
-             "bandwidth / bandwidth of a copy of the T*N elements in the same run. speedup_vs_torch is "
-             "against the float64 torch reference backend (the test oracle, written for clarity); "
-             "speedup_vs_eager against `eager`, a hand-written fp32 torch version (a matmul per segment), "
-             "both in the same run.")
-    if args.quick:
-        print(markdown_table(rows, columns))
+    columns = ["op", "backend", "T", "N", "dtype", "segments", "median_ms", "iqr_ms", "GB/s", COPY_RATIO,
+               "speedup_vs_torch", "speedup_vs_eager"]
+    notes = (f"Every op, backend and the copy of one case timed round-robin in the same run "
+             f"(`benchmarks/harness.py` time_round_robin, {samples} samples each): median and IQR per call. "
+             f"{COPY_RATIO} = effective bandwidth (ideal bytes: T*N read for gram, T*N read + N written for "
+             "combine and fused) / bandwidth of the copy baseline (a copy of (T+1)*N/2 elements, i.e. T*N + N "
+             "elements read + written) in the same run. speedup_vs_torch is against the float64 torch "
+             "reference backend (the test oracle, written for clarity); speedup_vs_eager against `eager`, a "
+             "hand-written fp32 torch version (a matmul per segment).")
+    if args.quick:  # the main job's summary: the copy and the fused op, one segment
+        summary = [r for r in rows if r["op"] in ("copy", "fused")]
+        path = append_results(args.name or f"kernels_{device.type}_quick", summary, env,
+                              title="Kernel microbenchmark, quick summary (the main job's)", notes=notes,
+                              columns=columns)
+        print(markdown_table(summary, columns))
+        print(f"appended to {path.relative_to(RESULTS_DIR.parent.parent)}")
         return 0
     name = args.name or f"kernels_{device.type}"
-    path = write_results(name, rows, env, title="Kernel microbenchmark", notes=notes, columns=columns)
-    plot_path = plot_results(rows, path.with_suffix(".png"), env["device"])
-    with open(path, "a") as f:
-        f.write(f"\n![fused bandwidth share]({plot_path.name})\n")
+    stamp = env["date"][:10] + "-" + env["commit"].split()[0]
+    plot_path = plot_results(rows, RESULTS_DIR / f"{name}-{stamp}.png", env["device"])
+    path = append_results(name, rows, env, title="Kernel microbenchmark", notes=notes, columns=columns,
+                          extra_md=f"![fused copy ratio]({plot_path.name})")
     print(markdown_table(rows, columns))
-    print(f"written to {path}")
+    print(f"appended to {path}")
     return 0
 
 

@@ -1,13 +1,24 @@
-"""Shared benchmark harness: timing, same-run baselines, environment stamp, result files.
+"""Shared benchmark harness: one timer, one copy baseline, the environment stamp, result files.
 
-Every benchmark script defines its sweep and calls:
+Every table of ``benchmarks/`` is produced with these, so their numbers compare:
 
-* :func:`time_ms` -- ``triton.testing.do_bench`` (median, p20, p80) on CUDA; on CPU the
-  median of repeated runs after warm-up.
-* :func:`copy_baseline_ms` -- a device copy of the same bytes, measured in the same run;
-  effective bandwidth of a kernel is reported as a share of it.
-* :func:`environment` -- device, library versions, commit, date.
-* :func:`write_results` -- a markdown table (+ JSON rows) under ``benchmarks/results/``.
+* :func:`time_round_robin` -- **the timer**: the configurations of a table are visited
+  round-robin in the same run (one sample of each per round), so load from other jobs on a
+  shared machine hits them alike; median, quartiles (IQR) and min per configuration. CUDA
+  samples are bracketed by CUDA events, CPU samples by ``time.perf_counter``; a sample
+  repeats the call until it lasts ``min_sample_ms`` (short ops) and reports the per-call time.
+* :func:`copy_baseline` -- **the copy baseline**: ``dst.copy_(src)`` that moves the bytes of one
+  ideal pass of the fused op, T*N elements read + N written, i.e. a copy of (T+1)*N/2
+  elements (read and written); ``src`` holds random values and ``dst`` is initialised before
+  timing (never a fresh ``torch.empty``, whose first touch would time page faults).
+* :data:`COPY_RATIO` -- the one name of **the copy ratio**: an op's effective bandwidth
+  (its ideal bytes / its time) over the copy baseline's bandwidth (bytes read + written /
+  time) in the same run; 1.0 = as fast as copying the bytes it must move.
+* :func:`environment` -- device, library versions, commit (and whether the tree had local
+  changes), UTC date and time, the load average: stamped on every run.
+* :func:`append_results` -- appends the run to ``results/<name>.md`` (a section per run,
+  newest last) and ``results/<name>.json`` (``{"title", "runs": [...]}``): earlier runs are
+  kept, never overwritten.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,11 +34,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: The column name of the copy ratio in every table (see the module docstring).
+COPY_RATIO = "copy_ratio"
 
 
 def _sync(device: torch.device) -> None:
@@ -34,57 +49,139 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2,
-            repeats: int = 7, min_time_s: float = 0.0) -> dict[str, float]:
-    """Median / p20 / p80 wall time of ``fn()`` in milliseconds."""
-    device = torch.device(device)
+def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, IQR and min of timing samples (ms)."""
+    xs = sorted(samples_ms)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median_ms": statistics.median(xs), "p25_ms": q1, "p75_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": xs[0], "samples": len(xs)}
+
+
+def _one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _sample_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Mean time of ``calls`` back-to-back calls (one sample)."""
     if device.type == "cuda":
-        import triton.testing
-
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    for _ in range(warmup):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
         fn()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < repeats or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
-    return {"median_ms": statistics.median(samples), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+    return (time.perf_counter() - t0) * 1e3 / calls
 
 
-def copy_baseline_ms(numel: int, dtype: torch.dtype, device: torch.device | str, **kw) -> dict[str, float]:
-    """Time ``dst.copy_(src)`` of ``numel`` elements: reads and writes ``numel * itemsize`` bytes."""
+def time_round_robin(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
+                     samples: int = 20, warmup: int = 2, min_sample_ms: float = 1.0) -> dict[str, dict[str, float]]:
+    """Time every configuration of a table in the same run, round-robin.
+
+    Args:
+        fns: name -> a call to time (it must not need a fresh input: it runs many times).
+        samples: samples per configuration (rounds).
+        warmup: untimed calls of each before the first round.
+        min_sample_ms: a sample repeats the call ``k`` times (``k`` fixed per configuration
+            after warm-up) so that it lasts at least this long, and reports the mean call.
+    Returns:
+        name -> :func:`summarize` of its samples (per call, in ms).
+    """
+    device = torch.device(device)
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(max(1, warmup)):
+            one = _one_call_ms(fn, device)
+        calls[name] = max(1, math.ceil(min_sample_ms / max(one, 1e-6)))
+    collected: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            collected[name].append(_sample_ms(fn, device, calls[name]))
+    _sync(device)
+    return {name: summarize(xs) for name, xs in collected.items()}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2,
+            repeats: int = 20, **kw) -> dict[str, float]:
+    """:func:`time_round_robin` of a single configuration (for a row that has no peers)."""
+    return time_round_robin({"fn": fn}, device, samples=repeats, warmup=warmup, **kw)["fn"]
+
+
+def copy_baseline(num_tasks: int, n: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """The copy baseline of one ideal pass over ``[T, N]`` gradients (T*N read + N written).
+
+    Returns ``(fn, bytes_moved)``: ``fn()`` copies ceil((T+1)*N/2) elements of ``dtype`` from
+    random data into an initialised buffer; ``bytes_moved`` counts what it reads and writes.
+    """
+    numel = -(-(num_tasks + 1) * n // 2)
     src = torch.randn(numel, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    return time_ms(lambda: dst.copy_(src), device, **kw)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)  # touch every page of dst before any timing
+    return (lambda: dst.copy_(src)), 2 * numel * src.element_size()
 
 
 def gbps(bytes_moved: float, ms: float) -> float:
     return bytes_moved / (ms * 1e-3) / 1e9
 
 
+def copy_ratio(op_bytes: float, op_ms: float, copy_bytes: float, copy_ms: float) -> float:
+    """:data:`COPY_RATIO`: the op's effective bandwidth over the copy baseline's."""
+    return gbps(op_bytes, op_ms) / gbps(copy_bytes, copy_ms)
+
+
+def _git(*args: str) -> str:
+    return subprocess.check_output(["git", *args], cwd=Path(__file__).parent, stderr=subprocess.DEVNULL,
+                                   text=True).strip()
+
+
 def _git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "bucketmoo_kernels", "csrc",
+                     "python", "benchmarks/*.py")
+        return commit + (" (with local changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Device, versions, commit and date, stamped on every result file."""
+    """Device, versions, commit, UTC date and time, load average: stamped on every run."""
     device = torch.device(device)
     if device.type == "cuda":
-        dev = torch.cuda.get_device_name(device)
+        dev = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     else:
-        dev = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        dev = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     info = {"device": dev, "torch": torch.__version__, "python": platform.python_version(),
-            "commit": _git_commit(), "date": _dt.date.today().isoformat()}
+            "commit": _git_commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load average (1, 5, 15 min) at start": load_average()}
     try:
         import triton
 
@@ -107,16 +204,36 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title: str,
-                  notes: str = "", columns: Sequence[str] | None = None) -> Path:
-    """Write ``results/<name>.md`` (table with an environment header) and ``<name>.json``."""
+def _run_heading(env: dict[str, str]) -> str:
+    return f"## Run {env.get('date', '?')}, commit {env.get('commit', '?')}"
+
+
+def append_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title: str,
+                   notes: str = "", columns: Sequence[str] | None = None, extra_md: str = "") -> Path:
+    """Append this run to ``results/<name>.md`` and ``results/<name>.json``; return the .md path.
+
+    The markdown file holds the title once and one section per run (environment, notes,
+    table, ``extra_md``), oldest first; the JSON file holds every run's environment, notes
+    and rows. Earlier runs stay as they are.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = RESULTS_DIR / f"{name}.md", RESULTS_DIR / f"{name}.json"
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
-    text = f"# {title}\n\n{header}\n\n{notes.strip()}\n\n{markdown_table(rows, columns)}"
-    path = RESULTS_DIR / f"{name}.md"
-    path.write_text(text)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps({"env": env, "rows": list(rows)}, indent=1))
-    return path
+    section = f"{_run_heading(env)}\n\n{header}\n\n{notes.strip()}\n\n{markdown_table(rows, columns)}"
+    if extra_md:
+        section += "\n" + extra_md.strip() + "\n"
+    if md_path.exists():
+        text = md_path.read_text().rstrip("\n") + "\n\n" + section
+    else:
+        text = f"# {title}\n\nOne section per run, oldest first; `{json_path.name}` holds the same rows.\n\n" + section
+    md_path.write_text(text)
+    data = {"title": title, "runs": []}
+    if json_path.exists():
+        old = json.loads(json_path.read_text())
+        data["runs"] = old["runs"] if "runs" in old else [{"env": old.get("env", {}), "rows": old.get("rows", [])}]
+    data["runs"].append({"env": env, "notes": notes.strip(), "rows": list(rows)})
+    json_path.write_text(json.dumps(data, indent=1))
+    return md_path
 
 
 # ---- multi-process (gloo) step benchmarks -------------------------------------------------

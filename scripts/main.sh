@@ -9,5 +9,5 @@ bash scripts/setup_env.sh
 . "${BUCKETMOO_VENV:-.venv}/bin/activate"
 echo "[main] demo"
 python -m bucketmoo_kernels.demo "$@"
-echo "[main] kernel microbenchmark summary"
+echo "[main] kernel microbenchmark summary   (T=4, N=1M fp32: the copy baseline and the fused op, one segment)"
 python -m benchmarks.bench_kernels --quick

@@ -20,4 +20,4 @@ if [ -x tools/check_cuda_compile.sh ] || [ -f tools/check_cuda_compile.sh ]; the
   fi
 fi
 echo "[test] pytest"
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=15 tests "$@"

@@ -22,7 +22,7 @@ from bucketmoo_kernels.inputs import Segments, as_task_grads
 from bucketmoo_kernels.methods import cagrad, mgda, pcgrad, simplex
 from bucketmoo_kernels.reference import combine_reference, gram_reference
 
-from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads
+from tests.utils import DTYPES, LAYOUTS, assert_close, offsets, random_grads
 
 native = pytest.importorskip("bucketmoo_kernels.native")
 if native._cpu is None:
@@ -43,23 +43,18 @@ def _gram_tol(dtype):
 
 
 # ---------------------------------------------------------------- gram / combine / fused
-@pytest.mark.parametrize("num_tasks", range(2, 9))
+@pytest.mark.parametrize("num_tasks", [2, 5, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fused_matches_reference(num_tasks, dtype, layout):
-    n = 1000 + 37 * num_tasks
-    gen = torch.Generator().manual_seed(num_tasks)
-    grads = random_grads(num_tasks, n, dtype, generator=gen)
-    segs = LAYOUTS[layout](n)
+def test_fused_combine_gives_the_reference_bits(num_tasks, dtype):
+    """Over several chunks of the native loops: the fused op's combine, with its own weights,
+    gives the bits of the float64 reference combine (the fused op against the oracle over
+    T, dtypes and layouts is in test_conformance.py)."""
+    n = 2 * CHUNK + 37 * num_tasks
+    grads = random_grads(num_tasks, n, dtype, generator=torch.Generator().manual_seed(num_tasks))
+    segs = LAYOUTS["uneven"](n)
     out, info = bm.fused_bucket_moo(grads, segments=segs, backend="cpu", return_info=True)
-    ref_gram = bm.gram(grads, segs, backend="torch")
-    assert_close(info.gram, ref_gram, what="gram", **_gram_tol(dtype))
-    # Same weights through the reference combine must give the same bits.
-    expected = bm.combine(grads, info.weights, segs, backend="torch")
-    assert torch.equal(out, expected), "combine differs from the float64 reference"
-    ref_out = bm.fused_bucket_moo(grads, segments=segs, backend="torch")
-    atol, rtol = DTYPE_TOLERANCES[dtype]
-    assert_close(out, ref_out, atol=atol, rtol=rtol, what="fused vs torch backend")
+    assert_close(info.gram, bm.gram(grads, segs, backend="torch"), what="gram", **_gram_tol(dtype))
+    assert torch.equal(out, bm.combine(grads, info.weights, segs, backend="torch"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -47,10 +47,18 @@ def test_pcgrad_orders_are_seeded():
         assert sorted(row.tolist()) == [j for j in range(5) if j != i]
 
 
-def test_pcgrad_zero_gradient_is_skipped():
+@pytest.mark.parametrize("seed", range(4))
+def test_pcgrad_zero_gradient_is_skipped(seed):
+    """g_1 = 0 conflicts with nothing and nothing is projected onto it (no 0/0), whatever the
+    order. g_0 = (1, 0) and g_2 = (-1, 0.5) conflict (g_0 . g_2 = -1):
+    g_0' = g_0 + (1 / 1.25) g_2 = g_0 + 0.8 g_2,  g_1' = g_1,  g_2' = g_2 + (1 / 1) g_0,
+    so the mean of the projected gradients has the coefficients ((1 + 0 + 1) / 3, 1 / 3,
+    (0.8 + 0 + 1) / 3) = (2/3, 1/3, 3/5) and equals (1/15, 3/10)."""
     grads = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.5]], dtype=torch.float64)
-    w = pcgrad_weights((grads @ grads.T)[None], seed=0)
-    assert torch.isfinite(w).all()
+    w = pcgrad_weights((grads @ grads.T)[None], seed=seed)[0]
+    expected = torch.tensor([2 / 3, 1 / 3, 3 / 5], dtype=torch.float64)
+    torch.testing.assert_close(w, expected, atol=1e-15, rtol=0)
+    torch.testing.assert_close(w @ grads, torch.tensor([1 / 15, 3 / 10], dtype=torch.float64), atol=1e-15, rtol=0)
 
 
 def cagrad_vectors(grads: np.ndarray, c: float, rescale: int = 1) -> np.ndarray:
