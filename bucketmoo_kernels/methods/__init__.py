@@ -4,7 +4,8 @@ Importing this package registers the built-in methods: ``mean``, ``mgda``, ``pcg
 ``cagrad``. See :mod:`.registry` to add your own.
 """
 
-from . import cagrad, mean, mgda, pcgrad  # noqa: F401  (registration side effects)
+from . import (aligned_mtl, cagrad, config, dual_cone, fairgrad, fixed_weights, imtl_g,  # noqa: F401
+               krum, mean, mgda, nash_mtl, pcgrad)  # (registration side effects)
 from .normalization import NORMALIZATIONS, normalization_scales
 from .registry import Method, available_methods, get_method, register_method, resolve_options
 
