@@ -52,43 +52,47 @@ def _active_set_step(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch
 
 
 def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_steps: int | None = None,
-              tol: float = 1e-12) -> torch.Tensor:
+              tol: float = 1e-12, chunk: int = 25) -> torch.Tensor:
     """Solve min 1/2 x^T A x + b^T x, x >= 0, for ``a [B, T, T]`` symmetric positive definite
     and ``b [B, T]`` (float64). Returns ``x [B, T]``.
 
-    ``max_iter`` projected-gradient iterations (fewer on the CPU once the residual is below
-    ``tol``), then ``polish_steps`` (default T + 2) active-set steps.
+    Rounds of ``chunk`` projected-gradient iterations (``max_iter`` in all), each followed by
+    ``polish_steps`` (default T + 2) active-set steps from the iterate; per problem the point of
+    least KKT residual so far is kept. On the CPU it stops once every residual is <= ``tol``.
     """
     num_b, num_t = b.shape
     if num_b == 0:
         return b.clone()
+    polish_steps = num_t + 2 if polish_steps is None else polish_steps
     step = 1.0 / a.abs().sum(-1).amax(-1).clamp_min(torch.finfo(a.dtype).tiny)  # 1 / L, [B]
     x = torch.zeros_like(b)
     y, t_k = x.clone(), torch.ones(num_b, dtype=a.dtype, device=a.device)
-    for it in range(max_iter):
-        grad = torch.einsum("btu,bu->bt", a, y) + b
-        x_next = (y - step[:, None] * grad).clamp_min(0)
-        t_next = (1 + torch.sqrt(1 + 4 * t_k * t_k)) / 2
-        uphill = (grad * (x_next - x)).sum(-1) > 0  # adaptive restart
-        momentum = torch.where(uphill, torch.zeros_like(t_k), (t_k - 1) / t_next)
-        t_next = torch.where(uphill, torch.ones_like(t_next), t_next)
-        y = x_next + momentum[:, None] * (x_next - x)
-        x, t_k = x_next, t_next
-        if it % 25 == 24 and may_stop_early(nonneg_qp_residual(a, b, x) <= tol):
-            break
     best, best_res = x, nonneg_qp_residual(a, b, x)
-    cand = x
-    for _ in range(num_t + 2 if polish_steps is None else polish_steps):
-        cand = _active_set_step(a, b, cand)
-        feasible = torch.isfinite(cand).all(-1) & (cand >= 0).all(-1)
-        res = torch.where(feasible, nonneg_qp_residual(a, b, cand.clamp_min(0)),
-                          torch.full_like(best_res, float("inf")))
-        better = res < best_res
-        best = torch.where(better[:, None], cand, best)
-        best_res = torch.where(better, res, best_res)
-        cand = torch.where(torch.isfinite(cand), cand, best)
-        if may_stop_early(best_res <= tol):
-            break
+    done = 0
+    while done < max_iter:
+        for _ in range(min(chunk, max_iter - done)):
+            grad = torch.einsum("btu,bu->bt", a, y) + b
+            x_next = (y - step[:, None] * grad).clamp_min(0)
+            t_next = (1 + torch.sqrt(1 + 4 * t_k * t_k)) / 2
+            uphill = (grad * (x_next - x)).sum(-1) > 0  # adaptive restart
+            momentum = torch.where(uphill, torch.zeros_like(t_k), (t_k - 1) / t_next)
+            t_next = torch.where(uphill, torch.ones_like(t_next), t_next)
+            y = x_next + momentum[:, None] * (x_next - x)
+            x, t_k = x_next, t_next
+        done += min(chunk, max_iter - done)
+        cand = x
+        for k in range(polish_steps + 1):
+            if k > 0:
+                cand = _active_set_step(a, b, cand)
+            feasible = torch.isfinite(cand).all(-1) & (cand >= 0).all(-1)
+            res = torch.where(feasible, nonneg_qp_residual(a, b, cand.clamp_min(0)),
+                              torch.full_like(best_res, float("inf")))
+            better = res < best_res
+            best = torch.where(better[:, None], cand, best)
+            best_res = torch.where(better, res, best_res)
+            cand = torch.where(torch.isfinite(cand), cand, best)
+            if may_stop_early(best_res <= tol):
+                return best.clamp_min(0)
     return best.clamp_min(0)
 
 
@@ -99,11 +103,12 @@ _STEP_LADDER = tuple(0.5 ** k for k in range(0, 31))
 def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
                   grad_hess: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                   x0: torch.Tensor, *, max_iter: int, tol: float) -> torch.Tensor:
-    """Minimise a strictly convex ``objective`` (``[B, T] -> [B]``, +inf outside x > 0) from
+    """Minimise a strictly convex ``objective`` (``[B, K, T] -> [B, K]``, +inf outside x > 0) from
     ``x0 > 0`` by Newton steps with a batched Armijo line search.
 
     ``grad_hess(x)`` returns the gradient ``[B, T]`` and Hessian ``[B, T, T]``. Stops (on the
-    CPU) once every problem's Newton decrement^2 / 2 is below ``tol``; else after ``max_iter``.
+    CPU) once every problem's Newton decrement^2 / 2 is below ``tol`` or its iterate no longer
+    moves (rounding); else after ``max_iter``.
     """
     x = x0
     ladder = torch.tensor(_STEP_LADDER, dtype=x.dtype, device=x.device)  # [K]
@@ -118,15 +123,18 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
                              torch.full_like(x, float("inf"))).amin(-1).clamp_max(1.0)  # [B]
         trial_t = shrink[:, None] * ladder[None, :]  # [B, K]
         trials = x[:, None, :] + trial_t[..., None] * step[:, None, :]  # [B, K, T]
-        f_trials = objective(trials.reshape(-1, num_t)).reshape(num_b, -1)
-        f_now = objective(x)
+        f_trials = objective(trials)
+        f_now = objective(x[:, None, :])[:, 0]
         armijo = f_trials <= f_now[:, None] - 1e-4 * trial_t * decrement[:, None]
         armijo = armijo & torch.isfinite(f_trials)
         # The largest accepted step (the ladder is decreasing); none accepted: stay.
         first = torch.where(armijo.any(-1), armijo.to(torch.int8).argmax(-1),
                             torch.full((num_b,), -1, dtype=torch.int64, device=x.device))
         chosen = trials.gather(1, first.clamp_min(0)[:, None, None].expand(-1, 1, num_t)).squeeze(1)
-        x = torch.where((first >= 0)[:, None], chosen, x)
-        if may_stop_early(decrement / 2 <= tol):
+        x_next = torch.where((first >= 0)[:, None], chosen, x)
+        # Converged: the decrement is below tol, or rounding stops the iterate from moving.
+        stalled = ((x_next - x).abs() <= 4 * torch.finfo(x.dtype).eps * x.abs()).all(-1)
+        x = x_next
+        if may_stop_early((decrement / 2 <= tol) | stalled):
             break
     return x

@@ -51,8 +51,7 @@ def positive_fixed_point(gram: torch.Tensor, power: float, *, max_iter: int, tol
             return (x.pow(1.0 - power) / (1.0 - power)).sum(-1)
 
     def objective(x):
-        g = normed.repeat_interleave(x.shape[0] // num_seg, dim=0)
-        quad = 0.5 * torch.einsum("bt,btu,bu->b", x, g, x)
+        quad = 0.5 * torch.einsum("skt,stu,sku->sk", x, normed, x)
         value = quad - barrier(x.clamp_min(torch.finfo(x.dtype).tiny))
         return torch.where((x > 0).all(-1), value, torch.full_like(value, float("inf")))
 
