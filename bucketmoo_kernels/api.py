@@ -7,6 +7,10 @@ Shapes (T tasks, N elements, S segments):
 * ``gram``     ``[S, T, T]`` float32
 * ``weights``  ``[S, T]`` float32
 * ``out``      ``[N]`` in the grads' dtype; may be the storage of one of the gradients
+
+The weight step (method, options, normalisation, ``normalize_weights``) becomes one
+:class:`~bucketmoo_kernels.weight_step.WeightStep`, built here from the keyword arguments or
+passed prebuilt as ``weight_step=`` (the DDP hook and the FSDP path build theirs once).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from . import diagnostics
 from .dispatch import get_backend
 from .inputs import (Segments, as_segments, as_task_grads, check_gram, check_out,
                      check_weights)
-from .methods import get_method, normalization_scales, resolve_options
+from .weight_step import WeightStep, as_weight_step, compute_weights
 
-__all__ = ["MOOInfo", "gram", "solve", "combine", "fused_bucket_moo"]
+__all__ = ["MOOInfo", "WeightStep", "gram", "solve", "combine", "fused_bucket_moo"]
 
 
 @dataclass(frozen=True)
@@ -72,40 +76,9 @@ def gram(grads, segments=None, *, backend: str = "auto") -> torch.Tensor:
     return get_backend(backend, task_grads.device).gram(task_grads, segs)
 
 
-def _validate_method(method: str, num_tasks: int, options: dict[str, Any]):
-    spec = get_method(method)
-    resolved = resolve_options(spec, options)
-    if spec.max_tasks is not None and num_tasks > spec.max_tasks:
-        raise ValueError(f"method {method!r} supports at most {spec.max_tasks} tasks; got T = {num_tasks}")
-    return spec, resolved
-
-
-def _solve(gram_f32: torch.Tensor, spec, options: dict[str, Any], backend_obj, normalization: str,
-           losses, normalize_weights: bool) -> torch.Tensor:
-    """Normalise, run the method (native solver if the backend has one), rescale."""
-    weight_step = getattr(backend_obj, "weights", None)
-    if weight_step is not None:  # a backend that runs all of it natively
-        weights = weight_step(gram_f32, spec, options, normalization, losses, normalize_weights)
-        if weights is not None:
-            return weights
-    gram64 = gram_f32.to(torch.float64)
-    scales = normalization_scales(gram64, normalization, losses)
-    if scales is not None:
-        gram64 = gram64 / (scales[:, :, None] * scales[:, None, :])
-    weights = backend_obj.solve(gram64, spec, options)
-    if weights is None:
-        weights = spec.fn(gram64, **options)
-    weights = weights.to(torch.float64)
-    if scales is not None:
-        weights = weights / scales
-    if normalize_weights:
-        total = weights.sum(-1, keepdim=True)
-        weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), weights)
-    return weights.to(torch.float32)
-
-
 def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: str = "none",
-          losses=None, normalize_weights: bool = True, **options) -> torch.Tensor:
+          losses=None, normalize_weights: bool = True, weight_step: WeightStep | None = None,
+          **options) -> torch.Tensor:
     """Per-segment weights of ``method`` from Gram matrices.
 
     Args:
@@ -115,16 +88,20 @@ def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: s
         losses: per-task losses ``[T]`` for the loss-based normalisations.
         normalize_weights: rescale the weights to sum to 1 (default); False keeps the
             method's paper scale (PCGrad: mean of projected gradients; CAGrad: its rescale).
+        weight_step: a prebuilt :class:`WeightStep` instead of ``method``, ``normalization``,
+            ``normalize_weights`` and the options (which must then be left out).
         **options: the method's options (``mgda``: solver, max_iter, tol; ``pcgrad``: seed;
             ``cagrad``: c, rescale).
     Returns:
         ``[S, T]`` float32 (computed in float64).
     """
     gram_t = check_gram(gram)
-    spec, resolved = _validate_method(method, gram_t.shape[-1], options)
+    step = as_weight_step(weight_step, method, normalization, normalize_weights, options)
+    num_seg, num_tasks = gram_t.shape[0], gram_t.shape[-1]
+    step.check_tasks(num_tasks)
+    table = step.loss_table(losses, num_seg, num_tasks, gram_t.device)
     backend_obj = get_backend(backend, gram_t.device)
-    return _solve(gram_t.to(torch.float32), spec, resolved, backend_obj, normalization, losses,
-                  normalize_weights)
+    return compute_weights(gram_t.to(torch.float32), step, table, backend_obj)
 
 
 def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -> torch.Tensor:
@@ -151,7 +128,8 @@ def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -
 
 def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, backend: str = "auto",
                      return_info: bool = False, normalization: str = "none", losses=None,
-                     normalize_weights: bool = True, check_finite: bool = True, **method_options):
+                     normalize_weights: bool = True, check_finite: bool = True,
+                     weight_step: WeightStep | None = None, **method_options):
     """Bucket-level MOO of T task gradients: Gram -> weights -> combined gradient.
 
     Args:
@@ -173,6 +151,8 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
             ``check_finite=False`` or ``out`` is None; with a caller's ``out`` and
             ``check_finite=True`` it makes two full passes so that nothing is written before
             the whole Gram is checked. Both give the same bits.
+        weight_step: a prebuilt :class:`WeightStep` instead of ``method``, ``normalization``,
+            ``normalize_weights`` and the method options (which must then be left out).
         **method_options: the method's options.
     Returns:
         ``[N]`` combined gradient in the grads' dtype, or ``(combined, MOOInfo)``.
@@ -180,32 +160,30 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     task_grads = as_task_grads(grads)
     segs = as_segments(segments, task_grads.numel)
     check_out(out, task_grads)
-    spec, resolved = _validate_method(method, task_grads.num_tasks, method_options)
+    step = as_weight_step(weight_step, method, normalization, normalize_weights, method_options)
+    step.check_tasks(task_grads.num_tasks)
+    table = step.loss_table(losses, segs.num_segments, task_grads.num_tasks, task_grads.device)
     backend_obj = get_backend(backend, task_grads.device)
-    fused = getattr(backend_obj, "fused", None)
     result = None
     # One sweep writes `out` before all of the Gram is known, so it runs only where a
     # non-finite Gram cannot leave a caller's buffer half-written.
-    if fused is not None and (out is None or not check_finite):
-        if out is None:
-            out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-        result = fused(task_grads, segs, out, spec, resolved, normalization, losses,
-                       normalize_weights)
-        if result is not None:
-            gram_t, weights = result
-            if check_finite:
-                _check_finite(gram_t)
-    if result is None:
+    if out is None:
+        out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+        result = backend_obj.fused(task_grads, segs, out, step, table)
+    elif not check_finite:
+        result = backend_obj.fused(task_grads, segs, out, step, table)
+    if result is not None:
+        gram_t, weights = result
+        if check_finite:
+            _check_finite(gram_t)
+    else:
         gram_t = backend_obj.gram(task_grads, segs)
         if check_finite:
             _check_finite(gram_t)
-        weights = _solve(gram_t, spec, resolved, backend_obj, normalization, losses,
-                         normalize_weights)
-        if out is None:
-            out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+        weights = compute_weights(gram_t, step, table, backend_obj)
         backend_obj.combine(task_grads, weights, segs, out)
     if return_info:
-        return out, MOOInfo(gram_t, weights, segs, method, backend_obj.name)
+        return out, MOOInfo(gram_t, weights, segs, step.name, backend_obj.name)
     return out
 
 

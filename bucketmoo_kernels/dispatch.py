@@ -12,10 +12,10 @@ The environment variable ``BUCKETMOO_BACKEND`` pins what ``auto`` means. A backe
 for by name that cannot run raises ``RuntimeError`` saying why; ``auto`` skips it and logs
 the reason once.
 
-A backend is any object with ``name``, ``unavailable_reason(device) -> str | None``,
-``gram(grads, segments) -> [S,T,T] f32``, ``solve(gram_f64, method, options) -> [S,T] f64
-or None`` (None: use the method's torch function) and ``combine(grads, weights, segments,
-out) -> None``.
+A backend is a :class:`Backend`: every member one may have is declared there, the optional
+ones (``solve``, ``weights``, ``fused``) with defaults that return None ("not here, take the
+next path"), so the API calls them without probing. Each gets the weight step as one
+:class:`~bucketmoo_kernels.weight_step.WeightStep`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,70 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from .reference import TorchBackend
+from .inputs import Segments, TaskGrads
 
-__all__ = ["BACKEND_NAMES", "ENV_BACKEND", "register_backend", "get_backend", "available_backends"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .weight_step import WeightStep
+
+__all__ = ["BACKEND_NAMES", "ENV_BACKEND", "Backend", "register_backend", "get_backend",
+           "available_backends"]
+
+
+class Backend:
+    """What a backend is: subclass it and override the required members.
+
+    Required: ``name``, :meth:`unavailable_reason`, :meth:`gram`, :meth:`combine`.
+    Optional (the defaults return None, which means "this backend has no faster path for
+    this call"; the API then takes the next one):
+
+    * :meth:`solve`   the method's solver on the normalised float64 Gram;
+    * :meth:`weights` the whole weight step natively (normalisation, method, rescale);
+    * :meth:`fused`   Gram, weights and combine in one sweep over the gradients.
+
+    Shapes: ``grads`` T rows of N (:class:`~bucketmoo_kernels.inputs.TaskGrads`),
+    ``segments`` S segments, ``gram`` ``[S, T, T]``, ``weights`` ``[S, T]``, ``out`` ``[N]``
+    in the grads' dtype, checked by the API (it may be the storage of one gradient row, never
+    a partial overlap). ``losses`` is the checked float64 ``[S, T]`` table of
+    :meth:`WeightStep.loss_table`, or None when the normalisation does not use losses.
+    """
+
+    #: the name ``backend=`` selects it by
+    name: str = ""
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when the backend can run on ``device``, else why not (shown to the user)."""
+        raise NotImplementedError
+
+    def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
+        """``[S, T, T]`` float32 per-segment Gram matrices, accumulated in >= float32."""
+        raise NotImplementedError
+
+    def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
+                out: torch.Tensor) -> None:
+        """Write ``out[n] = sum_t weights[s(n), t] * grads[t][n]`` (weights float32 ``[S, T]``)."""
+        raise NotImplementedError
+
+    def solve(self, gram: torch.Tensor, step: "WeightStep") -> torch.Tensor | None:
+        """``[S, T]`` float64 weights of ``step``'s method in its paper scale from the
+        normalised float64 ``gram``, or None: the method's torch function runs."""
+        return None
+
+    def weights(self, gram: torch.Tensor, step: "WeightStep",
+                losses: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole weight step, ``[S, T, T]`` float32 -> ``[S, T]`` float32, or None: the
+        API runs it around :meth:`solve` (see :func:`~bucketmoo_kernels.weight_step.compute_weights`)."""
+        return None
+
+    def fused(self, grads: TaskGrads, segments: Segments, out: torch.Tensor, step: "WeightStep",
+              losses: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Gram, weights and combine in one sweep, writing ``out``; ``(gram, weights)``, or
+        None with nothing written: the API runs gram, the weight step and combine. Called
+        only where writing ``out`` before the whole Gram is known is allowed."""
+        return None
 
 logger = logging.getLogger("bucketmoo_kernels")
 
@@ -39,13 +97,17 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"cpu": "bucketmoo_kernels.native", "cuda": "bucketmoo_kernels.native",
             "triton": "bucketmoo_kernels.triton"}
 
-_backends: dict[str, object] = {"torch": TorchBackend()}
+_backends: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
 _logged: set[tuple[str, str]] = set()
 
 
-def register_backend(backend) -> None:
-    """Make ``backend`` selectable under ``backend.name``."""
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` (a :class:`Backend`) selectable under ``backend.name``."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a bucketmoo_kernels.dispatch.Backend; got {type(backend).__name__}")
+    if not isinstance(backend.name, str) or not backend.name:
+        raise ValueError(f"backend.name must be a non-empty string; got {backend.name!r}")
     _backends[backend.name] = backend
 
 
@@ -69,7 +131,7 @@ def _reason(name: str, device: torch.device) -> str | None:
     return backend.unavailable_reason(device)
 
 
-def get_backend(name: str, device: torch.device | str):
+def get_backend(name: str, device: torch.device | str) -> Backend:
     """The backend object to run on ``device``; see the module docstring for the rules."""
     device = torch.device(device)
     if not isinstance(name, str):
@@ -99,3 +161,9 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     """``{name: None if it can run on device else the reason}`` for every backend."""
     device = torch.device(device)
     return {name: _reason(name, device) for name in BACKEND_NAMES}
+
+
+# The torch reference is always there (imported last: reference.py subclasses Backend).
+from .reference import TorchBackend  # noqa: E402
+
+register_backend(TorchBackend())

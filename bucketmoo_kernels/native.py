@@ -23,23 +23,24 @@ for by name), registers the fake (meta) implementations so the ops trace under
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
-from .dispatch import register_backend
+from .dispatch import Backend, register_backend
 from .inputs import Segments, TaskGrads
-from .reference import combine_reference, gram_reference
-from .methods.normalization import USES_LOSSES, check_normalization, loss_table
 from .methods.pcgrad import pcgrad_orders_on
-from .methods.simplex import MAX_EXACT_TASKS
+from .reference import combine_reference, gram_reference
+from .weight_step import NativeCodes, WeightStep
 
-__all__ = ["SCHEMAS", "METHOD_CODES", "MGDA_SOLVER_CODES", "MAX_NATIVE_TASKS", "NativeBackend", "cpu_isa",
-           "load_errors"]
+__all__ = ["SCHEMAS", "NativeBackend", "cpu_isa", "load_errors"]
 
 logger = logging.getLogger("bucketmoo_kernels")
 
 #: The operator schemas, identical to python/bucketmoo_ops.h (a test compares them).
+#: ``solve_mgda``, ``solve_pcgrad`` and ``solve_cagrad`` are not used by the backends (the
+#: ``weights`` op runs the whole step); they stay as the tests' float64-in, float64-out handle
+#: on the shared native solvers, which are checked against the methods' torch functions at
+#: 1e-12 (the ``weights`` op rounds to float32 and could not resolve that).
 SCHEMAS = {
     "gram": "gram(Tensor[] grads, Tensor offsets) -> Tensor",
     "solve_mgda": "solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor",
@@ -53,13 +54,8 @@ SCHEMAS = {
               "Tensor? losses, int method, int solver, int max_iter, float tol, float c, "
               "int rescale, int normalization, bool normalize_weights) -> (Tensor, Tensor)",
 }
-#: ``method`` argument of ``weights`` / ``fused_`` (solver::Method).
-METHOD_CODES = {"mean": 0, "mgda": 1, "pcgrad": 2, "cagrad": 3}
-#: ``solver`` argument of ``solve_mgda``.
-MGDA_SOLVER_CODES = {"auto": 0, "closed_form": 1, "exact": 2, "pgd": 3}
-#: The native iterative MGDA solver and PCGrad handle up to this many tasks (fixed-size
-#: arrays in csrc/common/bucketmoo_solvers.h); above it the method's torch function runs.
-MAX_NATIVE_TASKS = 32
+# The <method> codes of ``weights`` / ``fused_`` come from WeightStep.native_codes (the
+# method registry decides which methods, solvers and T run natively).
 
 _errors: dict[str, str] = {}
 
@@ -144,18 +140,18 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() <= 1 or t.stride(0) == 1 else t.contiguous()
 
 
-class NativeBackend:
+class NativeBackend(Backend):
     """``cpu`` or ``cuda``: the ``torch.ops.bucketmoo`` operators of a compiled module.
 
     Gram and combine run natively up to the module's task limit (``max_tasks()`` of the
     module when it has one: the CUDA kernels take T <= 8; the CPU ones any T) and through
-    the torch reference above it (logged once). The native solvers cover ``mgda`` (all
-    solvers; T <= 32), ``pcgrad`` (T <= 32) and ``cagrad`` (T <= 8). Any other method, or a
-    configuration the native solver rejects, returns None from :meth:`solve` so that the
-    method's torch function runs (and raises its own error for bad options). Where the
-    module has them, :meth:`weights` runs the whole weight step natively (``mean`` too) and
-    :meth:`fused` the CPU's one-sweep gram + weights + combine; both return None where they
-    do not apply, and the caller takes the step-by-step path.
+    the torch reference above it (logged once). :meth:`weights` runs the whole weight step
+    natively (``weights`` op) and :meth:`fused` the CPU's one-sweep gram + weights + combine
+    (``fused_`` op) wherever :meth:`WeightStep.native_codes` gives codes for this T (mean,
+    mgda, pcgrad up to T = 32, cagrad up to T = 8, options the native solvers take); else
+    both return None and the API runs the method's torch function. There is no separate
+    float64 :meth:`solve`: the ``solve_mgda``/``solve_pcgrad``/``solve_cagrad`` ops stay
+    registered only as the tests' float64 handle on the native solvers (see SCHEMAS).
     """
 
     def __init__(self, name: str, device_type: str, module, error: str | None):
@@ -172,13 +168,10 @@ class NativeBackend:
             return module is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
                 f"bucketmoo::{op}", key)
 
-        #: whether the module runs the whole weight step (``weights``: cpu and cuda) and the
-        #: fused sweep (``fused_``: cpu)
-        #: ``BUCKETMOO_NATIVE_WEIGHTS=0`` (read once) turns both off: the weight step then runs
-        #: in Python around the native solvers, as before they existed (for bisecting).
-        native_weights = os.environ.get("BUCKETMOO_NATIVE_WEIGHTS", "1").strip() != "0"
-        self.has_weight_step = native_weights and has_kernel("weights")
-        self.has_fused_sweep = native_weights and has_kernel("fused_")
+        #: whether the module implements the whole weight step (``weights``: cpu and cuda)
+        #: and the fused sweep (``fused_``: cpu) for this device
+        self.has_weight_step = has_kernel("weights")
+        self.has_fused_sweep = has_kernel("fused_")
 
     def _native_tasks(self, num_tasks: int) -> bool:
         if self.max_tasks is None or num_tasks <= self.max_tasks:
@@ -203,87 +196,34 @@ class NativeBackend:
         return torch.ops.bucketmoo.gram(rows, segments.on(grads.device))
 
     @staticmethod
-    def _mgda_args(num_tasks: int, options: dict) -> tuple[int, int, float] | None:
-        """(solver code, max_iter, tol) of a configuration the native MGDA solvers run."""
-        code = MGDA_SOLVER_CODES.get(options.get("solver", "auto"))
-        if code is None or num_tasks > MAX_NATIVE_TASKS:
+    def _weight_step_args(step: WeightStep, num_tasks: int, losses: torch.Tensor | None,
+                          device: torch.device) -> tuple | None:
+        """``orders, losses, *codes`` of the ``weights``/``fused_`` ops, or None where the
+        native weight step does not run this configuration."""
+        codes: NativeCodes | None = step.native_codes(num_tasks)
+        if codes is None:
             return None
-        resolved = code if code else (1 if num_tasks == 2 else 2 if num_tasks <= MAX_EXACT_TASKS else 3)
-        if num_tasks > 1 and ((resolved == 1 and num_tasks != 2) or
-                              (resolved == 2 and num_tasks > MAX_EXACT_TASKS)):
-            return None  # the torch function raises the documented ValueError
-        max_iter, tol = int(options.get("max_iter", 500)), float(options.get("tol", 1e-10))
-        return None if max_iter < 0 else (code, max_iter, tol)
+        orders = (pcgrad_orders_on(num_tasks, int(step.options["seed"]), str(device))
+                  if step.name == "pcgrad" else None)
+        return (orders, losses, *codes)
 
-    @staticmethod
-    def _cagrad_args(num_tasks: int, options: dict) -> tuple[float, int] | None:
-        c, rescale = float(options.get("c", 0.4)), options.get("rescale", 1)
-        if num_tasks > MAX_EXACT_TASKS or c < 0 or rescale not in (0, 1, 2):
-            return None
-        return c, int(rescale)
-
-    def solve(self, gram: torch.Tensor, method, options: dict) -> torch.Tensor | None:
-        num_tasks = gram.shape[-1]
-        gram = gram.to(torch.float64).contiguous()
-        if method.name == "mgda":
-            args = self._mgda_args(num_tasks, options)
-            return None if args is None else torch.ops.bucketmoo.solve_mgda(gram, *args)
-        if method.name == "pcgrad":
-            if num_tasks > MAX_NATIVE_TASKS:
-                return None
-            orders = pcgrad_orders_on(num_tasks, int(options.get("seed", 0)), str(gram.device))
-            return torch.ops.bucketmoo.solve_pcgrad(gram, orders)
-        if method.name == "cagrad":
-            args = self._cagrad_args(num_tasks, options)
-            return None if args is None else torch.ops.bucketmoo.solve_cagrad(gram, *args)
-        return None
-
-    def _method_args(self, method, options: dict, num_seg: int, num_tasks: int,
-                     normalization: str, losses, normalize_weights: bool,
-                     device: torch.device) -> tuple | None:
-        """The ``orders, losses, <method>`` arguments of ``weights``/``fused_``, or None where
-        the native weight step does not run this configuration (the caller then takes the
-        torch path, which raises the documented errors for bad options)."""
-        norm = check_normalization(normalization)
-        if not self.has_weight_step or method.name not in METHOD_CODES or num_tasks > MAX_NATIVE_TASKS:
-            return None
-        orders, solver, max_iter, tol, c, rescale = None, 0, 0, 0.0, 0.0, 0
-        if method.name == "mgda":
-            args = self._mgda_args(num_tasks, options)
-            if args is None:
-                return None
-            solver, max_iter, tol = args
-        elif method.name == "pcgrad":
-            orders = pcgrad_orders_on(num_tasks, int(options.get("seed", 0)), str(device))
-        elif method.name == "cagrad":
-            args = self._cagrad_args(num_tasks, options)
-            if args is None:
-                return None
-            c, rescale = args
-        table = (loss_table(losses, normalization, num_seg, num_tasks, device)
-                 if normalization in USES_LOSSES else None)
-        return (orders, table, METHOD_CODES[method.name], solver, max_iter, tol, c, rescale, norm,
-                bool(normalize_weights))
-
-    def weights(self, gram: torch.Tensor, method, options: dict, normalization: str, losses,
-                normalize_weights: bool) -> torch.Tensor | None:
+    def weights(self, gram: torch.Tensor, step: WeightStep,
+                losses: torch.Tensor | None) -> torch.Tensor | None:
         """The whole weight step natively: ``[S, T, T]`` float32 -> ``[S, T]`` float32, or None."""
-        num_seg, num_tasks = gram.shape[0], gram.shape[-1]
-        args = self._method_args(method, options, num_seg, num_tasks, normalization, losses,
-                                 normalize_weights, gram.device)
+        if not self.has_weight_step:
+            return None
+        args = self._weight_step_args(step, gram.shape[-1], losses, gram.device)
         if args is None:
             return None
         return torch.ops.bucketmoo.weights(gram.to(torch.float32).contiguous(), *args)
 
-    def fused(self, grads: TaskGrads, segments: Segments, out: torch.Tensor, method,
-              options: dict, normalization: str, losses,
-              normalize_weights: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def fused(self, grads: TaskGrads, segments: Segments, out: torch.Tensor, step: WeightStep,
+              losses: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Gram, weights and combine in one cache-blocked sweep (``fused_``), writing ``out``;
         returns ``(gram, weights)``, or None (nothing written) where it does not apply."""
         if not self.has_fused_sweep or (out.numel() > 1 and out.stride(0) != 1):
             return None
-        args = self._method_args(method, options, segments.num_segments, grads.num_tasks,
-                                 normalization, losses, normalize_weights, grads.device)
+        args = self._weight_step_args(step, grads.num_tasks, losses, grads.device)
         if args is None:
             return None
         rows = [_unit_stride(g) for g in grads.rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import Backend
 from .inputs import Segments, TaskGrads
 
 __all__ = ["gram_reference", "combine_reference", "TorchBackend"]
@@ -46,8 +47,9 @@ def combine_reference(grads: TaskGrads, weights: torch.Tensor, segments: Segment
     return out.copy_(combined)
 
 
-class TorchBackend:
-    """The reference as a backend: runs on every device, always available."""
+class TorchBackend(Backend):
+    """The reference as a backend: runs on every device, always available. Its weight step
+    is the methods' own torch functions (the :class:`Backend` defaults)."""
 
     name = "torch"
 
@@ -56,9 +58,6 @@ class TorchBackend:
 
     def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
         return gram_reference(grads, segments)
-
-    def solve(self, gram: torch.Tensor, method, options: dict) -> torch.Tensor | None:
-        return None  # every method's own torch function is the reference solver
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
                 out: torch.Tensor) -> None:

@@ -274,11 +274,11 @@ def _two_pass(grads, segs, method, opts, normalization, normalize_weights):
 def _one_sweep(grads, segs, method, opts, normalization, normalize_weights, out=None):
     tg = as_task_grads(grads)
     segments = bm.inputs.as_segments(segs, tg.numel)
-    spec = bm.methods.get_method(method)
+    step = bm.WeightStep(method, opts, normalization=normalization,
+                         normalize_weights=normalize_weights)
     out = torch.empty(tg.numel, dtype=tg.dtype) if out is None else out
-    gram, weights = bm.get_backend("cpu", "cpu").fused(
-        tg, segments, out, spec, bm.methods.resolve_options(spec, opts), normalization,
-        LOSSES[:tg.num_tasks], normalize_weights)
+    losses = step.loss_table(LOSSES[:tg.num_tasks], segments.num_segments, tg.num_tasks, tg.device)
+    gram, weights = bm.get_backend("cpu", "cpu").fused(tg, segments, out, step, losses)
     return gram, weights, out
 
 
@@ -318,9 +318,12 @@ def test_weight_step_matches_the_torch_pipeline():
                 for normalize_weights in (True, False):
                     kw = dict(normalization=normalization, losses=LOSSES[:num_tasks],
                               normalize_weights=normalize_weights, **opts)
-                    native_w = ops.weights(grams, *bm.get_backend("cpu", "cpu")._method_args(
-                        bm.methods.get_method(method), opts, grams.shape[0], num_tasks,
-                        normalization, LOSSES[:num_tasks], normalize_weights, grams.device))
+                    step = bm.WeightStep(method, opts, normalization=normalization,
+                                         normalize_weights=normalize_weights)
+                    table = step.loss_table(LOSSES[:num_tasks], grams.shape[0], num_tasks, grams.device)
+                    orders = (pcgrad.pcgrad_orders(num_tasks, opts.get("seed", 0))
+                              if method == "pcgrad" else None)
+                    native_w = ops.weights(grams, orders, table, *step.native_codes(num_tasks))
                     assert torch.equal(native_w, bm.solve(grams, method, backend="cpu", **kw))
                     tol = 1e-5 if opts.get("solver") == "pgd" else 1e-6
                     assert_close(native_w, bm.solve(grams, method, backend="torch", **kw),
@@ -385,9 +388,9 @@ def test_fused_sweep_threads_and_api_path(monkeypatch):
     assert len(calls) == 2 and torch.equal(kept, out) and torch.equal(out, one[2])
 
 
-def test_native_weight_step_can_be_turned_off(monkeypatch):
-    """With the weight step and the sweep off (BUCKETMOO_NATIVE_WEIGHTS=0 sets these flags),
-    the Python weight step around the native solvers gives the same weights to rounding."""
+def test_native_weight_step_matches_the_python_weight_step(monkeypatch):
+    """With the native weight step and the sweep off (a module without those kernels), the
+    Python weight step around the methods' torch functions gives the same weights to rounding."""
     grads = random_grads(4, 3000, generator=torch.Generator().manual_seed(12))
     on, info_on = bm.fused_bucket_moo(grads, segments=700, backend="cpu", normalization="l2",
                                       return_info=True)
@@ -615,7 +618,7 @@ def _assert_simplex(w):
     if s != "closed_form" or t == 2  # the closed form exists for T = 2 only
 ])
 def test_mgda_solvers_match_torch(num_tasks, solver):
-    code = native.MGDA_SOLVER_CODES[solver]
+    code = mgda.MGDA_SOLVERS.index(solver)
     for gram in (_random_grams(20, num_tasks, num_tasks), _degenerate_grams(num_tasks)):
         kw = dict(max_iter=300, tol=0.0) if solver == "pgd" else {}
         w = ops.solve_mgda(gram, code, kw.get("max_iter", 500), kw.get("tol", 1e-10))

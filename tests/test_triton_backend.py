@@ -23,6 +23,7 @@ from bucketmoo_kernels.reference import combine_reference, gram_reference  # noq
 from bucketmoo_kernels.triton import (TritonBackend, cagrad_triton, combine_triton,  # noqa: E402
                                       gram_triton, mgda_closed_form_triton, mgda_exact_triton,
                                       mgda_pgd_triton, pcgrad_triton)
+from bucketmoo_kernels.weight_step import WeightStep  # noqa: E402
 from bucketmoo_kernels.triton.tiles import gram_counters, row_addressing, tile_table  # noqa: E402
 from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads  # noqa: E402
 
@@ -255,10 +256,10 @@ def test_backend_is_registered_and_says_when_it_cannot_run(monkeypatch):
 def test_solve_falls_back_to_torch_where_it_has_no_kernel():
     g = bm.gram(random_grads(3, 40, device=DEVICE), backend="triton").double()
     backend = TritonBackend()
-    assert backend.solve(g, get_method("mgda"), {"solver": "closed_form"}) is None  # T = 3: torch raises
+    assert backend.solve(g, WeightStep("mgda", {"solver": "closed_form"})) is None  # T = 3: torch raises
     g9 = bm.gram(random_grads(9, 40, device=DEVICE), backend="triton").double()
-    assert backend.solve(g9, get_method("cagrad"), {"c": 0.4, "rescale": 1}) is None
-    assert backend.solve(g9, get_method("mgda"), {"solver": "exact"}) is None
+    assert backend.solve(g9, WeightStep("cagrad", {"c": 0.4, "rescale": 1})) is None
+    assert backend.solve(g9, WeightStep("mgda", {"solver": "exact"})) is None
     with pytest.raises(ValueError, match="closed-form"):
         bm.solve(g, "mgda", backend="triton", solver="closed_form")
 
@@ -360,7 +361,7 @@ def test_solver_on_degenerate_grams(num_tasks, case):
     mgda = get_method("mgda")
     for solver in ("auto", "exact") if num_tasks > 2 else ("auto", "exact", "closed_form"):
         options = dict(mgda.defaults, solver=solver)
-        got = TritonBackend().solve(grams, mgda, options)  # float64, before the API's float32 cast
+        got = TritonBackend().solve(grams, WeightStep(mgda, options))  # float64, before the API's float32 cast
         expected = mgda.fn(grams, **options)
         assert torch.isfinite(got).all()
         assert_objective_and_direction_match(grams, got, expected)
@@ -376,7 +377,7 @@ def test_rank_one_grams_of_length_one_segments(num_tasks):
     mgda = get_method("mgda")
     gram64 = info.gram.double()
     expected_w = mgda.fn(gram64, **mgda.defaults)
-    assert_objective_and_direction_match(gram64, TritonBackend().solve(gram64, mgda, mgda.defaults), expected_w)
+    assert_objective_and_direction_match(gram64, TritonBackend().solve(gram64, WeightStep(mgda)), expected_w)
     expected = torch.empty(12, dtype=torch.float64, device=DEVICE)
     combine_reference(as_task_grads(grads), expected_w, segs, expected)
     assert_close(out, expected, atol=1e-4, rtol=1e-4, what="combined")
@@ -390,7 +391,7 @@ def test_fused_is_deterministic():
     results = []
     for _ in range(2):
         gram = backend.gram(tg, segs)
-        w = backend.solve(gram.double(), get_method("mgda"), {"solver": "auto"})
+        w = backend.solve(gram.double(), WeightStep("mgda"))
         out = torch.empty(2000, dtype=torch.bfloat16, device=DEVICE)
         backend.combine(tg, w.float(), segs, out)
         results.append((gram, w, out))

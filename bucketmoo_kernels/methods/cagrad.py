@@ -172,5 +172,16 @@ def cagrad_weights(gram: torch.Tensor, *, c: float = 0.4, rescale: int = 1, solv
     return weights / divisor
 
 
+def _cagrad_native_args(num_tasks: int, options) -> dict | None:
+    """The native codes (exact solver, T <= 8), or None for bad options or the iterative
+    solver (the torch function then runs, and raises the error for bad options)."""
+    c, rescale = float(options["c"]), options["rescale"]
+    if not c >= 0 or rescale not in (0, 1, 2) or options["solver"] == "iterative":
+        return None
+    return {"c": c, "rescale": int(rescale)}
+
+
 register_method("cagrad", defaults={"c": 0.4, "rescale": 1, "solver": "auto", "max_iter": 2000,
-                                    "tol": 1e-9})(cagrad_weights)
+                                    "tol": 1e-9},
+                native_code=3, native_max_tasks=MAX_EXACT_TASKS,
+                native_args=_cagrad_native_args)(cagrad_weights)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from .registry import register_method
+from .simplex import MAX_NATIVE_TASKS
 
 __all__ = ["mean_weights"]
 
 
-@register_method("mean")
+@register_method("mean", native_code=0, native_max_tasks=MAX_NATIVE_TASKS,
+                 native_args=lambda num_tasks, options: {})
 def mean_weights(gram: torch.Tensor) -> torch.Tensor:
     """Uniform weights 1/T: ``[S, T, T]`` -> ``[S, T]``."""
     num_seg, num_tasks, _ = gram.shape

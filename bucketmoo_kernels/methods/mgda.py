@@ -22,10 +22,12 @@ from __future__ import annotations
 import torch
 
 from .registry import register_method
-from .simplex import MAX_EXACT_TASKS, pick_candidate, project_to_simplex, ridge, subset_masks
+from .simplex import MAX_EXACT_TASKS, MAX_NATIVE_TASKS, pick_candidate, project_to_simplex, ridge, subset_masks
 
-__all__ = ["mgda_weights", "mgda_closed_form", "mgda_exact", "mgda_pgd", "MGDA_SOLVERS"]
+__all__ = ["mgda_weights", "mgda_closed_form", "mgda_exact", "mgda_pgd", "mgda_solver_for",
+           "MGDA_SOLVERS"]
 
+#: The solver names; a name's index is its code in the native weight step (solver::MgdaSolver).
 MGDA_SOLVERS = ("auto", "closed_form", "exact", "pgd")
 
 
@@ -94,6 +96,32 @@ def mgda_pgd(gram: torch.Tensor, max_iter: int = 500, tol: float = 1e-10) -> tor
     return w
 
 
+def mgda_solver_for(num_tasks: int, options) -> str:
+    """The solver that runs for T tasks: ``options["solver"]``, or for ``"auto"``
+    ``closed_form`` at T = 2, ``exact`` for T <= 8, else ``pgd``. Every backend asks this."""
+    solver = options.get("solver", "auto")
+    if solver not in MGDA_SOLVERS:
+        raise ValueError(f"mgda solver must be one of {', '.join(MGDA_SOLVERS)}; got {solver!r}")
+    if solver != "auto":
+        return solver
+    return "closed_form" if num_tasks == 2 else "exact" if num_tasks <= MAX_EXACT_TASKS else "pgd"
+
+
+def _mgda_native_args(num_tasks: int, options) -> dict | None:
+    """The native codes of a configuration the native solvers run (None: the torch function
+    runs, and raises the documented error for an unsupported solver / T)."""
+    if options.get("solver", "auto") not in MGDA_SOLVERS:
+        return None
+    solver = mgda_solver_for(num_tasks, options)
+    if num_tasks > 1 and ((solver == "closed_form" and num_tasks != 2) or
+                          (solver == "exact" and num_tasks > MAX_EXACT_TASKS)):
+        return None
+    max_iter, tol = int(options["max_iter"]), float(options["tol"])
+    if max_iter < 0:
+        return None
+    return {"solver": MGDA_SOLVERS.index(solver), "max_iter": max_iter, "tol": tol}
+
+
 def mgda_weights(gram: torch.Tensor, *, solver: str = "auto", max_iter: int = 500,
                  tol: float = 1e-10) -> torch.Tensor:
     """MGDA min-norm weights: ``[S, T, T]`` f64 -> ``[S, T]`` f64 on the simplex.
@@ -102,10 +130,7 @@ def mgda_weights(gram: torch.Tensor, *, solver: str = "auto", max_iter: int = 50
     ``max_iter`` and ``tol`` apply to ``pgd`` only.
     """
     num_tasks = gram.shape[-1]
-    if solver not in MGDA_SOLVERS:
-        raise ValueError(f"mgda solver must be one of {', '.join(MGDA_SOLVERS)}; got {solver!r}")
-    if solver == "auto":
-        solver = "closed_form" if num_tasks == 2 else "exact" if num_tasks <= MAX_EXACT_TASKS else "pgd"
+    solver = mgda_solver_for(num_tasks, {"solver": solver})
     if num_tasks == 1:
         return torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device)
     if solver == "closed_form":
@@ -115,4 +140,6 @@ def mgda_weights(gram: torch.Tensor, *, solver: str = "auto", max_iter: int = 50
     return mgda_pgd(gram, max_iter=max_iter, tol=tol)
 
 
-register_method("mgda", defaults={"solver": "auto", "max_iter": 500, "tol": 1e-10})(mgda_weights)
+register_method("mgda", defaults={"solver": "auto", "max_iter": 500, "tol": 1e-10},
+                solver_for=mgda_solver_for, native_code=1, native_max_tasks=MAX_NATIVE_TASKS,
+                native_args=_mgda_native_args)(mgda_weights)

@@ -10,7 +10,8 @@ d = sum_t w'_t g_t / n_t, i.e. w_t = w'_t / n_t on the raw gradients.
 * ``loss+`` n_t = L_t |g_t|
 
 Zero scales (a zero gradient, a zero loss) are replaced by 1: that task's gradient is then
-left as it is.
+left as it is. A negative, NaN or infinite loss, or losses of the wrong length, raise
+``ValueError`` (:func:`loss_table`) before anything is computed or written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["NORMALIZATIONS", "USES_LOSSES", "check_normalization", "loss_table",
-           "normalization_scales"]
+           "normalization_scales", "scales_from_table"]
 
 #: In the order of their codes in csrc/common/bucketmoo_solvers.h (solver::Normalization).
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -37,13 +38,32 @@ def check_normalization(normalization: str) -> int:
 
 def loss_table(losses, normalization: str, num_seg: int, num_tasks: int,
                device: torch.device) -> torch.Tensor:
-    """``losses`` (``[T]`` or ``[S, T]``) as a contiguous float64 ``[S, T]`` tensor on ``device``."""
+    """``losses`` (``[T]`` or ``[S, T]``) as a contiguous float64 ``[S, T]`` tensor on ``device``.
+
+    Raises:
+        ValueError: ``losses`` missing, of the wrong shape, or holding a negative, NaN or
+            infinite value (zero is allowed: that task is not rescaled). The values are read
+            on the host: a losses tensor on a GPU costs one device-to-host copy here.
+    """
     if losses is None:
         raise ValueError(f"normalization={normalization!r} needs the per-task losses: pass losses=[L_1..L_T]")
-    losses = torch.as_tensor(losses, dtype=torch.float64).to(device)
+    try:
+        losses = torch.as_tensor(losses, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"losses must be T = {num_tasks} numbers (a list or a tensor); got "
+                         f"{type(losses).__name__} ({exc})") from None
     if losses.shape not in ((num_tasks,), (num_seg, num_tasks)):
-        raise ValueError(f"losses must have shape [T] = [{num_tasks}]; got {tuple(losses.shape)}")
-    return losses.expand(num_seg, num_tasks).contiguous()
+        raise ValueError(f"losses must have shape [T] = [{num_tasks}] (or [S, T] = [{num_seg}, "
+                         f"{num_tasks}]); got {tuple(losses.shape)}")
+    host = losses.detach().cpu()
+    bad = ~torch.isfinite(host) | (host < 0)
+    if bool(bad.any()):
+        index = tuple(torch.nonzero(bad)[0].tolist())
+        raise ValueError(
+            f"normalization={normalization!r} divides each task by its loss, so losses must be "
+            f"finite and >= 0; got losses{list(index)} = {float(host[index])}"
+        )
+    return losses.to(device).expand(num_seg, num_tasks).contiguous()
 
 
 def normalization_scales(gram: torch.Tensor, normalization: str,
@@ -53,9 +73,20 @@ def normalization_scales(gram: torch.Tensor, normalization: str,
     if normalization == "none":
         return None
     num_seg, num_tasks, _ = gram.shape
-    scales = torch.ones(num_seg, num_tasks, dtype=torch.float64, device=gram.device)
+    table = (loss_table(losses, normalization, num_seg, num_tasks, gram.device)
+             if normalization in USES_LOSSES else None)
+    return scales_from_table(gram, normalization, table)
+
+
+def scales_from_table(gram: torch.Tensor, normalization: str,
+                      table: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`normalization_scales` with the losses already checked by :func:`loss_table`
+    (``table``: float64 ``[S, T]`` on the Gram's device, or None when not used)."""
+    if normalization == "none":
+        return None
+    scales = torch.ones(gram.shape[:2], dtype=torch.float64, device=gram.device)
     if normalization in ("l2", "loss+"):
         scales = scales * gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).clamp_min(0).sqrt()
     if normalization in USES_LOSSES:
-        scales = scales * loss_table(losses, normalization, num_seg, num_tasks, gram.device)
+        scales = scales * table
     return torch.where(scales > 0, scales, torch.ones_like(scales))

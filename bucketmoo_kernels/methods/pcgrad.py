@@ -20,6 +20,7 @@ import functools
 import torch
 
 from .registry import register_method
+from .simplex import MAX_NATIVE_TASKS
 
 __all__ = ["pcgrad_weights", "pcgrad_orders", "pcgrad_orders_on"]
 
@@ -63,4 +64,5 @@ def pcgrad_weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     return total / num_tasks
 
 
-register_method("pcgrad", defaults={"seed": 0})(pcgrad_weights)
+register_method("pcgrad", defaults={"seed": 0}, native_code=2, native_max_tasks=MAX_NATIVE_TASKS,
+                native_args=lambda num_tasks, options: {})(pcgrad_weights)

@@ -15,29 +15,61 @@ Adding a method::
     def uniform_plus(gram, *, eps):
         ...
         return weights            # [S, T] float64
+
+The registry is also the one place that says, per method, how many tasks it takes
+(``max_tasks``), which of its solvers runs for T tasks (``solver_for``), and whether and up
+to which T the native weight step (``csrc/common/bucketmoo_solvers.h``) runs it
+(``native_code``, ``native_max_tasks``, ``native_args``). :class:`~bucketmoo_kernels.weight_step.WeightStep`
+reads these and hands the backends codes, so no backend repeats the rules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 __all__ = ["Method", "register_method", "get_method", "available_methods", "resolve_options"]
 
 MethodFn = Callable[..., torch.Tensor]
+#: ``solver_for(num_tasks, options) -> solver name``: which solver runs for T tasks.
+SolverFor = Callable[[int, Mapping[str, Any]], str]
+#: ``native_args(num_tasks, options) -> dict | None``: the method's fields of the native
+#: weight step's codes (``solver``, ``max_iter``, ``tol``, ``c``, ``rescale``; absent ones
+#: keep their defaults), or None where the native solver does not run this configuration
+#: (the method's torch function then runs and raises its own errors for bad options).
+NativeArgs = Callable[[int, Mapping[str, Any]], "dict[str, Any] | None"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, weight function, default options and task limit."""
+    """A registered method.
+
+    Attributes:
+        name: the name it is registered under.
+        fn: ``fn(gram [S,T,T] f64, **options) -> [S,T] f64``, the reference of every backend.
+        defaults: its options and their default values (the options it accepts).
+        max_tasks: the most tasks it takes on any backend (None: no limit); more raise
+            ``ValueError`` before anything runs.
+        summary: the first line of ``fn``'s docstring.
+        solver_for: which of its solvers runs for T tasks (None: it has one).
+        native_code: its ``solver::Method`` code in the native weight step (None: no native
+            solver; the torch function runs on every backend).
+        native_max_tasks: the most tasks the native weight step takes for it (fixed-size
+            arrays); above it the torch function runs.
+        native_args: its option fields of the native codes (see ``NativeArgs``).
+    """
 
     name: str
     fn: MethodFn
     defaults: dict[str, Any] = field(default_factory=dict)
     max_tasks: int | None = None
     summary: str = ""
+    solver_for: SolverFor | None = None
+    native_code: int | None = None
+    native_max_tasks: int | None = None
+    native_args: NativeArgs | None = None
 
     def __call__(self, gram: torch.Tensor, **options: Any) -> torch.Tensor:
         return self.fn(gram, **resolve_options(self, options))
@@ -47,8 +79,15 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, defaults: dict[str, Any] | None = None,
-                    max_tasks: int | None = None, overwrite: bool = False):
-    """Decorator that registers ``fn(gram [S,T,T] f64, **options) -> [S,T] f64`` as ``name``."""
+                    max_tasks: int | None = None, overwrite: bool = False,
+                    solver_for: SolverFor | None = None, native_code: int | None = None,
+                    native_max_tasks: int | None = None, native_args: NativeArgs | None = None):
+    """Decorator that registers ``fn(gram [S,T,T] f64, **options) -> [S,T] f64`` as ``name``.
+
+    Only ``defaults`` and ``max_tasks`` concern a new method written in torch; the
+    ``solver_for`` and ``native_*`` fields are for the built-in methods that have native
+    solvers (see :class:`Method`).
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"method name must be a non-empty string; got {name!r}")
 
@@ -56,7 +95,8 @@ def register_method(name: str, *, defaults: dict[str, Any] | None = None,
         if name in _METHODS and not overwrite:
             raise ValueError(f"method {name!r} is already registered (pass overwrite=True to replace it)")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _METHODS[name] = Method(name, fn, dict(defaults or {}), max_tasks, summary)
+        _METHODS[name] = Method(name, fn, dict(defaults or {}), max_tasks, summary, solver_for,
+                                native_code, native_max_tasks, native_args)
         return fn
 
     return wrap

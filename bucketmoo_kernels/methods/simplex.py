@@ -17,6 +17,7 @@ __all__ = [
     "TIE_REL",
     "FEASIBLE_TOL",
     "MAX_EXACT_TASKS",
+    "MAX_NATIVE_TASKS",
     "ridge",
     "subset_masks",
     "pick_candidate",
@@ -36,6 +37,9 @@ TIE_REL = 1e-10
 FEASIBLE_TOL = 1e-9
 #: The exact (active-set enumeration) solvers handle up to this many tasks: 2**T - 1 systems.
 MAX_EXACT_TASKS = 8
+#: The native solvers' limit for the iterative MGDA solver, PCGrad and mean (fixed-size
+#: arrays, kMaxTasks in csrc/common/bucketmoo_solvers.h); above it the torch function runs.
+MAX_NATIVE_TASKS = 32
 
 
 def ridge(gram: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,11 @@ import os
 
 import torch
 
+from ..dispatch import Backend
 from ..inputs import Segments, TaskGrads
 from ..methods import simplex
+from ..methods.mgda import MGDA_SOLVERS
+from ..weight_step import WeightStep
 from .combine import combine_triton
 from .gram import gram_triton
 from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton, pcgrad_triton
@@ -17,7 +20,7 @@ from .tiles import INTERPRET
 __all__ = ["TritonBackend"]
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """Gram, solve and combine as Triton kernels (one launch each).
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a test vehicle:
@@ -56,32 +59,30 @@ class TritonBackend:
     def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
         return gram_triton(grads, segments, chunk=self.gram_chunk)
 
-    def solve(self, gram: torch.Tensor, method, options: dict) -> torch.Tensor | None:
+    def solve(self, gram: torch.Tensor, step: WeightStep) -> torch.Tensor | None:
         num_seg, num_tasks = gram.shape[0], gram.shape[-1]
-        if method.name == "mean":
+        name, options = step.name, step.options
+        if name == "mean":
             return torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=torch.float64,
                               device=gram.device)
         if num_tasks < 2 or num_seg == 0:
             return None
-        if method.name == "pcgrad":
-            return pcgrad_triton(gram, seed=int(options.get("seed", 0)))
-        if method.name == "cagrad" and num_tasks <= simplex.MAX_EXACT_TASKS:
-            c, rescale = options.get("c", 0.4), options.get("rescale", 1)
+        if name == "pcgrad":
+            return pcgrad_triton(gram, seed=int(options["seed"]))
+        if name == "cagrad" and num_tasks <= simplex.MAX_EXACT_TASKS:
+            c, rescale = options["c"], options["rescale"]
             if c >= 0 and rescale in (0, 1, 2):  # else the torch function raises the error
                 return cagrad_triton(gram, c=float(c), rescale=int(rescale))
             return None
-        if method.name != "mgda":
+        if name != "mgda" or options["solver"] not in MGDA_SOLVERS:
             return None
-        solver = options.get("solver", "auto")
-        if solver == "auto":
-            solver = ("closed_form" if num_tasks == 2
-                      else "exact" if num_tasks <= simplex.MAX_EXACT_TASKS else "pgd")
+        solver = step.solver(num_tasks)  # the registry's choice for this T
         if solver == "closed_form" and num_tasks == 2:
             return mgda_closed_form_triton(gram)
         if solver == "exact" and num_tasks <= simplex.MAX_EXACT_TASKS:
             return mgda_exact_triton(gram)
         if solver == "pgd" and num_tasks <= 64:
-            return mgda_pgd_triton(gram, max_iter=int(options.get("max_iter", 500)))
+            return mgda_pgd_triton(gram, max_iter=int(options["max_iter"]))
         return None  # the torch function raises the appropriate error
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,

@@ -23,7 +23,7 @@
 //   mgda_check(T, solver) / pcgrad_check(T) / cagrad_check(T, c, rescale) -> const char*
 //
 //   segment_weights(gram32, T, spec, losses, w32)    the whole weight step of one segment,
-//       as bucketmoo_kernels/api.py::_solve does it: float32 Gram -> float64, optional
+//       as bucketmoo_kernels/weight_step.py::compute_weights does it: float32 Gram -> float64, optional
 //       normalisation (congruence by the scales n_t), the method, w_t / n_t, optional
 //       rescale to sum 1, rounded once to float32. spec: MethodSpec; method_check(spec, T).
 //       = weight_step_prepare + weight_step_method + weight_step_finish.
@@ -401,8 +401,9 @@ BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale,
 }
 
 // ---------------------------------------------------------------- the weight step
-// Methods and normalisations the native weight step runs (bucketmoo_kernels/native.py maps
-// the names to these codes).
+// Methods and normalisations the native weight step runs (bucketmoo_kernels/weight_step.py,
+// WeightStep.native_codes, makes these codes from the method registry; the MGDA solver comes
+// already resolved for T, never kAuto, though kAuto is still accepted).
 enum Method : int { kMethodMean = 0, kMethodMgda = 1, kMethodPcgrad = 2, kMethodCagrad = 3 };
 enum Normalization : int { kNormNone = 0, kNormL2 = 1, kNormLoss = 2, kNormLossL2 = 3 };
 
@@ -447,7 +448,7 @@ BUCKETMOO_HD const char* method_check(const MethodSpec& m, int T) {
 //                         NaN -> 1), M_ab / (n_a n_b); returns whether it scaled
 //   weight_step_method    the method's weights on g, in its paper scale
 //   weight_step_finish    w_t / n_t, rescale to sum 1 (if asked and the sum is > 0), float32
-// The same float64 operations, in the same order, as api._solve on the torch side, except
+// The same float64 operations, in the same order, as weight_step.compute_weights on the torch side, except
 // the final sum, which runs in task order here. g, scale: [T*T] and [T] caller buffers;
 // losses: [T] when the normalisation uses them, else ignored.
 BUCKETMOO_HD bool weight_step_prepare(const float* gram32, int T, const MethodSpec& m,

@@ -1,0 +1,213 @@
+"""The weight step as one frozen object: Gram matrices in, per-segment weights out.
+
+A :class:`WeightStep` holds everything that decides the weights except the data: the
+method (from the registry), its resolved options, the gradient normalisation and whether
+the weights are rescaled to sum to one. It is validated once when built and then handed,
+unchanged, to every backend, the DDP hook and the FSDP path::
+
+    step = WeightStep("mgda", {"solver": "pgd"}, normalization="l2")
+    out = fused_bucket_moo(grads, weight_step=step)          # same as method="mgda", solver="pgd", ...
+    weights = solve(gram, weight_step=step)
+
+The per-call data stays outside it: the losses of the loss normalisations (checked once per
+call by :func:`loss_table` into a float64 ``[S, T]`` table) and, for PCGrad's per-step
+orders, a new step from :meth:`WeightStep.with_options` (``seed=...``).
+
+Which solver runs for T tasks and each method's task limits are read from the method
+registry (:class:`~bucketmoo_kernels.methods.registry.Method`); :meth:`WeightStep.native_codes`
+turns them into the integer codes of the native weight step (``csrc/common/bucketmoo_solvers.h``,
+``solver::MethodSpec``), so no backend repeats those rules.
+
+:func:`compute_weights` is the step itself, in one place for every backend: the backend's
+native weight step when it has one for this configuration, else normalise in float64, the
+backend's solver (or the method's torch function), undo the scales, rescale to sum 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+
+import torch
+
+from .methods.normalization import (NORMALIZATIONS, USES_LOSSES, check_normalization, loss_table,
+                                    scales_from_table)
+from .methods.registry import Method, get_method, resolve_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dispatch import Backend
+
+__all__ = ["WeightStep", "NativeCodes", "compute_weights", "as_weight_step"]
+
+
+class NativeCodes(NamedTuple):
+    """The ``<method>`` arguments of the native ``weights`` / ``fused_`` ops, in schema order
+    (``python/bucketmoo_ops.h``): ``solver::MethodSpec`` of ``csrc/common/bucketmoo_solvers.h``.
+
+    ``method``: solver::Method code (registry ``native_code``); ``solver``: the MGDA solver
+    that runs for this T, already resolved (never 0 = auto); ``normalization``: its index in
+    :data:`~bucketmoo_kernels.methods.normalization.NORMALIZATIONS`.
+    """
+
+    method: int
+    solver: int = 0
+    max_iter: int = 0
+    tol: float = 0.0
+    c: float = 0.0
+    rescale: int = 0
+    normalization: int = 0
+    normalize_weights: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class WeightStep:
+    """Method, resolved options, normalisation and ``normalize_weights``, validated once.
+
+    Args:
+        method: a registered method name (or its :class:`Method`).
+        options: the method's options; missing ones take the method's defaults, unknown
+            ones raise ``TypeError``.
+        normalization: ``none``, ``l2``, ``loss`` or ``loss+`` (``ValueError`` otherwise).
+        normalize_weights: rescale the weights to sum to 1 (where the sum is > 0).
+
+    Attributes:
+        method: the registry's :class:`Method`; ``options``: read-only resolved options.
+    """
+
+    method: Method
+    options: Mapping[str, Any] = field(default_factory=dict)
+    normalization: str = "none"
+    normalize_weights: bool = True
+
+    def __post_init__(self) -> None:
+        method = self.method if isinstance(self.method, Method) else get_method(self.method)
+        options = self.options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"options must be a mapping of the method's options; got {type(options).__name__}")
+        check_normalization(self.normalization)
+        if not isinstance(self.normalize_weights, bool):
+            raise TypeError(f"normalize_weights must be a bool; got {type(self.normalize_weights).__name__}")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "options", MappingProxyType(resolve_options(method, dict(options))))
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def name(self) -> str:
+        """The method's name."""
+        return self.method.name
+
+    @property
+    def uses_losses(self) -> bool:
+        """Whether the normalisation needs the per-task losses (``loss``, ``loss+``)."""
+        return self.normalization in USES_LOSSES
+
+    def with_options(self, **options: Any) -> "WeightStep":
+        """A copy with some options replaced (e.g. PCGrad's ``seed`` per step), validated."""
+        return replace(self, options={**self.options, **options})
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~bucketmoo_kernels.fused_bucket_moo` that build
+        this step again (``method``, ``normalization``, ``normalize_weights``, options)."""
+        return dict(method=self.name, normalization=self.normalization,
+                    normalize_weights=self.normalize_weights, **self.options)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return (f"WeightStep({self.name!r}, {{{opts}}}, normalization={self.normalization!r}, "
+                f"normalize_weights={self.normalize_weights})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightStep):
+            return NotImplemented
+        return (self.method is other.method and dict(self.options) == dict(other.options)
+                and self.normalization == other.normalization
+                and self.normalize_weights == other.normalize_weights)
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.options.items())), self.normalization,
+                     self.normalize_weights))
+
+    # ------------------------------------------------------------------ per T
+    def check_tasks(self, num_tasks: int) -> None:
+        """``ValueError`` when the method takes fewer than ``num_tasks`` tasks."""
+        limit = self.method.max_tasks
+        if limit is not None and num_tasks > limit:
+            raise ValueError(f"method {self.name!r} supports at most {limit} tasks; got T = {num_tasks}")
+
+    def solver(self, num_tasks: int) -> str | None:
+        """The solver that runs for T tasks (MGDA: ``closed_form``/``exact``/``pgd``), or
+        None for a method with one solver."""
+        if self.method.solver_for is None:
+            return None
+        return self.method.solver_for(num_tasks, self.options)
+
+    def native_codes(self, num_tasks: int) -> NativeCodes | None:
+        """The native weight step's codes for T tasks, or None where it does not run this
+        configuration (no native solver, T above its limit, options it rejects): the
+        method's torch function then runs."""
+        method = self.method
+        if method.native_code is None or method.native_args is None:
+            return None
+        if method.native_max_tasks is not None and num_tasks > method.native_max_tasks:
+            return None
+        fields = method.native_args(num_tasks, self.options)
+        if fields is None:
+            return None
+        return NativeCodes(method=method.native_code, **fields,
+                           normalization=NORMALIZATIONS.index(self.normalization),
+                           normalize_weights=self.normalize_weights)
+
+    def loss_table(self, losses, num_segments: int, num_tasks: int,
+                   device: torch.device) -> torch.Tensor | None:
+        """The checked losses as float64 ``[S, T]`` on ``device`` when the normalisation uses
+        them, else None (``losses`` is then ignored). ``ValueError`` naming ``losses`` for a
+        missing, wrong-length, negative, NaN or infinite loss."""
+        if not self.uses_losses:
+            return None
+        return loss_table(losses, self.normalization, num_segments, num_tasks, device)
+
+
+def as_weight_step(weight_step: WeightStep | None, method, normalization: str,
+                   normalize_weights: bool, options: dict[str, Any]) -> WeightStep:
+    """The API's keyword arguments as one :class:`WeightStep`; a prebuilt ``weight_step``
+    is used as it is (then the loose arguments must be left at their defaults)."""
+    if weight_step is None:
+        return WeightStep(method, options, normalization=normalization,
+                          normalize_weights=normalize_weights)
+    if not isinstance(weight_step, WeightStep):
+        raise TypeError(f"weight_step must be a WeightStep or None; got {type(weight_step).__name__}")
+    if options or normalization != "none" or normalize_weights is not True or method not in (
+            "mgda", weight_step.name):
+        raise TypeError("pass either weight_step=WeightStep(...) or method/normalization/"
+                        "normalize_weights/options, not both")
+    return weight_step
+
+
+def compute_weights(gram: torch.Tensor, step: WeightStep, losses: torch.Tensor | None,
+                    backend: "Backend") -> torch.Tensor:
+    """The weight step: ``gram [S, T, T]`` float32 -> ``[S, T]`` float32.
+
+    ``losses`` is the table from :meth:`WeightStep.loss_table` (None unless the normalisation
+    uses it). Runs the backend's native weight step where it has one for this configuration;
+    otherwise normalises in float64, runs the backend's solver (or the method's torch
+    function), divides by the scales and rescales to sum 1 if asked.
+    """
+    weights = backend.weights(gram, step, losses)
+    if weights is not None:
+        return weights
+    gram64 = gram.to(torch.float64)
+    scales = scales_from_table(gram64, step.normalization, losses)
+    if scales is not None:
+        gram64 = gram64 / (scales[:, :, None] * scales[:, None, :])
+    weights = backend.solve(gram64, step)
+    if weights is None:
+        weights = step.method.fn(gram64, **step.options)
+    weights = weights.to(torch.float64)
+    if scales is not None:
+        weights = weights / scales
+    if step.normalize_weights:
+        total = weights.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), weights)
+    return weights.to(torch.float32)
+
