@@ -78,7 +78,7 @@ def gram(grads, segments=None, *, backend: str = "auto") -> torch.Tensor:
 
 def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: str = "none",
           losses=None, normalize_weights: bool = True, weight_step: WeightStep | None = None,
-          **options) -> torch.Tensor:
+          method_state=None, **options) -> torch.Tensor:
     """Per-segment weights of ``method`` from Gram matrices.
 
     Args:
@@ -90,6 +90,10 @@ def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: s
             method's paper scale (PCGrad: mean of projected gradients; CAGrad: its rescale).
         weight_step: a prebuilt :class:`WeightStep` instead of ``method``, ``normalization``,
             ``normalize_weights`` and the options (which must then be left out).
+        method_state: a :class:`MethodState` kept by the caller across steps (one per
+            bucket): required by the stateful methods (``gradvac``, ``pcd``) and by the
+            ``ema`` option; with a ``seed`` option (``random``, ``pcgrad``) its call counter
+            is added to the seed, so each step draws afresh.
         **options: the method's options (``mgda``: solver, max_iter, tol; ``pcgrad``: seed;
             ``cagrad``: c, rescale).
     Returns:
@@ -101,7 +105,7 @@ def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: s
     step.check_tasks(num_tasks)
     table = step.loss_table(losses, num_seg, num_tasks, gram_t.device)
     backend_obj = get_backend(backend, gram_t.device)
-    return compute_weights(gram_t.to(torch.float32), step, table, backend_obj)
+    return compute_weights(gram_t.to(torch.float32), step, table, backend_obj, method_state)
 
 
 def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -> torch.Tensor:
@@ -129,7 +133,7 @@ def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -
 def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, backend: str = "auto",
                      return_info: bool = False, normalization: str = "none", losses=None,
                      normalize_weights: bool = True, check_finite: bool = True,
-                     weight_step: WeightStep | None = None, **method_options):
+                     weight_step: WeightStep | None = None, method_state=None, **method_options):
     """Bucket-level MOO of T task gradients: Gram -> weights -> combined gradient.
 
     Args:
@@ -153,6 +157,7 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
             the whole Gram is checked. Both give the same bits.
         weight_step: a prebuilt :class:`WeightStep` instead of ``method``, ``normalization``,
             ``normalize_weights`` and the method options (which must then be left out).
+        method_state: see :func:`solve`.
         **method_options: the method's options.
     Returns:
         ``[N]`` combined gradient in the grads' dtype, or ``(combined, MOOInfo)``.
@@ -167,10 +172,12 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     result = None
     # One sweep writes `out` before all of the Gram is known, so it runs only where a
     # non-finite Gram cannot leave a caller's buffer half-written.
+    # (The sweep computes the weights natively: not with a method state to update.)
     if out is None:
         out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-        result = backend_obj.fused(task_grads, segs, out, step, table)
-    elif not check_finite:
+        if method_state is None and not step.needs_state:
+            result = backend_obj.fused(task_grads, segs, out, step, table)
+    elif not check_finite and method_state is None and not step.needs_state:
         result = backend_obj.fused(task_grads, segs, out, step, table)
     if result is not None:
         gram_t, weights = result
@@ -180,7 +187,7 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
         gram_t = backend_obj.gram(task_grads, segs)
         if check_finite:
             _check_finite(gram_t)
-        weights = compute_weights(gram_t, step, table, backend_obj)
+        weights = compute_weights(gram_t, step, table, backend_obj, method_state)
         backend_obj.combine(task_grads, weights, segs, out)
     if return_info:
         return out, MOOInfo(gram_t, weights, segs, step.name, backend_obj.name)
