@@ -22,6 +22,9 @@ import torch
 
 from . import diagnostics
 from .dispatch import get_backend
+from .methods.elementwise import combine_elementwise, is_elementwise
+from .methods.registry import split_common_options
+from .methods.state import require_state
 from .inputs import (Segments, as_segments, as_task_grads, check_gram, check_out,
                      check_weights)
 from .weight_step import WeightStep, as_weight_step, compute_weights
@@ -169,6 +172,9 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     step.check_tasks(task_grads.num_tasks)
     table = step.loss_table(losses, segs.num_segments, task_grads.num_tasks, task_grads.device)
     backend_obj = get_backend(backend, task_grads.device)
+    if is_elementwise(step.name):
+        return _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info,
+                                  check_finite, method_state)
     result = None
     # One sweep writes `out` before all of the Gram is known, so it runs only where a
     # non-finite Gram cannot leave a caller's buffer half-written.
@@ -190,6 +196,32 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
         weights = compute_weights(gram_t, step, table, backend_obj, method_state)
         backend_obj.combine(task_grads, weights, segs, out)
     if return_info:
+        return out, MOOInfo(gram_t, weights, segs, step.name, backend_obj.name)
+    return out
+
+
+def _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info, check_finite,
+                       method_state):
+    """An element-wise method (graddrop, trimmed_mean) in place of gram -> weights -> combine."""
+    gram_t = None
+    if check_finite or return_info:
+        gram_t = backend_obj.gram(task_grads, segs)
+        if check_finite:
+            _check_finite(gram_t)
+    options, common = split_common_options(step.options)
+    if common["ema"] > 0:
+        raise ValueError(f"option ema smooths per-segment weights; element-wise method {step.name!r} has none")
+    if "seed" in options and method_state is not None:
+        options["seed"] = int(options["seed"]) + require_state(method_state, step.name).calls
+    if out is None:
+        out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+    combine_elementwise(task_grads.rows, step.name, options, out)
+    if method_state is not None:
+        method_state.calls += 1
+    if return_info:
+        # no per-segment weights exist: NaN marks them as undefined
+        weights = torch.full((segs.num_segments, task_grads.num_tasks), float("nan"),
+                             device=task_grads.device)
         return out, MOOInfo(gram_t, weights, segs, step.name, backend_obj.name)
     return out
 

@@ -9,8 +9,8 @@ the ``ema`` option (weight smoothing over steps, needs a :class:`MethodState`). 
 :mod:`.registry` to add your own.
 """
 
-from . import (aligned_mtl, cagrad, config, dual_cone, fairgrad, fixed_weights, gradvac,  # noqa: F401
-               imtl_g, krum, mean, mgda, nash_mtl, pcd, pcgrad)  # (registration side effects)
+from . import (aligned_mtl, cagrad, config, dual_cone, elementwise, fairgrad, fixed_weights,  # noqa: F401
+               gradvac, imtl_g, krum, mean, mgda, nash_mtl, pcd, pcgrad)  # (registration side effects)
 from .normalization import NORMALIZATIONS, normalization_scales
 from .registry import Method, available_methods, get_method, register_method, resolve_options
 from .state import MethodState
