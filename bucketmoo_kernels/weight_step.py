@@ -215,7 +215,7 @@ def compute_weights(gram: torch.Tensor, step: WeightStep, losses: torch.Tensor |
         if weights is not None:
             if method_state is not None:
                 method_state.calls += 1
-            return weights
+            return nan_where_not_finite(gram, weights)
     gram64 = gram.to(torch.float64)
     scales = scales_from_table(gram64, step.normalization, losses)
     if scales is not None:
@@ -238,5 +238,14 @@ def compute_weights(gram: torch.Tensor, step: WeightStep, losses: torch.Tensor |
     if step.normalize_weights:
         total = weights.sum(-1, keepdim=True)
         weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), weights)
-    return weights.to(torch.float32)
+    return nan_where_not_finite(gram, weights.to(torch.float32))
+
+
+def nan_where_not_finite(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The one non-finite policy of every backend (the native weight step applies the same,
+    ``solver::nan_weights_if_not_finite``): a segment whose Gram is not finite (a NaN/Inf
+    gradient, or squares that overflow float32) gets NaN weights, so its combined gradient is
+    NaN and a GradScaler-style check sees it. No host sync."""
+    finite = torch.isfinite(gram).flatten(1).all(-1)
+    return torch.where(finite[:, None], weights, torch.full_like(weights, float("nan")))
 

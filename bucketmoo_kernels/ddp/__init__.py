@@ -4,15 +4,16 @@
     state = BucketMOOState(method="mgda", mode="ranks", granularity="bucket")
     ddp_model.register_comm_hook(state, bucket_moo_hook)
 
-See ``docs/ddp.md`` for the modes, protocols, costs and DDP pitfalls. :mod:`.protocol`
-holds the tasks-on-ranks protocol on flat tensors (reused by the FSDP2 path).
+See ``docs/ddp.md`` for the modes, protocols, costs and DDP pitfalls. The state, the
+protocol and the collectives live in :mod:`bucketmoo_kernels.distributed`, shared with the
+FSDP2 path; the names below stay importable from here.
 """
 
-from . import collectives, protocol
-from .diagnostics import BucketRecord, DiagnosticsLog
+from ..distributed import collectives, protocol
+from ..distributed.diagnostics import BucketRecord, DiagnosticsLog
+from ..distributed.protocol import TaskLayout
+from ..distributed.state import BucketMOOState
 from .hook import bucket_moo_hook
-from .protocol import TaskLayout
-from .state import BucketMOOState
 
 __all__ = ["BucketMOOState", "BucketRecord", "DiagnosticsLog", "TaskLayout", "bucket_moo_hook",
            "collectives", "protocol"]

@@ -11,6 +11,12 @@ all-to-all is launched in k's call and finished in the call of bucket k+1, and i
 all-gather completes in the background, so the transfers overlap the backward; otherwise
 a bucket is finished inside its own call and its future is returned completed (for the
 ``global`` granularity, the futures of all buckets complete when the last bucket arrives).
+
+The first call compares the settings of all ranks (one tiny all-gather). DDP's initial
+single bucket (first iteration; two with ``static_graph=True``) is run as the buckets DDP
+builds after its rebuild (:mod:`bucketmoo_kernels.distributed.bucket_layout`).
+
+The hook reads ``state.settings`` and calls the public methods of ``state.runtime``.
 """
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
@@ -19,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from ..api import combine, fused_bucket_moo, gram
+from ..distributed import collectives
+from ..distributed.protocol import (allgather_tasks, finish_scatter_tasks, reduce_gram, sharded_moo,
+                                    solve_weights, start_gather_combined, start_scatter_tasks)
+from ..distributed.state import BucketMOOState
 from ..inputs import Segments
-from . import collectives
-from .protocol import (allgather_tasks, finish_scatter_tasks, reduce_gram, sharded_moo, solve_weights,
-                       start_gather_combined, start_scatter_tasks)
-from .state import BucketMOOState, parse_granularity
 
 __all__ = ["bucket_moo_hook"]
 
@@ -34,10 +40,10 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future:
     return fut
 
 
-def _fused_kwargs(state: BucketMOOState) -> dict:
-    return dict(method=state.method, backend=state.backend, normalization=state.normalization,
-                losses=state.losses, normalize_weights=state.normalize_weights, check_finite=False,
-                return_info=True, **state.method_call_options())
+def _fused_kwargs(state: BucketMOOState, index: int) -> dict:
+    kwargs = state.solve_kwargs(index)
+    return dict(weight_step=state.weight_step(), backend=kwargs.pop("backend"), **kwargs,
+                check_finite=False, return_info=True)
 
 
 def _all_reduce_mean(buf: torch.Tensor, group, world: int) -> None:
@@ -46,14 +52,16 @@ def _all_reduce_mean(buf: torch.Tensor, group, world: int) -> None:
     collectives.all_reduce_sum(buf, group)
 
 
+def _protocol_of(state: BucketMOOState) -> str:
+    """The collectives the hook will issue: what the backend check validates."""
+    s = state.settings
+    if s.mode != "ranks" or s.plain_average:
+        return "allreduce"
+    return s.protocol
+
+
 def _check_once(state: BucketMOOState, buf: torch.Tensor) -> None:
-    if state._checked:
-        return
-    protocol = state.protocol if state.mode == "ranks" else "allreduce"
-    if state.mode == "ranks" and state.plain_average:
-        protocol = "allreduce"
-    collectives.check_backend(collectives.backend_name(state.process_group), buf.device, protocol)
-    state._checked = True
+    state.check_once(buf.device, _protocol_of(state))
 
 
 # ---------------------------------------------------------------------------- tasks on ranks
@@ -76,43 +84,42 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
     the rest of the backward); the last call finishes them all, sums the partial Grams,
     all-reduces once, solves, and launches every bucket's all-gather.
     """
-    tasks = state._task_layout()
+    s, rt = state.settings, state.runtime
+    tasks = state.task_layout()
     group = state.process_group
     fut: torch.futures.Future = torch.futures.Future()
     segs = Segments.single(buf.numel())
-    if state.protocol == "sharded":
-        handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=state.wire_dtype,
-                                     backend=state.backend)
-        state._pending.append((buf, handle, None, fut))
+    if s.protocol == "sharded":
+        handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=s.wire_dtype, backend=s.backend)
+        rt.add_pending((buf, handle, None, fut))
     else:
-        rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=state.wire_dtype)
-        state._pending.append((buf, rows, gram(rows, None, backend=state.backend), fut))
-        state._step_extra_bytes += extra
+        rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=s.wire_dtype)
+        rt.add_pending((buf, rows, gram(rows, None, backend=s.backend), fut))
+        rt.add_step_extra_bytes(extra)
     if not is_last:
         return fut
-    pending, state._pending = state._pending, []
-    if state.protocol == "sharded":
+    pending = rt.take_pending()
+    if s.protocol == "sharded":
         finished = [finish_scatter_tasks(p[1]) for p in pending]
-        state._step_extra_bytes += sum(sh.extra_bytes for sh in finished)
+        rt.add_step_extra_bytes(sum(sh.extra_bytes for sh in finished))
         pending = [(b, sh, sh.partial_gram, f) for (b, _, _, f), sh in zip(pending, finished)]
     total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
-    if state.protocol == "sharded":
+    if s.protocol == "sharded":
         total = reduce_gram(total, group)
-    weights = solve_weights(total, state.method, **state.solve_kwargs())
+    weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
     gather_extra = 0
     for bucket_buf, payload, _, bucket_fut in pending:
-        if state.protocol == "sharded":
-            gather_fut, extra = start_gather_combined(payload, weights, bucket_buf, group=group,
-                                                      backend=state.backend)
+        if s.protocol == "sharded":
+            gather_fut, extra = start_gather_combined(payload, weights, bucket_buf, group=group, backend=s.backend)
             gather_extra += extra
             _chain(gather_fut, bucket_fut)
             continue
         if payload.dtype == bucket_buf.dtype:
-            combine(payload, weights, None, out=bucket_buf, backend=state.backend)
+            combine(payload, weights, None, out=bucket_buf, backend=s.backend)
         else:  # compressed rows: combine in the wire dtype, then widen into the bucket
-            bucket_buf.copy_(combine(payload, weights, None, backend=state.backend))
+            bucket_buf.copy_(combine(payload, weights, None, backend=s.backend))
         bucket_fut.set_result(bucket_buf)
-    state.note_extra_bytes(state._step_extra_bytes + gather_extra)
+    rt.note_extra_bytes(rt.add_step_extra_bytes(0) + gather_extra)
     state.record(-1, total, weights)
     return fut
 
@@ -120,7 +127,7 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
 def _finish_inflight(state: BucketMOOState) -> None:
     """Finish the bucket whose all-to-all is in flight: Gram, all-reduce, solve, combine,
     launch the all-gather; its future completes when the all-gather lands."""
-    inflight, state._inflight = state._inflight, None
+    inflight = state.runtime.take_inflight()
     if inflight is None:
         return
     handle, buf, index, fut = inflight
@@ -128,8 +135,8 @@ def _finish_inflight(state: BucketMOOState) -> None:
     try:
         sharded = finish_scatter_tasks(handle)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.method, **state.solve_kwargs())
-        gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.backend)
+        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs(index))
+        gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.settings.backend)
     except BaseException as exc:
         fut.set_exception(exc)
         raise
@@ -139,51 +146,50 @@ def _finish_inflight(state: BucketMOOState) -> None:
 
 
 def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
+    s, rt = state.settings, state.runtime
     buf = bucket.buffer()
     index, is_last = bucket.index(), bucket.is_last()
-    tasks = state._task_layout()
+    tasks = state.task_layout()
     group = state.process_group
-    kind, _ = parse_granularity(state.granularity)
+    kind, _ = s.granularity_kind
     if index == 0:
-        state._pending = []
-        state._step_extra_bytes = 0
-        state._inflight = None  # left over from a backward that failed half-way
+        rt.begin_backward()
 
-    if state.plain_average:
+    if s.plain_average:
         # Plain averaging over tasks of equal rank counts is the average over ranks: run
         # DDP's own all-reduce, which makes 'mean' bit-identical to DDP without a hook.
         buf.mul_(1.0 / tasks.world_size)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
         if is_last:
-            state.step += 1
+            rt.finish_step()
         return fut
 
     if kind == "global":
         fut = _ranks_global(state, buf, index, is_last)
     else:
-        params = state.bucket_params.get(index) if kind == "param" else None
+        params = bucket.parameters() if kind == "param" else None
         sizes = [p.numel() for p in params] if params is not None else None
         segs, shards = state.segments_for(index, buf.numel(), sizes)
-        if state.protocol == "sharded" and state.overlap:
+        if s.protocol == "sharded" and s.overlap:
             _finish_inflight(state)  # the previous bucket: its all-to-all ran during our backward
             local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
-            handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=state.wire_dtype,
-                                         backend=state.backend, local_segments=local)
+            handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=s.wire_dtype,
+                                         backend=s.backend, local_segments=local)
             fut = torch.futures.Future()
-            state._inflight = (handle, buf, index, fut)
+            rt.set_inflight((handle, buf, index, fut))
             if is_last:
                 _finish_inflight(state)
-                state.step += 1
+                rt.finish_step()
             return fut
-        if state.protocol == "sharded":
+        if s.protocol == "sharded":
             local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
             gram_matrix, weights, extra = sharded_moo(
-                buf, segs, tasks, state.method, group=group, wire_dtype=state.wire_dtype,
-                local_segments=local, **state.solve_kwargs())
+                buf, segs, tasks, state.weight_step(), group=group, wire_dtype=s.wire_dtype,
+                local_segments=local, **state.solve_kwargs(index))
         else:
-            rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=state.wire_dtype)
+            rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=s.wire_dtype)
             out = buf if rows.dtype == buf.dtype else torch.empty_like(buf, dtype=rows.dtype)
-            out, info = fused_bucket_moo(rows, segments=segs, out=out, **_fused_kwargs(state))
+            out, info = fused_bucket_moo(rows, segments=segs, out=out, **_fused_kwargs(state, index))
             if out is not buf:
                 extra += out.numel() * out.element_size()
                 buf.copy_(out)
@@ -192,42 +198,14 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
         state.record(index, gram_matrix, weights)
         fut = _completed(buf)
     if is_last:
-        state.step += 1
+        rt.finish_step()
     return fut
 
 
 # ---------------------------------------------------------------------------- stashed tasks
-def _stash_bucket(state: BucketMOOState, task: int, buf: torch.Tensor, params) -> None:
-    entry = state._stash.setdefault(task, {"flats": {}, "views": {}})
-    flat = buf.clone()
-    key = tuple(id(p) for p in params)
-    entry["flats"][key] = flat
-    offset = 0
-    for p in params:
-        entry["views"][id(p)] = flat[offset:offset + p.numel()]
-        offset += p.numel()
-    stashed = sum(f.numel() * f.element_size() for e in state._stash.values() for f in e["flats"].values())
-    state.note_extra_bytes(stashed)
-
-
-def _stashed_row(state: BucketMOOState, task: int, buf: torch.Tensor, params) -> torch.Tensor:
-    entry = state._stash.get(task)
-    if entry is None:
-        raise RuntimeError(f"stash mode: nothing was stashed for task {task} in this step")
-    key = tuple(id(p) for p in params)
-    flat = entry["flats"].get(key)
-    if flat is not None:
-        return flat
-    # DDP rebuilt its buckets since this task was stashed (it does so once, after the first
-    # backward): assemble the row from the per-parameter views of the stash.
-    state.stash_reassembled += 1
-    parts = [entry["views"].get(id(p)) for p in params]
-    parts = [v if v is not None else buf.new_zeros(p.numel()) for v, p in zip(parts, params)]
-    return torch.cat(parts) if parts else buf.new_zeros(0)
-
-
 def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
-    task = state._current_task
+    s, rt = state.settings, state.runtime
+    task = rt.current_task
     if task is None:
         raise RuntimeError(
             "mode='stash': a backward reached bucket_moo_hook outside `with state.task(t):`; wrap each "
@@ -238,29 +216,29 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
     params = bucket.parameters()
     group = state.process_group
     world = collectives.group_size(group)
-    kind, _ = parse_granularity(state.granularity)
-    final = len(state._tasks_done) == state.num_tasks - 1
-    if state.stash_reduce == "tasks" and world > 1:
+    kind, _ = s.granularity_kind
+    final = rt.final_task()
+    if s.stash_reduce == "tasks" and world > 1:
         _all_reduce_mean(buf, group, world)
     if not final:
-        _stash_bucket(state, task, buf, params)
+        rt.stash_bucket(task, buf, params)
         buf.zero_()  # the next task's backward accumulates into zeroed gradients
         return _completed(buf)
 
-    rows = [buf if t == task else _stashed_row(state, t, buf, params) for t in range(state.num_tasks)]
+    rows = [buf if t == task else rt.stashed_row(t, buf, params) for t in range(s.num_tasks)]
     if index == 0:
-        state._pending = []
+        rt.begin_backward()
     if kind == "global":
         fut: torch.futures.Future = torch.futures.Future()
-        state._pending.append((buf, rows, gram(rows, None, backend=state.backend), fut))
+        rt.add_pending((buf, rows, gram(rows, None, backend=s.backend), fut))
         if not is_last:
             return fut
-        pending, state._pending = state._pending, []
+        pending = rt.take_pending()
         total = torch.stack([p[2] for p in pending]).sum(0)
-        weights = solve_weights(total, state.method, **state.solve_kwargs())
+        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
         for bucket_buf, bucket_rows, _, _ in pending:
-            combine(bucket_rows, weights, None, out=bucket_buf, backend=state.backend)
-            if state.stash_reduce == "combined" and world > 1:
+            combine(bucket_rows, weights, None, out=bucket_buf, backend=s.backend)
+            if s.stash_reduce == "combined" and world > 1:
                 _all_reduce_mean(bucket_buf, group, world)
         state.record(-1, total, weights)
         for bucket_buf, _, _, bucket_fut in pending:
@@ -269,10 +247,29 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
 
     sizes = [p.numel() for p in params] if kind == "param" else None
     segs, _ = state.segments_for(index, buf.numel(), sizes)
-    _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state))
-    if state.stash_reduce == "combined" and world > 1:
+    _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state, index))
+    if s.stash_reduce == "combined" and world > 1:
         _all_reduce_mean(buf, group, world)
     state.record(index, info.gram, info.weights)
+    return _completed(buf)
+
+
+# ---------------------------------------------------------------------------- DDP's first iteration
+def _as_rebuilt_buckets(state: BucketMOOState, bucket, virtual: list, mode_hook) -> torch.futures.Future:
+    """Run DDP's initial single bucket as the buckets of its rebuilt layout: each virtual bucket
+    goes through the hook as a real one would, then the combined copies are written back."""
+    rt = state.runtime
+    futures = []
+    for vb in virtual:
+        rt.begin_bucket(vb.index(), vb.buffer(), vb.parameters())
+        futures.append(mode_hook(state, vb))
+    torch.futures.collect_all(futures).wait()
+    for fut in futures:
+        fut.value()  # re-raise a failed bucket's error
+    buf = bucket.buffer()
+    for vb in virtual:
+        vb.write_back(buf)
+    state.note_extra_bytes(sum(vb.buffer().numel() * vb.buffer().element_size() for vb in virtual))
     return _completed(buf)
 
 
@@ -297,14 +294,18 @@ def bucket_moo_hook(state: BucketMOOState, bucket: dist.GradBucket) -> torch.fut
     averages the bucket over ranks, stashes it and zeroes it; the last task's backward
     combines the stashed buckets with its own.
 
+    The first call checks that every rank has the same settings. DDP's initial single
+    bucket is run as the buckets DDP uses after its rebuild (see ``docs/ddp.md``).
+
     Args:
-        state (BucketMOOState): settings and buffers; see its docstring.
+        state (BucketMOOState): settings and runtime; see its docstring.
         bucket (dist.GradBucket): the bucket DDP hands over; its ``buffer()`` is overwritten.
 
     Returns:
         Future[torch.Tensor]: the bucket's buffer holding the combined gradient.
 
     Raises:
+        ValueError: the ranks' settings differ (on every rank, naming the settings).
         RuntimeError: an invalid setup (backend without the needed collective, stash-mode
             backward outside ``state.task``); NotImplementedError: DDP's python reducer.
 
@@ -325,13 +326,18 @@ def bucket_moo_hook(state: BucketMOOState, bucket: dist.GradBucket) -> torch.fut
         )
     if not isinstance(state, BucketMOOState):
         raise TypeError(f"state must be a BucketMOOState; got {type(state).__name__}")
+    s, rt = state.settings, state.runtime
     buf = bucket.buffer()
     _check_once(state, buf)
-    state.largest_bucket_bytes = max(state.largest_bucket_bytes, buf.numel() * buf.element_size())
-    state._hook_calls += 1
-    if bucket.index() == 0:
-        state.bucket_params = {}
-    state.bucket_params[bucket.index()] = bucket.parameters()
-    if state.mode == "ranks":
-        return _ranks_hook(state, bucket)
-    return _stash_hook(state, bucket)
+    mode_hook = _ranks_hook if s.mode == "ranks" else _stash_hook
+    # DDP's initial single bucket: run it as the rebuilt buckets. Not needed for plain
+    # averaging (element-wise) nor for the stashing tasks of stash mode (they are kept per
+    # parameter); the combining task is.
+    decompose = not s.plain_average if s.mode == "ranks" else rt.current_task is not None and rt.final_task()
+    virtual = rt.first_iteration_buckets(bucket, s.bucket_cap_mb) if decompose else None
+    if virtual is not None:
+        rt.hook_calls += 1
+        return _as_rebuilt_buckets(state, bucket, virtual, mode_hook)
+    rt.begin_bucket(bucket.index(), buf, bucket.parameters())
+    rt.observe_bucket(bucket)
+    return mode_hook(state, bucket)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bucketmoo_kernels.ddp.protocol import TaskLayout
+from ..distributed.protocol import TaskLayout
+from ..distributed.state import BucketMOOState
 
 from .reduce_scatter import BucketMOOReduceScatter, _StepCounter
 
@@ -37,13 +38,16 @@ def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
 
     Args:
         model: a module tree on which ``fully_shard`` was called.
-        state: a :class:`bucketmoo_kernels.ddp.BucketMOOState` with ``mode="ranks"``;
+        state: a :class:`~bucketmoo_kernels.distributed.BucketMOOState` (also importable from
+            :mod:`bucketmoo_kernels.ddp`) with ``mode="ranks"``;
             granularity ``bucket``, ``param`` or ``chunk:<n>``.
     Returns:
         The names of the modules that got the custom reduce-scatter.
     Raises:
         RuntimeError: torch without ``set_custom_reduce_scatter``, HSDP / replicate meshes,
-            several parameter groups per module, no FSDP module found.
+            several parameter groups per module, no FSDP module found, or parameters outside
+            every FSDP group (typically: ``fully_shard`` was not applied to the root module);
+            FSDP2 never reduces those, so the replicas would diverge. The error names them.
         ValueError: an unsupported mode or granularity, or a world size that does not
             divide into the state's tasks.
 
@@ -61,7 +65,9 @@ def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
         )
     from torch.distributed.fsdp import FSDPModule
 
-    if getattr(state, "mode", "ranks") != "ranks":
+    if not isinstance(state, BucketMOOState):
+        raise TypeError(f"state must be a BucketMOOState; got {type(state).__name__}")
+    if state.mode != "ranks":
         raise ValueError(f"state.mode must be 'ranks' for FSDP2 (tasks on ranks); got {state.mode!r}")
     if state.granularity == "global":
         raise ValueError(
@@ -95,6 +101,16 @@ def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
         found.append((name or "<root>", module, group))
     if not found:
         raise RuntimeError("apply_bucket_moo found no FSDP2 module in the model: call fully_shard first")
+    managed = {id(fp.sharded_param) for _, _, group in found for fp in group.fsdp_params}
+    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in managed]
+    if outside:
+        shown = ", ".join(outside[:10]) + (f", ... ({len(outside)} in all)" if len(outside) > 10 else "")
+        raise RuntimeError(
+            f"parameters outside every FSDP parameter group: {shown}. FSDP2 never reduces their gradients "
+            "(each rank would keep its own task's gradient and the replicas would diverge). Call "
+            "fully_shard on the root module too (fully_shard(model) after the blocks), or on the modules "
+            "holding these parameters, before apply_bucket_moo."
+        )
     counter = _StepCounter(state, len(found))
     for index, (name, module, group) in enumerate(found):
         param_sizes = [int(torch.Size(p.padded_sharded_param_size).numel()) for p in group.fsdp_params]

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bucketmoo_kernels.ddp.protocol import TaskLayout, combine_shard, reduce_gram, scatter_tasks, solve_weights
-from bucketmoo_kernels.inputs import Segments
+from ..distributed.protocol import TaskLayout, combine_shard, reduce_gram, scatter_tasks, solve_weights
+from ..inputs import Segments
 
 __all__ = ["BucketMOOReduceScatter", "reduce_output_scale"]
 
@@ -63,14 +63,14 @@ class _StepCounter:
         self.calls += 1
         if self.calls == self.num_groups:
             self.calls = 0
-            self.state.step += 1
+            self.state.runtime.finish_step()
 
 
 class BucketMOOReduceScatter(_ReduceScatterBase):
     """FSDP2 custom reduce-scatter running Bucket-Level MOO for one parameter group.
 
     Args:
-        state: the :class:`~bucketmoo_kernels.ddp.BucketMOOState` (method and options,
+        state: the :class:`~bucketmoo_kernels.distributed.BucketMOOState` (method and options,
             granularity, task mapping, compression, diagnostics).
         param_sizes: the per-rank shard length of every parameter of the group, in
             reduce-scatter order (FSDP's padding included: it pads with zeros, which add
@@ -95,29 +95,32 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op,
                  async_op: bool = False):
         state = self.state
+        settings = state.settings
         world = dist.get_world_size(group)
         shard = output_tensor.numel()
-        if state.plain_average:
+        # First reduction: the ranks agree on the settings (ValueError naming the differences).
+        state.check_once(output_tensor.device, "allreduce" if settings.plain_average else "sharded")
+        if settings.plain_average:
             # Plain averaging is FSDP's own reduce-scatter: bit-identical to stock FSDP2.
             dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
             self.counter.tick()
             return None
-        tasks = TaskLayout.build(state.task_of_rank, world, state.num_tasks)
+        tasks = TaskLayout.build(settings.task_of_rank, world, settings.num_tasks)
         # The granularity's layout of this rank's shard (cached by the state; for "param",
         # the pieces of the group's parameters, whose sizes must add up to the shard).
         local, _ = state.segments_for(self.index, shard, self.param_sizes)
         # Steps 1-3 of the tasks-on-ranks protocol; the flat input is already rank-major.
         sharded = scatter_tasks(input_tensor, Segments.single(input_tensor.numel()), tasks, group=group,
-                                wire_dtype=state.wire_dtype, backend=state.backend, local_segments=local)
+                                wire_dtype=settings.wire_dtype, backend=settings.backend, local_segments=local)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.method, **state.solve_kwargs())
+        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs(self.index))
         scale = reduce_output_scale(op, world, self.divide_factor())
         scaled = weights * scale if scale != 1.0 else weights
         # Step 4: the combined shard is the reduce-scatter output.
         if sharded.rows.dtype == output_tensor.dtype:
-            combine_shard(sharded, scaled, out=output_tensor, backend=state.backend)
+            combine_shard(sharded, scaled, out=output_tensor, backend=settings.backend)
         else:  # compressed wire: combine in the wire dtype, then widen
-            output_tensor.copy_(combine_shard(sharded, scaled, backend=state.backend))
+            output_tensor.copy_(combine_shard(sharded, scaled, backend=settings.backend))
         state.note_extra_bytes(sharded.extra_bytes)
         state.record(self.index, gram_matrix, weights)
         self.counter.tick()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import task_vector
+from .task_vectors import task_vector
 from .registry import register_method
 from .spectral import RCOND, eigh_with_rank
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .batched_solvers import nonneg_qp
-from .options import task_vector
+from .task_vectors import task_vector
 from .registry import register_method
 
 __all__ = ["dual_cone_weights", "upgrad_weights", "dualproj_weights", "regularised_gram"]

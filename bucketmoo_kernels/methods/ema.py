@@ -26,6 +26,10 @@ def smooth_weights(weights: torch.Tensor, alpha: float, state: MethodState) -> t
     """``[S, T]`` weights smoothed with the previous ones kept in ``state`` (updated)."""
     if state.has("ema.weights"):
         prev = state.get("ema.weights", tuple(weights.shape), weights, lambda: weights)
-        weights = alpha * prev + (1.0 - alpha) * weights
+        smoothed = alpha * prev + (1.0 - alpha) * weights
+        # a non-finite step (NaN/Inf gradients) is returned as it is and not remembered
+        finite = torch.isfinite(weights).all(-1, keepdim=True)
+        state.set("ema.weights", torch.where(finite, smoothed, prev))
+        return torch.where(finite, smoothed, weights)
     state.set("ema.weights", weights.to(torch.float64).clone())
     return weights

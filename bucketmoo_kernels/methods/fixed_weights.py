@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .counter_rng import normal
-from .options import task_vector
+from .task_vectors import task_vector
 from .registry import register_method
 
 __all__ = ["sum_weights", "constant_weights", "random_weights"]

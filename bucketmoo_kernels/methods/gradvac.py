@@ -55,7 +55,9 @@ def gradvac_weights(gram: torch.Tensor, *, state: MethodState, beta: float = 0.5
             dots = dots + w[:, None] * gram[:, j, :]
             phi_hat[:, i, j] = (1 - beta) * hat + beta * phi
         total += coef
-    state.set("gradvac.phi_hat", phi_hat)
+    finite = torch.isfinite(gram).flatten(1).all(-1)  # a non-finite segment keeps its targets
+    state.set("gradvac.phi_hat", torch.where(finite[:, None, None], phi_hat,
+                                             state.get("gradvac.phi_hat", tuple(phi_hat.shape), gram, None)))
     return total
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .batched_solvers import damped_newton
-from .options import zero_gradient_tasks
+from .task_vectors import zero_gradient_tasks
 from .registry import register_method
 from .simplex import RIDGE_ABS, RIDGE_REL
 

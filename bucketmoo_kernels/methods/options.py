@@ -1,34 +1,85 @@
-"""Shared option handling of the methods: preference vectors and fixed weight vectors."""
+"""Type and range checks of method option values, run when the options are resolved.
+
+Every option's value must have the type of its default (a bool default takes a bool, an
+int default an int -- not a bool, not a float --, a float default a finite real number, a
+str default a str), and the known options have ranges (MGDA's ``max_iter >= 1`` and
+``tol >= 0``, CAGrad's ``c >= 0`` and ``rescale`` in 0/1/2, ...). Errors name the method and
+the option, so a bad value fails where the options are given (``BucketMOOState(...)``,
+``fused_bucket_moo(...)``), not inside a solver in the middle of a backward.
+
+``tol = 0`` stays valid for MGDA: it is the documented way to run PGD for a fixed number of
+iterations without the early-stop host sync.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+import operator
+from typing import Any, Callable
 
-__all__ = ["task_vector", "zero_gradient_tasks"]
+def _is_numpy_bool(value) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
 
 
-def task_vector(value, name: str, method: str, gram: torch.Tensor, default: float | None) -> torch.Tensor:
-    """``value`` (None, a number, a length-T sequence or tensor, or ``[S, T]``) as a float64
-    ``[S, T]`` tensor on the Gram's device; None gives ``default`` everywhere (or raises when
-    ``default`` is None)."""
-    num_seg, num_tasks = gram.shape[0], gram.shape[-1]
-    if value is None:
+__all__ = ["check_option_values", "OPTION_RANGES"]
+
+
+def _at_least(bound: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= bound else f"must be >= {bound}"
+
+
+def _one_of(*choices: Any) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+#: (method, option) -> check returning None or what is wrong.
+OPTION_RANGES: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("mgda", "max_iter"): _at_least(1),
+    ("mgda", "tol"): _at_least(0.0),
+    ("mgda", "solver"): _one_of("auto", "closed_form", "exact", "pgd"),
+    ("cagrad", "c"): _at_least(0.0),
+    ("cagrad", "rescale"): _one_of(0, 1, 2),
+}
+
+
+def _typed(method: str, name: str, default: Any, value: Any) -> Any:
+    where = f"method {method!r} option {name}"
+    if isinstance(default, bool):
+        if isinstance(value, bool) or _is_numpy_bool(value):
+            return bool(value)
+        raise TypeError(f"{where} must be a bool (True or False); got {value!r} of type {type(value).__name__}")
+    if isinstance(default, int):
+        if not isinstance(value, bool):
+            try:
+                return operator.index(value)
+            except TypeError:
+                pass
+        raise TypeError(f"{where} must be an int; got {value!r} of type {type(value).__name__}")
+    if isinstance(default, float):
+        if not isinstance(value, bool):
+            try:
+                number = float(value) if isinstance(value, (int, float)) or hasattr(value, "__float__") else None
+            except (TypeError, ValueError):
+                number = None
+            if number is not None and not isinstance(value, str):
+                if not math.isfinite(number):
+                    raise ValueError(f"{where} must be a finite number; got {value!r}")
+                return value
+        raise TypeError(f"{where} must be a real number; got {value!r} of type {type(value).__name__}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise TypeError(f"{where} must be a str; got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_option_values(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the option when a value in ``options`` has the
+    wrong type for its default or is out of range. ``None`` defaults accept anything."""
+    for name, value in options.items():
+        default = defaults.get(name)
         if default is None:
-            raise ValueError(f"method {method!r} needs the option {name}=[w_1..w_T] ({num_tasks} values)")
-        return torch.full((num_seg, num_tasks), float(default), dtype=torch.float64, device=gram.device)
-    vec = torch.as_tensor(value, dtype=torch.float64)
-    if vec.device != gram.device:
-        vec = vec.to(gram.device)
-    if vec.shape not in ((num_tasks,), (num_seg, num_tasks)):
-        raise ValueError(
-            f"method {method!r} option {name} must have T = {num_tasks} entries (or shape "
-            f"[S, T] = [{num_seg}, {num_tasks}]); got shape {tuple(vec.shape)}"
-        )
-    return vec.expand(num_seg, num_tasks)
-
-
-def zero_gradient_tasks(gram: torch.Tensor, rel: float = 1e-30) -> torch.Tensor:
-    """``[S, T]`` bool: tasks whose squared gradient norm is zero, or below ``rel`` times the
-    largest of their segment (so small that no float64 solve can tell it from zero)."""
-    diag = gram.diagonal(dim1=-2, dim2=-1)
-    return diag <= rel * diag.amax(-1, keepdim=True).clamp_min(0)
+            continue
+        typed = _typed(method, name, default, value)
+        check = OPTION_RANGES.get((method, name))
+        problem = check(typed) if check is not None else None
+        if problem is not None:
+            raise ValueError(f"method {method!r} option {name} {problem}; got {value!r}")

@@ -1,7 +1,8 @@
 """PCD, Priority-Constrained Descent (torchjd 0.18's ``PCD``; "Not All Objectives Are Born
 Equal", TMLR 2026), stateful per segment.
 
-Task 0 is the primary objective. With the gradients normalised by the inverse square root of a
+Task 0 is the primary objective. Options: ``tau`` (a number or T - 1 values in [0, 1]; None
+means torchjd's default 0.02), ``beta``, ``eps``. With the gradients normalised by the inverse square root of a
 debiased EMA (decay ``beta``) of their squared norms, PCD solves
 
     min_d 1/2 |d - g_0|^2   s.t.   g_j . d >= tau_j |g_j|^2   (j >= 1)
@@ -39,7 +40,7 @@ def _taus(tau, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
     return vec.to(like.device)
 
 
-def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=0.02, beta: float = 0.999,
+def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=None, beta: float = 0.999,
                 eps: float = 1e-8) -> torch.Tensor:
     """PCD weights: ``[S, T, T]`` f64 -> ``[S, T]`` f64 (torchjd's scale)."""
     if not 0 <= beta < 1 or not eps >= 0:
@@ -62,7 +63,7 @@ def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=0.02, beta: float
         weights[:, 0] = 1.0
     else:
         ng = safe * scales[:, :, None] * scales[:, None, :]
-        taus = _taus(tau, num_tasks, gram)
+        taus = _taus(0.02 if tau is None else tau, num_tasks, gram)
         gs = ng[:, 1:, 1:]
         b = taus * gs.diagonal(dim1=-2, dim2=-1) - ng[:, 1:, 0]
         top = ng.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)
@@ -82,4 +83,4 @@ def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=0.02, beta: float
     return torch.where(finite[:, None], weights, torch.full_like(weights, float("nan")))
 
 
-register_method("pcd", defaults={"tau": 0.02, "beta": 0.999, "eps": 1e-8}, stateful=True)(pcd_weights)
+register_method("pcd", defaults={"tau": None, "beta": 0.999, "eps": 1e-8}, stateful=True)(pcd_weights)

@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .options import check_option_values
+
 __all__ = ["Method", "register_method", "get_method", "available_methods", "resolve_options",
            "COMMON_OPTIONS", "split_common_options"]
 
@@ -132,7 +134,8 @@ def available_methods() -> list[str]:
 
 
 def resolve_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with ``options``; unknown option names raise ``TypeError``."""
+    """Defaults overlaid with ``options``; unknown option names and values of the wrong type raise
+    ``TypeError``, values out of range ``ValueError`` (see :mod:`.options`)."""
     unknown = set(options) - set(method.defaults) - set(COMMON_OPTIONS)
     if unknown:
         accepted = ", ".join(sorted(method.defaults) + sorted(COMMON_OPTIONS))
@@ -140,6 +143,7 @@ def resolve_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
             f"method {method.name!r} got unknown option(s) {', '.join(sorted(unknown))}; "
             f"it accepts: {accepted}"
         )
+    check_option_values(method.name, {**COMMON_OPTIONS, **method.defaults}, options)
     resolved = dict(method.defaults)
     resolved.update(options)
     if "ema" in resolved:

@@ -493,6 +493,15 @@ BUCKETMOO_HD void weight_step_finish(double* w, int T, const MethodSpec& m, bool
   for (int t = 0; t < T; ++t) w32[t] = float(w[t]);
 }
 
+// The non-finite policy of every backend (weight_step.nan_where_not_finite on the torch side): a
+// segment whose Gram holds a NaN or an Inf gets NaN weights, so its combined gradient is NaN.
+BUCKETMOO_HD void nan_weights_if_not_finite(const float* gram32, int T, float* w32) {
+  bool finite = true;
+  for (int i = 0; i < T * T; ++i) finite = finite && is_finite(double(gram32[i]));
+  if (!finite)
+    for (int t = 0; t < T; ++t) w32[t] = float(NAN);
+}
+
 // gram32: [T, T] float32 Gram of one segment -> w32: [T] float32 weights (the three parts).
 BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& m,
                                   const double* losses, float* w32) {
@@ -502,6 +511,7 @@ BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& 
   const bool scaled = weight_step_prepare(gram32, T, m, losses, g, scale);
   weight_step_method(g, T, m, w);
   weight_step_finish(w, T, m, scaled, scale, w32);
+  nan_weights_if_not_finite(gram32, T, w32);
 }
 
 }  // namespace solver

@@ -159,6 +159,7 @@ weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tas
     if (lane == 0) {
       float w32[kCap];
       solver::weight_step_finish(w, num_tasks, spec, scaled, scale, w32);
+      solver::nan_weights_if_not_finite(gram + s * num_tasks * num_tasks, num_tasks, w32);
       for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w32[t];
     }
   }

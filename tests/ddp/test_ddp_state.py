@@ -141,7 +141,9 @@ def test_diagnostics_log():
     assert (t["combined_norm"] <= t["mean_norm"]).all()
     with pytest.raises(KeyError, match="no diagnostics recorded for bucket 3"):
         log.to_tensors(3)
-    assert set(log.summary()) == {"step", "bucket", "min_cosine", "combined_norm", "mean_norm", "residual"}
+    assert set(log.summary()) == {"step", "bucket", "min_cosine", "combined_norm", "mean_norm", "residual",
+                                  "nonfinite"}
+    assert t["finite"].all() and log.summary()["nonfinite"].tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("kwargs, expected", [

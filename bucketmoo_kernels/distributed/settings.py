@@ -1,0 +1,271 @@
+"""``MOOSettings``: what the distributed front ends (DDP hook, FSDP2 reduce-scatter) compute.
+
+A frozen, validated value: every option is checked for its type and range when it is built
+(``overlap="false"`` is refused, not read as True; ``task_of_rank=[0, 1, 0.7]`` is refused,
+not truncated), with a message that names the option. The settings that every rank must
+share are listed in :data:`AGREED` and hashed by :meth:`MOOSettings.digest`;
+:mod:`.agreement` compares them across ranks on the first reduction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..dispatch import BACKEND_NAMES
+from ..methods import NORMALIZATIONS, get_method
+from ..weight_step import WeightStep
+
+def _is_numpy_bool(value) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
+__all__ = ["MOOSettings", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS", "AGREED",
+           "parse_granularity", "check_bool", "check_int"]
+
+MODES = ("ranks", "stash")
+PROTOCOLS = ("sharded", "allgather")
+COMPRESSIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STASH_REDUCTIONS = ("tasks", "combined")
+
+#: The setting families every rank must agree on (checked on the first reduction): a
+#: difference in any of them gives wrong gradients or mismatched collectives.
+AGREED = ("method", "granularity", "mode", "task_of_rank", "protocol", "compress", "normalization",
+          "normalize_weights", "overlap", "backend", "bucket_cap_mb", "record_diagnostics")
+
+
+def parse_granularity(granularity: str) -> tuple[str, int | None]:
+    """``"bucket" | "param" | "global" | "chunk:<n>"`` -> (kind, chunk length or None)."""
+    if granularity in ("bucket", "param", "global"):
+        return granularity, None
+    if isinstance(granularity, str) and granularity.startswith("chunk:"):
+        try:
+            n = int(granularity.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n > 0:
+            return "chunk", n
+    raise ValueError(
+        "granularity must be 'bucket', 'param', 'global' or 'chunk:<n>' with a positive element count n; "
+        f"got {granularity!r}"
+    )
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a real bool (``True``/``False``, numpy bools), else ``TypeError`` naming ``name``."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False); got {value!r} of type {type(value).__name__}")
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float), else ``TypeError``;
+    ``ValueError`` below ``minimum``. Messages name ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int; got the bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {value!r} of type {type(value).__name__}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {number}")
+    return number
+
+
+def _check_bucket_cap(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"bucket_cap_mb must be None (DDP's default, 25) or a positive number of MiB, the "
+                         f"same as DistributedDataParallel(bucket_cap_mb=...); got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MOOSettings:
+    """The validated settings of :class:`~bucketmoo_kernels.distributed.BucketMOOState`.
+
+    See the ``BucketMOOState`` docstring for what each setting means. Built once; equal
+    settings compare and hash equal.
+    """
+
+    method: str = "mgda"
+    method_options: tuple[tuple[str, Any], ...] = ()
+    granularity: str = "bucket"
+    normalization: str = "none"
+    normalize_weights: bool = True
+    mode: str = "ranks"
+    task_of_rank: tuple[int, ...] | None = None
+    num_tasks: int | None = None
+    protocol: str = "sharded"
+    compress: str | None = None
+    stash_reduce: str = "tasks"
+    overlap: bool = True
+    backend: str = "auto"
+    record_diagnostics: bool = False
+    max_diagnostic_steps: int = 1000
+    bucket_cap_mb: float | None = None
+    _weight_step: WeightStep = field(default=None, compare=False, repr=False, hash=False)  # type: ignore[assignment]
+
+    @classmethod
+    def build(cls, method: str = "mgda", mode: str = "ranks", granularity: str = "bucket",
+              task_of_rank: Sequence[int] | None = None, *, num_tasks: int | None = None,
+              protocol: str = "sharded", compress: str | None = None, stash_reduce: str = "tasks",
+              normalization: str = "none", normalize_weights: bool = True, overlap: bool = True,
+              backend: str = "auto", record_diagnostics: bool = False, max_diagnostic_steps: int = 1000,
+              bucket_cap_mb: float | None = None, **method_options: Any) -> "MOOSettings":
+        """Validate every argument (errors name it) and return the frozen settings."""
+        get_method(method)  # ValueError listing the known methods
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        parse_granularity(granularity)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}; got {protocol!r}")
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"compress must be None, 'bf16' or 'fp16'; got {compress!r}")
+        if compress is not None and mode != "ranks":
+            raise ValueError(f"compress={compress!r} applies to mode='ranks' (the exchanged shards); "
+                             f"got mode={mode!r}")
+        if stash_reduce not in STASH_REDUCTIONS:
+            raise ValueError(f"stash_reduce must be one of {STASH_REDUCTIONS}; got {stash_reduce!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}; got {backend!r}")
+        if num_tasks is not None:
+            try:
+                num_tasks = check_int("num_tasks", num_tasks, minimum=1)
+            except (TypeError, ValueError):
+                raise ValueError(f"num_tasks must be a positive int or None; got {num_tasks!r}") from None
+        normalize_weights = check_bool("normalize_weights", normalize_weights)
+        overlap = check_bool("overlap", overlap)
+        record_diagnostics = check_bool("record_diagnostics", record_diagnostics)
+        try:
+            max_diagnostic_steps = check_int("max_diagnostic_steps", max_diagnostic_steps, minimum=1)
+        except (TypeError, ValueError):
+            raise ValueError(f"max_diagnostic_steps must be a positive int; got {max_diagnostic_steps!r}") from None
+        bucket_cap_mb = _check_bucket_cap(bucket_cap_mb)
+        # The weight step, built once: the method's options resolved and their values checked
+        # (TypeError / ValueError naming the option).
+        weight_step = WeightStep(method, method_options, normalization=normalization,
+                                 normalize_weights=normalize_weights)
+        if mode == "stash":
+            if num_tasks is None:
+                raise ValueError("mode='stash' needs num_tasks (how many backward passes, one per task, "
+                                 "make one optimizer step)")
+            if task_of_rank is not None:
+                raise ValueError("task_of_rank applies to mode='ranks'; in mode='stash' every rank "
+                                 "back-propagates every task")
+        if task_of_rank is not None:
+            if isinstance(task_of_rank, (str, bytes)) or not hasattr(task_of_rank, "__iter__"):
+                raise TypeError(f"task_of_rank must be a sequence of ints (one task id per rank); "
+                                f"got {task_of_rank!r}")
+            ids = []
+            for rank, task in enumerate(task_of_rank):
+                try:
+                    ids.append(check_int(f"task_of_rank[{rank}]", task))
+                except TypeError as exc:
+                    raise TypeError(f"task_of_rank must hold int task ids; {exc}") from None
+            bad = [(r, t) for r, t in enumerate(ids) if t < 0 or (num_tasks is not None and t >= num_tasks)]
+            if bad:
+                limit = f"[0, {num_tasks})" if num_tasks is not None else ">= 0"
+                raise ValueError(f"task_of_rank entries must be task ids {limit}; rank {bad[0][0]} has "
+                                 f"task id {bad[0][1]}")
+            task_of_rank = tuple(ids)
+        settings = cls(method=method, method_options=tuple(sorted(method_options.items())),
+                       granularity=granularity, normalization=normalization, normalize_weights=normalize_weights,
+                       mode=mode, task_of_rank=task_of_rank, num_tasks=num_tasks, protocol=protocol,
+                       compress=compress, stash_reduce=stash_reduce, overlap=overlap, backend=backend,
+                       record_diagnostics=record_diagnostics, max_diagnostic_steps=max_diagnostic_steps,
+                       bucket_cap_mb=bucket_cap_mb)
+        object.__setattr__(settings, "_weight_step", weight_step)
+        return settings
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method options as given (not the defaults)."""
+        return dict(self.method_options)
+
+    @property
+    def resolved_options(self) -> dict[str, Any]:
+        """The method's defaults overlaid with the given options."""
+        return dict(self._weight_step.options)
+
+    @property
+    def weight_step(self) -> WeightStep:
+        """The :class:`~bucketmoo_kernels.weight_step.WeightStep` (method, resolved options,
+        normalisation, ``normalize_weights``), built once; see :meth:`weight_step_at`."""
+        return self._weight_step
+
+    def weight_step_at(self, step: int) -> WeightStep:
+        """The weight step of optimizer step ``step``: :attr:`weight_step`, or for a method with a
+        ``seed`` option a copy whose seed is ``seed + step`` (same on every rank, new every step)."""
+        base = self._weight_step
+        if "seed" not in base.options:
+            return base
+        return base.with_options(seed=int(self.options.get("seed", base.options["seed"])) + int(step))
+
+    @property
+    def granularity_kind(self) -> tuple[str, int | None]:
+        return parse_granularity(self.granularity)
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        return COMPRESSIONS[self.compress]
+
+    @property
+    def plain_average(self) -> bool:
+        """``mean`` with nothing that needs the MOO protocol (no normalisation, compression or
+        diagnostics): the engine's own average (DDP's all-reduce, FSDP's reduce-scatter) runs
+        instead, bit-identical to training without bucketmoo."""
+        return (self.method == "mean" and self.normalization == "none" and self.compress is None
+                and not self.record_diagnostics)
+
+    def method_call_options(self, step: int) -> dict[str, Any]:
+        """The method options for optimizer step ``step`` (a ``seed`` option becomes ``seed + step``,
+        the same on every rank and different every step)."""
+        options = self.options
+        defaults = get_method(self.method).defaults
+        if "seed" in defaults:
+            options["seed"] = int(options.get("seed", defaults["seed"])) + int(step)
+        return options
+
+    # ------------------------------------------------------------------ agreement across ranks
+    def agreed_values(self) -> dict[str, Any]:
+        """The value of every :data:`AGREED` family, as plain Python data (printable per rank)."""
+        return {
+            "method": (self.method, tuple(sorted(self._weight_step.options.items()))),
+            "granularity": self.granularity,
+            "mode": (self.mode, self.num_tasks, self.stash_reduce),
+            "task_of_rank": self.task_of_rank,
+            "protocol": self.protocol,
+            "compress": self.compress,
+            "normalization": self.normalization,
+            "normalize_weights": self.normalize_weights,
+            "overlap": self.overlap,
+            "backend": self.backend,
+            "bucket_cap_mb": self.bucket_cap_mb,
+            # changes the collectives of method='mean' (plain_average)
+            "record_diagnostics": self.record_diagnostics,
+        }
+
+    def digest(self) -> list[int]:
+        """One signed 63-bit hash per :data:`AGREED` family (stable across processes)."""
+        values = self.agreed_values()
+        return [int.from_bytes(hashlib.sha256(repr(values[name]).encode()).digest()[:8], "little") >> 1
+                for name in AGREED]
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild these settings with :meth:`build`."""
+        return dict(method=self.method, mode=self.mode, granularity=self.granularity,
+                    task_of_rank=self.task_of_rank, num_tasks=self.num_tasks, protocol=self.protocol,
+                    compress=self.compress, stash_reduce=self.stash_reduce, normalization=self.normalization,
+                    normalize_weights=self.normalize_weights, overlap=self.overlap, backend=self.backend,
+                    record_diagnostics=self.record_diagnostics, max_diagnostic_steps=self.max_diagnostic_steps,
+                    bucket_cap_mb=self.bucket_cap_mb, **self.options)

@@ -1,0 +1,364 @@
+"""``BucketMOOState``: the settings and the runtime of the Bucket-Level MOO front ends.
+
+Modelled on PyTorch's ``PowerSGDState``: a validating ``__init__`` whose errors name the
+argument, ``state_dict()`` / ``load_state_dict()`` and pickling without the process group.
+It is two parts: :class:`~.settings.MOOSettings` (``state.settings``, frozen: what is
+computed) and :class:`~.runtime.MOORuntime` (``state.runtime``: buffers, caches, the stash
+step machine, counters, diagnostics). The DDP hook and the FSDP2 reduce-scatter read the
+settings and call the runtime's public methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import collectives
+from .agreement import agree_settings
+from .protocol import TaskLayout
+from .runtime import MOORuntime
+from .settings import COMPRESSIONS, MODES, PROTOCOLS, STASH_REDUCTIONS, MOOSettings, check_bool, parse_granularity
+
+__all__ = ["BucketMOOState", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS", "parse_granularity"]
+
+logger = logging.getLogger("bucketmoo_kernels")
+
+#: 2: adds ``bucket_cap_mb`` and ``bucket_layout`` (DDP's bucket layout after its rebuild).
+_STATE_DICT_VERSION = 2
+
+_SETTING_NAMES = ("method", "granularity", "normalization", "normalize_weights", "mode", "task_of_rank",
+                  "num_tasks", "protocol", "compress", "stash_reduce", "overlap", "backend",
+                  "max_diagnostic_steps", "bucket_cap_mb")
+_RUNTIME_NAMES = ("step", "peak_extra_bytes", "largest_bucket_bytes", "stash_reassembled", "diagnostics",
+                  "losses", "bucket_params")
+
+
+class BucketMOOState:
+    r"""State of :func:`~bucketmoo_kernels.ddp.bucket_moo_hook` (and of the FSDP2 path):
+    resolve task-gradient conflicts per bucket.
+
+    Settings -- what is computed:
+
+    * ``method`` (default ``"mgda"``): any registered method (``available_methods()``).
+      ``"mean"`` is plain averaging and reproduces DDP exactly (with diagnostics off it runs
+      DDP's own all-reduce).
+    * ``granularity`` (``"bucket"``): one weight vector per DDP bucket (the paper's choice).
+      ``"param"``: one per parameter in the bucket; ``"chunk:<n>"``: one per n elements;
+      ``"global"``: one for the whole model (classic MGDA, the baseline): its Gram is the sum
+      of the bucket Grams, so every bucket is held until the last one arrives -- T/P model
+      copies extra per rank (sharded) or T model copies (stash / allgather), and no overlap.
+      Finer granularities cost S*T*T floats of all-reduce and S small solves per bucket.
+    * ``normalization`` (``"none"``), ``normalize_weights`` (True): see
+      :func:`bucketmoo_kernels.solve`. Loss-based normalisations need :meth:`set_losses`.
+    * ``**method_options``: the method's options (``mgda``: solver, max_iter >= 1, tol >= 0;
+      ``pcgrad``: seed -- the base seed; the hook uses ``seed + step`` so that every rank
+      draws the same task order and the order changes every step; ``cagrad``: c >= 0,
+      rescale in 0/1/2). Types and ranges are checked here.
+
+    Settings -- where the task gradients come from:
+
+    * ``mode="ranks"`` (tasks on ranks, the scalable one): rank r's bucket holds the
+      gradient of task ``task_of_rank[r]`` (default: task r). Every task needs the same number
+      of ranks (P / T); their gradients are averaged into the task gradient.
+    * ``mode="stash"``: every rank back-propagates each of ``num_tasks`` tasks in turn inside
+      ``with state.task(t):``; the hook stashes the buckets and combines on the last task.
+      Costs T-1 stashed gradient copies per rank.
+    * ``protocol`` (ranks mode, ``"sharded"``): ``"sharded"`` moves the bytes of a ring
+      all-reduce and holds O(bucket) extra; ``"allgather"`` gathers every rank's bucket
+      (P x bucket memory, (P-1) x bucket received) -- a baseline for small P.
+    * ``compress`` (ranks mode, None): ``"bf16"`` / ``"fp16"`` sends the shards in half
+      precision (half the bytes; the Gram is still accumulated in fp32 from the received
+      values, and every rank applies the same rounded values, so replicas stay identical).
+      fp16 overflows above 65504: scale the loss (AMP) accordingly.
+    * ``stash_reduce`` (stash mode, ``"tasks"``): ``"tasks"`` averages every task's bucket
+      over the ranks as it arrives (T all-reduces; the weights are those of the averaged task
+      gradients, identical on every rank); ``"combined"`` combines the local task gradients
+      first and all-reduces the result once (1/T of the traffic, but each rank's weights come
+      from its own micro-batch).
+    * ``process_group``: the DDP process group (None: the default group).
+
+    Settings -- execution:
+
+    * ``overlap`` (True; ranks mode, sharded protocol, not ``global``): pipeline the buckets.
+      The hook of bucket k launches k's all-to-all and returns; the hook of bucket k+1 (or
+      the last bucket's own call) finishes k -- Gram, the tiny all-reduce, solve, combine --
+      and launches k's all-gather, which completes in the background. Costs up to two
+      buckets in flight. False: each bucket is finished inside its own hook call.
+    * ``backend`` (``"auto"``): kernel backend for Gram and combine.
+    * ``record_diagnostics`` (False): record per step and bucket the weights, task cosines,
+      combined vs average norm, min-norm residual and whether the Gram was finite in
+      ``state.diagnostics`` (a :class:`~bucketmoo_kernels.distributed.diagnostics.DiagnosticsLog`);
+      ``max_diagnostic_steps`` bounds it. Off: nothing is computed or stored.
+    * ``bucket_cap_mb`` (None): the ``bucket_cap_mb`` given to ``DistributedDataParallel``
+      (None: DDP's default). DDP's first iteration (two with ``static_graph=True``) runs with
+      one bucket holding every parameter; the hook runs it as the buckets DDP builds after
+      that iteration, predicted from this cap and the parameter order, so that the first step
+      is bucket-level too and a resumed run equals an uninterrupted one (docs/ddp.md).
+
+    Every rank must use the same settings: the first hook call compares them across ranks
+    (one all-gather of a few int64) and raises ``ValueError`` on every rank naming the ones
+    that differ.
+
+    Statistics: ``step`` (completed optimizer steps), ``peak_extra_bytes`` (largest memory the
+    hook allocated for one bucket in flight; for ``global`` and ``stash``, for the whole
+    step) and ``largest_bucket_bytes`` (the largest bucket seen), both since construction;
+    ``stash_reassembled`` counts stashed rows rebuilt from per-parameter views because DDP
+    rebuilt its buckets between the tasks of a step.
+
+    Non-finite gradients are not checked (no host sync): a segment whose Gram is not finite
+    gets NaN weights on every backend, so its combined gradient is NaN and
+    ``torch.amp.GradScaler`` sees it and skips the step.
+    """
+
+    def __init__(self, method: str = "mgda", mode: str = "ranks", granularity: str = "bucket",
+                 process_group: dist.ProcessGroup | None = None, task_of_rank: Sequence[int] | None = None,
+                 *, num_tasks: int | None = None, protocol: str = "sharded", compress: str | None = None,
+                 stash_reduce: str = "tasks", normalization: str = "none", normalize_weights: bool = True,
+                 overlap: bool = True, backend: str = "auto", record_diagnostics: bool = False,
+                 max_diagnostic_steps: int = 1000, bucket_cap_mb: float | None = None, **method_options: Any):
+        settings = MOOSettings.build(
+            method, mode, granularity, task_of_rank, num_tasks=num_tasks, protocol=protocol, compress=compress,
+            stash_reduce=stash_reduce, normalization=normalization, normalize_weights=normalize_weights,
+            overlap=overlap, backend=backend, record_diagnostics=record_diagnostics,
+            max_diagnostic_steps=max_diagnostic_steps, bucket_cap_mb=bucket_cap_mb, **method_options)
+        object.__setattr__(self, "process_group", process_group)
+        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "runtime", MOORuntime(settings.num_tasks, settings.max_diagnostic_steps))
+        object.__setattr__(self, "_tasks", None)
+        if settings.mode == "ranks" and dist.is_available() and dist.is_initialized():
+            self.task_layout()  # validate task_of_rank against the group now
+
+    # ------------------------------------------------------------------ attribute access
+    def __getattr__(self, name: str):
+        # Only called when normal lookup fails: the settings and runtime fields, read through.
+        if name in _SETTING_NAMES:
+            return getattr(self.settings, name)
+        if name in _RUNTIME_NAMES:
+            return getattr(self.runtime, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _RUNTIME_NAMES:
+            setattr(self.runtime, name, value)
+        elif name == "record_diagnostics":  # may be switched on and off between steps (on every rank)
+            object.__setattr__(self, "settings",
+                               dataclasses.replace(self.settings, record_diagnostics=check_bool(name, value)))
+        elif name in _SETTING_NAMES:
+            raise AttributeError(f"BucketMOOState.{name} is a setting and settings are fixed once built; "
+                                 "build a new BucketMOOState (or load_state_dict) to change it")
+        elif name == "process_group":
+            object.__setattr__(self, name, value)
+            object.__setattr__(self, "_tasks", None)
+        else:
+            raise AttributeError(f"BucketMOOState has no attribute {name!r} to set")
+
+    @property
+    def record_diagnostics(self) -> bool:
+        return self.settings.record_diagnostics
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        return self.settings.options
+
+    # ------------------------------------------------------------------ derived settings
+    def task_layout(self) -> TaskLayout:
+        """Ranks mode: the validated :class:`TaskLayout` of the process group (built on first use;
+        ``ValueError`` naming ``task_of_rank`` when the ranks do not fit the tasks)."""
+        if self._tasks is None:
+            world = collectives.group_size(self.process_group)
+            object.__setattr__(self, "_tasks", TaskLayout.build(self.settings.task_of_rank, world,
+                                                                self.settings.num_tasks))
+        return self._tasks
+
+    @property
+    def total_tasks(self) -> int:
+        """T: ``num_tasks`` in stash mode, the number of tasks of ``task_of_rank`` in ranks mode."""
+        if self.settings.mode == "stash":
+            return self.settings.num_tasks
+        return self.task_layout().num_tasks
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        return self.settings.wire_dtype
+
+    @property
+    def plain_average(self) -> bool:
+        """See :attr:`MOOSettings.plain_average`."""
+        return self.settings.plain_average
+
+    def method_call_options(self) -> dict[str, Any]:
+        """The method options for this step (PCGrad-style ``seed`` becomes ``seed + step``)."""
+        return self.settings.method_call_options(self.runtime.step)
+
+    def weight_step(self):
+        """The :class:`~bucketmoo_kernels.weight_step.WeightStep` of the current optimizer step
+        (built once by the settings; PCGrad-style seeds advance with the step)."""
+        return self.runtime.weight_step_at(self.settings, self.runtime.step)
+
+    def solve_kwargs(self, index: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of :func:`~bucketmoo_kernels.distributed.protocol.solve_weights` for
+        this step, after the weight step: ``losses``, ``backend`` and, for a weight step that
+        keeps state (gradvac, pcd, ``ema``), bucket ``index``'s ``method_state`` (-1: global)."""
+        kwargs = dict(losses=self.runtime.losses, backend=self.settings.backend)
+        if index is not None and self.weight_step().needs_state:
+            kwargs["method_state"] = self.runtime.method_state_for(index)
+        return kwargs
+
+    def segments_for(self, index: int, numel: int, param_numels: Sequence[int] | None):
+        """The (cached) segment layout of a bucket for this state's granularity, and the bucket's
+        cache of shard layouts."""
+        return self.runtime.segments_for(self.settings.granularity_kind, index, numel, param_numels)
+
+    def shard_segments_for(self, segments, shards: dict, rank: int, world: int):
+        return self.runtime.shard_segments_for(segments, shards, rank, world)
+
+    def record(self, index: int, gram_matrix: torch.Tensor, weights: torch.Tensor) -> None:
+        """Append bucket ``index``'s diagnostics for this step (nothing when recording is off)."""
+        self.runtime.record(self.settings.record_diagnostics, index, gram_matrix, weights)
+
+    def note_extra_bytes(self, nbytes: int) -> None:
+        self.runtime.note_extra_bytes(nbytes)
+
+    def reset_statistics(self) -> None:
+        """Zero ``peak_extra_bytes`` and ``largest_bucket_bytes``."""
+        self.runtime.reset_statistics()
+
+    def check_once(self, device: torch.device, protocol: str) -> None:
+        """First reduction: every rank agrees on the settings (``ValueError`` naming the ones that
+        differ), then the process group's backend must be able to run ``protocol`` on ``device``."""
+        if self.runtime.checked:
+            return
+        agree_settings(self.settings, self.process_group, device)
+        collectives.check_backend(collectives.backend_name(self.process_group), device, protocol)
+        self.runtime.checked = True
+
+    @property
+    def bucket_layout(self) -> list[list[int]] | None:
+        """DDP's bucket layout after its rebuild (parameter indices per bucket), predicted or
+        observed; what the first iteration of a fresh DDP runs as. None until the hook ran."""
+        return self.runtime.bucket_layout
+
+    # ------------------------------------------------------------------ public helpers
+    def set_losses(self, losses) -> None:
+        """Per-task losses ``[T]`` for ``normalization='loss'/'loss+'`` (same on every rank).
+
+        In ranks mode every rank knows only its own loss: use :meth:`gather_losses`.
+        """
+        t = torch.as_tensor(losses, dtype=torch.float64).detach().cpu()
+        if t.shape != (self.total_tasks,):
+            raise ValueError(f"losses must have shape [T] = [{self.total_tasks}]; got {tuple(t.shape)}")
+        self.runtime.losses = t
+
+    def gather_losses(self, local_loss) -> torch.Tensor:
+        """Ranks mode: all-gather every rank's loss, average per task, :meth:`set_losses`.
+
+        A collective: every rank of the group must call it (before backward).
+        Returns the ``[T]`` float64 task losses.
+        """
+        if self.settings.mode != "ranks":
+            raise RuntimeError("gather_losses is for mode='ranks'; in mode='stash' call set_losses")
+        tasks = self.task_layout()
+        # Gather on the loss's own device: NCCL cannot move CPU tensors.
+        device = local_loss.device if isinstance(local_loss, torch.Tensor) else torch.device("cpu")
+        mine = torch.as_tensor(local_loss, dtype=torch.float64).detach().reshape(1).to(device)
+        allv = torch.empty(tasks.world_size, dtype=torch.float64, device=device)
+        collectives.all_gather_flat(allv, mine, self.process_group)
+        allv = allv.cpu()
+        per_task = torch.stack([allv[list(rs)].mean() for rs in tasks.ranks_of_task])
+        self.set_losses(per_task)
+        return per_task
+
+    def task(self, task_id: int):
+        """Stash mode: the backward passes inside this block belong to task ``task_id``.
+
+        Example::
+
+            for t, loss in enumerate(task_losses(ddp_model, batches)):  # one forward per task
+                with state.task(t):
+                    loss.backward()
+            optimizer.step()
+
+        Raises:
+            RuntimeError: not in stash mode; a task repeated within one step; or the hook never
+                ran inside the block. The last one happens with a second
+                ``backward(retain_graph=True)`` on the same forward (DDP reduces only the first
+                backward after a forward: run one forward per task) and inside ``no_sync()``
+                (stash mode does not support gradient accumulation).
+        """
+        if self.settings.mode != "stash":
+            raise RuntimeError(f"state.task() is for mode='stash'; this state has mode={self.settings.mode!r}")
+        return self.runtime.task(task_id)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, counters and DDP's bucket layout (not the process group, buffers or diagnostics)."""
+        s = self.settings
+        snap = self.runtime.snapshot()
+        return {
+            "version": _STATE_DICT_VERSION,
+            "method": s.method,
+            "method_options": s.options,
+            "granularity": s.granularity,
+            "normalization": s.normalization,
+            "normalize_weights": s.normalize_weights,
+            "mode": s.mode,
+            "task_of_rank": s.task_of_rank,
+            "num_tasks": s.num_tasks,
+            "protocol": s.protocol,
+            "compress": s.compress,
+            "stash_reduce": s.stash_reduce,
+            "overlap": s.overlap,
+            "backend": s.backend,
+            "record_diagnostics": s.record_diagnostics,
+            "max_diagnostic_steps": s.max_diagnostic_steps,
+            "bucket_cap_mb": s.bucket_cap_mb,
+            "step": snap["step"],
+            "peak_extra_bytes": snap["peak_extra_bytes"],
+            "bucket_layout": snap["bucket_layout"],
+            "method_states": snap["method_states"],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (validated like ``__init__``); keeps the process group.
+
+        Version 1 dicts (before ``bucket_cap_mb`` and ``bucket_layout``) load with DDP's default
+        cap and a predicted layout.
+        """
+        sd = dict(state_dict)
+        version = sd.pop("version", None)
+        if version not in (1, _STATE_DICT_VERSION):
+            raise ValueError(f"state_dict version must be 1 or {_STATE_DICT_VERSION}; got {version!r}")
+        step = sd.pop("step", 0)
+        peak = sd.pop("peak_extra_bytes", 0)
+        layout = sd.pop("bucket_layout", None)
+        method_states = sd.pop("method_states", {})
+        options = sd.pop("method_options", {})
+        fresh = BucketMOOState(process_group=self.process_group, **sd, **options)
+        fresh.runtime.load_layout(layout)
+        for name in ("settings", "runtime", "_tasks"):
+            object.__setattr__(self, name, getattr(fresh, name))
+        self.runtime.step = int(step)
+        self.runtime.peak_extra_bytes = int(peak)
+        for key, value in method_states.items():
+            self.runtime.method_state_for(int(key)).load_state_dict(value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the settings and counters; the process group is not serialisable and dropped."""
+        logger.warning("NOTE: the process group is not serializable and is excluded from a saved "
+                       "BucketMOOState.")
+        return self.state_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled state on the default process group (set ``process_group`` after)."""
+        object.__setattr__(self, "process_group", None)
+        object.__setattr__(self, "_tasks", None)
+        self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (f"BucketMOOState(method={s.method!r}, mode={s.mode!r}, granularity={s.granularity!r}, "
+                f"protocol={s.protocol!r}, compress={s.compress!r}, step={self.runtime.step})")
