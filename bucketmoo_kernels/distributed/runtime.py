@@ -305,7 +305,7 @@ class MOORuntime:
         """Bucket ``index``'s :class:`MethodState` (created on first use)."""
         state = self.method_states.get(index)
         if state is None:
-            state = self.method_states[index] = MethodState()
+            state = self.method_states[index] = MethodState(strict=False)
         return state
 
     def snapshot(self) -> dict[str, Any]:

@@ -22,9 +22,17 @@ __all__ = ["MethodState", "require_state"]
 
 
 class MethodState:
-    """Named per-segment tensors plus a call counter; checkpointable with ``state_dict()``."""
+    """Named per-segment tensors plus a call counter; checkpointable with ``state_dict()``.
 
-    def __init__(self) -> None:
+    Args:
+        strict: when a call needs a tensor of another shape than the one held (the number of
+            segments or tasks changed), raise ``ValueError`` (True, the default) or start that
+            state afresh (False: what the DDP hook uses, since DDP rebuilds its buckets once
+            after the first iteration).
+    """
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = bool(strict)
         self.calls = 0
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -33,6 +41,9 @@ class MethodState:
         """The tensor ``name`` (created by ``init()`` on first use). ``ValueError`` if it exists
         with another shape (the number of segments or tasks changed: call :meth:`reset`)."""
         tensor = self._tensors.get(name)
+        if tensor is not None and tuple(tensor.shape) != tuple(shape) and not self.strict:
+            self._tensors.clear()  # a new layout: every per-segment tensor starts afresh
+            tensor = None
         if tensor is None:
             tensor = init().to(device=like.device, dtype=torch.float64)
             self._tensors[name] = tensor
@@ -69,7 +80,7 @@ class MethodState:
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._tensors.items())
-        return f"MethodState(calls={self.calls}, {{{shapes}}})"
+        return f"MethodState(calls={self.calls}, strict={self.strict}, {{{shapes}}})"
 
 
 def require_state(method_state, method: str) -> MethodState:
