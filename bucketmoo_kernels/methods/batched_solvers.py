@@ -56,9 +56,10 @@ def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_s
     """Solve min 1/2 x^T A x + b^T x, x >= 0, for ``a [B, T, T]`` symmetric positive definite
     and ``b [B, T]`` (float64). Returns ``x [B, T]``.
 
-    Rounds of ``chunk`` projected-gradient iterations (``max_iter`` in all), each followed by
-    ``polish_steps`` (default T + 2) active-set steps from the iterate; per problem the point of
-    least KKT residual so far is kept. On the CPU it stops once every residual is <= ``tol``.
+    ``polish_steps`` (default T + 2) active-set steps from x = 0, then rounds of ``chunk``
+    projected-gradient iterations (``max_iter`` in all), each followed by active-set steps from
+    the iterate; per problem the point of least KKT residual so far is kept. On the CPU it
+    stops once every residual is <= ``tol``.
     """
     num_b, num_t = b.shape
     if num_b == 0:
@@ -69,17 +70,9 @@ def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_s
     y, t_k = x.clone(), torch.ones(num_b, dtype=a.dtype, device=a.device)
     best, best_res = x, nonneg_qp_residual(a, b, x)
     done = 0
-    while done < max_iter:
-        for _ in range(min(chunk, max_iter - done)):
-            grad = torch.einsum("btu,bu->bt", a, y) + b
-            x_next = (y - step[:, None] * grad).clamp_min(0)
-            t_next = (1 + torch.sqrt(1 + 4 * t_k * t_k)) / 2
-            uphill = (grad * (x_next - x)).sum(-1) > 0  # adaptive restart
-            momentum = torch.where(uphill, torch.zeros_like(t_k), (t_k - 1) / t_next)
-            t_next = torch.where(uphill, torch.ones_like(t_next), t_next)
-            y = x_next + momentum[:, None] * (x_next - x)
-            x, t_k = x_next, t_next
-        done += min(chunk, max_iter - done)
+    while True:
+        # Active-set steps from the current iterate (the first round starts from x = 0,
+        # which already settles most small problems).
         cand = x
         for k in range(polish_steps + 1):
             if k > 0:
@@ -93,7 +86,18 @@ def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_s
             cand = torch.where(torch.isfinite(cand), cand, best)
             if may_stop_early(best_res <= tol):
                 return best.clamp_min(0)
-    return best.clamp_min(0)
+        if done >= max_iter:
+            return best.clamp_min(0)
+        for _ in range(min(chunk, max_iter - done)):
+            grad = torch.einsum("btu,bu->bt", a, y) + b
+            x_next = (y - step[:, None] * grad).clamp_min(0)
+            t_next = (1 + torch.sqrt(1 + 4 * t_k * t_k)) / 2
+            uphill = (grad * (x_next - x)).sum(-1) > 0  # adaptive restart
+            momentum = torch.where(uphill, torch.zeros_like(t_k), (t_k - 1) / t_next)
+            t_next = torch.where(uphill, torch.ones_like(t_next), t_next)
+            y = x_next + momentum[:, None] * (x_next - x)
+            x, t_k = x_next, t_next
+        done += min(chunk, max_iter - done)
 
 
 #: The step sizes a damped Newton step tries, largest first.
