@@ -9,7 +9,7 @@ from . import diagnostics, methods
 from .api import MOOInfo, combine, fused_bucket_moo, gram, solve
 from .dispatch import BACKEND_NAMES, Backend, available_backends, get_backend
 from .inputs import Segments
-from .methods import available_methods, register_method
+from .methods import MethodState, available_methods, register_method
 from .weight_step import WeightStep
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "BACKEND_NAMES",
     "Backend",
     "MOOInfo",
+    "MethodState",
     "Segments",
     "WeightStep",
     "available_backends",

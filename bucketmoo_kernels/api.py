@@ -22,6 +22,9 @@ import torch
 
 from . import diagnostics
 from .dispatch import get_backend
+from .methods.elementwise import combine_elementwise, is_elementwise
+from .methods.registry import split_common_options
+from .methods.state import require_state
 from .inputs import (Segments, as_segments, as_task_grads, check_gram, check_out,
                      check_weights)
 from .weight_step import WeightStep, as_weight_step, compute_weights
@@ -78,7 +81,7 @@ def gram(grads, segments=None, *, backend: str = "auto") -> torch.Tensor:
 
 def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: str = "none",
           losses=None, normalize_weights: bool = True, weight_step: WeightStep | None = None,
-          **options) -> torch.Tensor:
+          method_state=None, **options) -> torch.Tensor:
     """Per-segment weights of ``method`` from Gram matrices.
 
     Args:
@@ -90,6 +93,10 @@ def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: s
             method's paper scale (PCGrad: mean of projected gradients; CAGrad: its rescale).
         weight_step: a prebuilt :class:`WeightStep` instead of ``method``, ``normalization``,
             ``normalize_weights`` and the options (which must then be left out).
+        method_state: a :class:`MethodState` kept by the caller across steps (one per
+            bucket): required by the stateful methods (``gradvac``, ``pcd``) and by the
+            ``ema`` option; with a ``seed`` option (``random``, ``pcgrad``) its call counter
+            is added to the seed, so each step draws afresh.
         **options: the method's options (``mgda``: solver, max_iter, tol; ``pcgrad``: seed;
             ``cagrad``: c, rescale).
     Returns:
@@ -101,7 +108,7 @@ def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: s
     step.check_tasks(num_tasks)
     table = step.loss_table(losses, num_seg, num_tasks, gram_t.device)
     backend_obj = get_backend(backend, gram_t.device)
-    return compute_weights(gram_t.to(torch.float32), step, table, backend_obj)
+    return compute_weights(gram_t.to(torch.float32), step, table, backend_obj, method_state)
 
 
 def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -> torch.Tensor:
@@ -129,7 +136,7 @@ def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -
 def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, backend: str = "auto",
                      return_info: bool = False, normalization: str = "none", losses=None,
                      normalize_weights: bool = True, check_finite: bool = True,
-                     weight_step: WeightStep | None = None, **method_options):
+                     weight_step: WeightStep | None = None, method_state=None, **method_options):
     """Bucket-level MOO of T task gradients: Gram -> weights -> combined gradient.
 
     Args:
@@ -153,6 +160,7 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
             the whole Gram is checked. Both give the same bits.
         weight_step: a prebuilt :class:`WeightStep` instead of ``method``, ``normalization``,
             ``normalize_weights`` and the method options (which must then be left out).
+        method_state: see :func:`solve`.
         **method_options: the method's options.
     Returns:
         ``[N]`` combined gradient in the grads' dtype, or ``(combined, MOOInfo)``.
@@ -164,13 +172,18 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     step.check_tasks(task_grads.num_tasks)
     table = step.loss_table(losses, segs.num_segments, task_grads.num_tasks, task_grads.device)
     backend_obj = get_backend(backend, task_grads.device)
+    if is_elementwise(step.name):
+        return _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info,
+                                  check_finite, method_state)
     result = None
     # One sweep writes `out` before all of the Gram is known, so it runs only where a
     # non-finite Gram cannot leave a caller's buffer half-written.
+    # (The sweep computes the weights natively: not with a method state to update.)
     if out is None:
         out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-        result = backend_obj.fused(task_grads, segs, out, step, table)
-    elif not check_finite:
+        if method_state is None and not step.needs_state:
+            result = backend_obj.fused(task_grads, segs, out, step, table)
+    elif not check_finite and method_state is None and not step.needs_state:
         result = backend_obj.fused(task_grads, segs, out, step, table)
     if result is not None:
         gram_t, weights = result
@@ -180,9 +193,35 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
         gram_t = backend_obj.gram(task_grads, segs)
         if check_finite:
             _check_finite(gram_t)
-        weights = compute_weights(gram_t, step, table, backend_obj)
+        weights = compute_weights(gram_t, step, table, backend_obj, method_state)
         backend_obj.combine(task_grads, weights, segs, out)
     if return_info:
+        return out, MOOInfo(gram_t, weights, segs, step.name, backend_obj.name)
+    return out
+
+
+def _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info, check_finite,
+                       method_state):
+    """An element-wise method (graddrop, trimmed_mean) in place of gram -> weights -> combine."""
+    gram_t = None
+    if check_finite or return_info:
+        gram_t = backend_obj.gram(task_grads, segs)
+        if check_finite:
+            _check_finite(gram_t)
+    options, common = split_common_options(step.options)
+    if common["ema"] > 0:
+        raise ValueError(f"option ema smooths per-segment weights; element-wise method {step.name!r} has none")
+    if "seed" in options and method_state is not None:
+        options["seed"] = int(options["seed"]) + require_state(method_state, step.name).calls
+    if out is None:
+        out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
+    combine_elementwise(task_grads.rows, step.name, options, out)
+    if method_state is not None:
+        method_state.calls += 1
+    if return_info:
+        # no per-segment weights exist: NaN marks them as undefined
+        weights = torch.full((segs.num_segments, task_grads.num_tasks), float("nan"),
+                             device=task_grads.device)
         return out, MOOInfo(gram_t, weights, segs, step.name, backend_obj.name)
     return out
 

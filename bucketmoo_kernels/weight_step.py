@@ -33,7 +33,7 @@ import torch
 
 from .methods.normalization import (NORMALIZATIONS, USES_LOSSES, check_normalization, loss_table,
                                     scales_from_table)
-from .methods.registry import Method, get_method, resolve_options
+from .methods.registry import Method, get_method, resolve_options, split_common_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from .dispatch import Backend
@@ -98,6 +98,12 @@ class WeightStep:
         return self.method.name
 
     @property
+    def needs_state(self) -> bool:
+        """Whether the step keeps state across calls (a stateful method, or ``ema`` > 0): it
+        then needs a ``method_state`` and runs the method's torch function."""
+        return self.method.stateful or float(self.options.get("ema", 0.0)) > 0
+
+    @property
     def uses_losses(self) -> bool:
         """Whether the normalisation needs the per-task losses (``loss``, ``loss+``)."""
         return self.normalization in USES_LOSSES
@@ -147,7 +153,7 @@ class WeightStep:
         configuration (no native solver, T above its limit, options it rejects): the
         method's torch function then runs."""
         method = self.method
-        if method.native_code is None or method.native_args is None:
+        if method.native_code is None or method.native_args is None or self.needs_state:
             return None
         if method.native_max_tasks is not None and num_tasks > method.native_max_tasks:
             return None
@@ -185,25 +191,48 @@ def as_weight_step(weight_step: WeightStep | None, method, normalization: str,
 
 
 def compute_weights(gram: torch.Tensor, step: WeightStep, losses: torch.Tensor | None,
-                    backend: "Backend") -> torch.Tensor:
+                    backend: "Backend", method_state=None) -> torch.Tensor:
     """The weight step: ``gram [S, T, T]`` float32 -> ``[S, T]`` float32.
 
     ``losses`` is the table from :meth:`WeightStep.loss_table` (None unless the normalisation
     uses it). Runs the backend's native weight step where it has one for this configuration;
     otherwise normalises in float64, runs the backend's solver (or the method's torch
-    function), divides by the scales and rescales to sum 1 if asked.
+    function), divides by the scales and rescales to sum 1 if asked. A step that keeps state
+    (:attr:`WeightStep.needs_state`) runs the torch function with ``method_state`` (a
+    :class:`~bucketmoo_kernels.methods.state.MethodState`, required) and applies ``ema``.
     """
-    weights = backend.weights(gram, step, losses)
-    if weights is not None:
-        return nan_where_not_finite(gram, weights)
+    if method_state is not None and "seed" in step.options and not step.method.stateful:
+        # a fresh draw (RLW weights, PCGrad orders) every step, the same on every rank
+        from .methods.state import require_state
+        calls = require_state(method_state, step.name).calls
+        step = step.with_options(seed=int(step.options["seed"]) + calls)
+    state = None
+    if step.needs_state:
+        from .methods.state import require_state
+        state = require_state(method_state, step.name)
+    else:
+        weights = backend.weights(gram, step, losses)
+        if weights is not None:
+            if method_state is not None:
+                method_state.calls += 1
+            return nan_where_not_finite(gram, weights)
     gram64 = gram.to(torch.float64)
     scales = scales_from_table(gram64, step.normalization, losses)
     if scales is not None:
         gram64 = gram64 / (scales[:, :, None] * scales[:, None, :])
-    weights = backend.solve(gram64, step)
-    if weights is None:
-        weights = step.method.fn(gram64, **step.options)
+    own, common = split_common_options(step.options)
+    if step.method.stateful:
+        weights = step.method.fn(gram64, state=state, **own)
+    else:
+        weights = backend.solve(gram64, step)
+        if weights is None:
+            weights = step.method.fn(gram64, **own)
     weights = weights.to(torch.float64)
+    if common["ema"] > 0:
+        from .methods.ema import smooth_weights
+        weights = smooth_weights(weights, float(common["ema"]), state)
+    if method_state is not None:
+        method_state.calls += 1
     if scales is not None:
         weights = weights / scales
     if step.normalize_weights:

@@ -111,7 +111,7 @@ BAD_INPUTS = {
     "chunk zero": (dict(segments=0), ValueError, "positive"),
     "unknown method": (dict(method="nash"), ValueError, "unknown method 'nash'"),
     "unknown option": (dict(method="mgda", c=0.3), TypeError, "unknown option"),
-    "too many tasks": (dict(grads=torch.randn(9, 8), method="cagrad"), ValueError, "at most 8 tasks"),
+    "too many tasks": (dict(grads=torch.randn(9, 8), method="mgda", solver="exact"), ValueError, "at most 8 tasks"),
     "out dtype": (dict(out=torch.zeros(8, dtype=torch.float16)), TypeError, "out must have"),
     "out shape": (dict(out=torch.zeros(9)), ValueError, "N=8"),
     "non-finite": (dict(grads=torch.tensor([[1.0] * 7 + [float("nan")], [1.0] * 8])), ValueError, "NaN/Inf"),

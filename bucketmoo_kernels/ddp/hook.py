@@ -40,8 +40,9 @@ def _completed(tensor: torch.Tensor) -> torch.futures.Future:
     return fut
 
 
-def _fused_kwargs(state: BucketMOOState) -> dict:
-    return dict(weight_step=state.weight_step(), backend=state.settings.backend, losses=state.runtime.losses,
+def _fused_kwargs(state: BucketMOOState, index: int) -> dict:
+    kwargs = state.solve_kwargs(index)
+    return dict(weight_step=state.weight_step(), backend=kwargs.pop("backend"), **kwargs,
                 check_finite=False, return_info=True)
 
 
@@ -105,7 +106,7 @@ def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last:
     total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
     if s.protocol == "sharded":
         total = reduce_gram(total, group)
-    weights = solve_weights(total, state.weight_step(), **state.solve_kwargs())
+    weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
     gather_extra = 0
     for bucket_buf, payload, _, bucket_fut in pending:
         if s.protocol == "sharded":
@@ -134,7 +135,7 @@ def _finish_inflight(state: BucketMOOState) -> None:
     try:
         sharded = finish_scatter_tasks(handle)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs())
+        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs(index))
         gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.settings.backend)
     except BaseException as exc:
         fut.set_exception(exc)
@@ -184,11 +185,11 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
             gram_matrix, weights, extra = sharded_moo(
                 buf, segs, tasks, state.weight_step(), group=group, wire_dtype=s.wire_dtype,
-                local_segments=local, **state.solve_kwargs())
+                local_segments=local, **state.solve_kwargs(index))
         else:
             rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=s.wire_dtype)
             out = buf if rows.dtype == buf.dtype else torch.empty_like(buf, dtype=rows.dtype)
-            out, info = fused_bucket_moo(rows, segments=segs, out=out, **_fused_kwargs(state))
+            out, info = fused_bucket_moo(rows, segments=segs, out=out, **_fused_kwargs(state, index))
             if out is not buf:
                 extra += out.numel() * out.element_size()
                 buf.copy_(out)
@@ -234,7 +235,7 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             return fut
         pending = rt.take_pending()
         total = torch.stack([p[2] for p in pending]).sum(0)
-        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs())
+        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
         for bucket_buf, bucket_rows, _, _ in pending:
             combine(bucket_rows, weights, None, out=bucket_buf, backend=s.backend)
             if s.stash_reduce == "combined" and world > 1:
@@ -246,7 +247,7 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
 
     sizes = [p.numel() for p in params] if kind == "param" else None
     segs, _ = state.segments_for(index, buf.numel(), sizes)
-    _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state))
+    _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state, index))
     if s.stash_reduce == "combined" and world > 1:
         _all_reduce_mean(buf, group, world)
     state.record(index, info.gram, info.weights)

@@ -271,9 +271,9 @@ def reduce_gram(partial_gram: torch.Tensor, group=None) -> torch.Tensor:
 
 def solve_weights(gram_matrix: torch.Tensor, weight_step: WeightStep | str, *, losses=None,
                   backend: str = "auto", options: dict | None = None, normalization: str = "none",
-                  normalize_weights: bool = True) -> torch.Tensor:
+                  normalize_weights: bool = True, method_state=None) -> torch.Tensor:
     """Step 3: ``[S, T, T]`` Gram -> ``[S, T]`` float32 weights (same input, same code: same
-    weights on every rank).
+    weights on every rank; ``method_state``: the bucket's state for a stateful weight step).
 
     ``weight_step`` is a prebuilt :class:`~bucketmoo_kernels.weight_step.WeightStep` (what the
     DDP hook and the FSDP path pass), or a method name with ``options``, ``normalization`` and
@@ -285,7 +285,8 @@ def solve_weights(gram_matrix: torch.Tensor, weight_step: WeightStep | str, *, l
     elif options or normalization != "none" or normalize_weights is not True:
         raise TypeError("solve_weights: pass either a WeightStep or a method name with options/normalization/"
                         "normalize_weights, not both")
-    return solve(gram_matrix, weight_step=weight_step, backend=backend, losses=losses)
+    return solve(gram_matrix, weight_step=weight_step, backend=backend, losses=losses,
+                 method_state=method_state)
 
 
 def combine_shard(sharded: ShardedTasks, weights: torch.Tensor, out: torch.Tensor | None = None,

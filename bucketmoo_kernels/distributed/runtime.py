@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..methods.state import MethodState
+
 from ..inputs import Segments
 from .bucket_layout import VirtualBucket, check_layout, predict_rebuilt_layout, split_bucket
 from .diagnostics import BucketRecord, DiagnosticsLog
@@ -51,6 +53,9 @@ class MOORuntime:
         self.diagnostics = DiagnosticsLog(max_diagnostic_steps)
         self.bucket_layout: list[list[int]] | None = None
         self.layout_source: str | None = None
+        #: Per-bucket state of the stateful methods and of ``ema`` (index -1: ``global``);
+        #: the same on every rank, checkpointed.
+        self.method_states: dict[int, MethodState] = {}
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -301,7 +306,15 @@ class MOORuntime:
             self._stash.clear()
             self.step += 1
 
+    def method_state_for(self, index: int) -> MethodState:
+        """Bucket ``index``'s :class:`MethodState` (created on first use)."""
+        state = self.method_states.get(index)
+        if state is None:
+            state = self.method_states[index] = MethodState(strict=False)
+        return state
+
     def snapshot(self) -> dict[str, Any]:
-        """The checkpointed part: counters and the bucket layout."""
+        """The checkpointed part: counters, the bucket layout and the method states."""
         return {"step": self.step, "peak_extra_bytes": self.peak_extra_bytes,
+                "method_states": {int(k): v.state_dict() for k, v in self.method_states.items()},
                 "bucket_layout": None if self.bucket_layout is None else [list(b) for b in self.bucket_layout]}

@@ -199,10 +199,14 @@ class BucketMOOState:
         (built once by the settings; PCGrad-style seeds advance with the step)."""
         return self.runtime.weight_step_at(self.settings, self.runtime.step)
 
-    def solve_kwargs(self) -> dict[str, Any]:
+    def solve_kwargs(self, index: int | None = None) -> dict[str, Any]:
         """Keyword arguments of :func:`~bucketmoo_kernels.distributed.protocol.solve_weights` for
-        this step, after the weight step: ``losses`` and ``backend``."""
-        return dict(losses=self.runtime.losses, backend=self.settings.backend)
+        this step, after the weight step: ``losses``, ``backend`` and, for a weight step that
+        keeps state (gradvac, pcd, ``ema``), bucket ``index``'s ``method_state`` (-1: global)."""
+        kwargs = dict(losses=self.runtime.losses, backend=self.settings.backend)
+        if index is not None and self.weight_step().needs_state:
+            kwargs["method_state"] = self.runtime.method_state_for(index)
+        return kwargs
 
     def segments_for(self, index: int, numel: int, param_numels: Sequence[int] | None):
         """The (cached) segment layout of a bucket for this state's granularity, and the bucket's
@@ -315,6 +319,7 @@ class BucketMOOState:
             "step": snap["step"],
             "peak_extra_bytes": snap["peak_extra_bytes"],
             "bucket_layout": snap["bucket_layout"],
+            "method_states": snap["method_states"],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -330,6 +335,7 @@ class BucketMOOState:
         step = sd.pop("step", 0)
         peak = sd.pop("peak_extra_bytes", 0)
         layout = sd.pop("bucket_layout", None)
+        method_states = sd.pop("method_states", {})
         options = sd.pop("method_options", {})
         fresh = BucketMOOState(process_group=self.process_group, **sd, **options)
         fresh.runtime.load_layout(layout)
@@ -337,6 +343,8 @@ class BucketMOOState:
             object.__setattr__(self, name, getattr(fresh, name))
         self.runtime.step = int(step)
         self.runtime.peak_extra_bytes = int(peak)
+        for key, value in method_states.items():
+            self.runtime.method_state_for(int(key)).load_state_dict(value)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the settings and counters; the process group is not serialisable and dropped."""

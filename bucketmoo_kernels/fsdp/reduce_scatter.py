@@ -113,7 +113,7 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
         sharded = scatter_tasks(input_tensor, Segments.single(input_tensor.numel()), tasks, group=group,
                                 wire_dtype=settings.wire_dtype, backend=settings.backend, local_segments=local)
         gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs())
+        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs(self.index))
         scale = reduce_output_scale(op, world, self.divide_factor())
         scaled = weights * scale if scale != 1.0 else weights
         # Step 4: the combined shard is the reduce-scatter output.

@@ -1,15 +1,23 @@
-"""Aggregation methods: each is a function of the per-segment Gram matrix.
+"""Aggregation methods.
 
-Importing this package registers the built-in methods: ``mean``, ``mgda``, ``pcgrad`` and
-``cagrad``. See :mod:`.registry` to add your own.
+Importing this package registers the built-in methods. Functions of the per-segment Gram:
+``mean``, ``sum``, ``constant``, ``random``, ``mgda``, ``pcgrad``, ``cagrad``, ``upgrad``,
+``dualproj``, ``imtl_g``, ``aligned_mtl``, ``nash_mtl``, ``fairgrad``, ``config``, ``krum``;
+stateful per segment (need a :class:`MethodState`): ``gradvac``, ``pcd``; element-wise
+combines (not functions of the Gram): ``graddrop``, ``trimmed_mean``. Every method also takes
+the ``ema`` option (weight smoothing over steps, needs a :class:`MethodState`). See
+:mod:`.registry` to add your own.
 """
 
-from . import cagrad, mean, mgda, pcgrad  # noqa: F401  (registration side effects)
+from . import (aligned_mtl, cagrad, config, dual_cone, elementwise, fairgrad, fixed_weights,  # noqa: F401
+               gradvac, imtl_g, krum, mean, mgda, nash_mtl, pcd, pcgrad)  # (registration side effects)
 from .normalization import NORMALIZATIONS, normalization_scales
 from .registry import Method, available_methods, get_method, register_method, resolve_options
+from .state import MethodState
 
 __all__ = [
     "Method",
+    "MethodState",
     "NORMALIZATIONS",
     "available_methods",
     "get_method",

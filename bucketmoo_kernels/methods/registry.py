@@ -32,7 +32,12 @@ import torch
 
 from .options import check_option_values
 
-__all__ = ["Method", "register_method", "get_method", "available_methods", "resolve_options"]
+__all__ = ["Method", "register_method", "get_method", "available_methods", "resolve_options",
+           "COMMON_OPTIONS", "split_common_options"]
+
+#: Options every method accepts (not passed to its function): ``ema``, the per-segment weight
+#: smoothing of :mod:`.ema` (needs a ``method_state``).
+COMMON_OPTIONS = {"ema": 0.0}
 
 MethodFn = Callable[..., torch.Tensor]
 #: ``solver_for(num_tasks, options) -> solver name``: which solver runs for T tasks.
@@ -61,6 +66,8 @@ class Method:
         native_max_tasks: the most tasks the native weight step takes for it (fixed-size
             arrays); above it the torch function runs.
         native_args: its option fields of the native codes (see ``NativeArgs``).
+        stateful: its function takes ``state=`` (a :class:`~.state.MethodState`) and keeps
+            per-segment state in it across steps (GradVac, PCD).
     """
 
     name: str
@@ -72,9 +79,15 @@ class Method:
     native_code: int | None = None
     native_max_tasks: int | None = None
     native_args: NativeArgs | None = None
+    stateful: bool = False
 
-    def __call__(self, gram: torch.Tensor, **options: Any) -> torch.Tensor:
-        return self.fn(gram, **resolve_options(self, options))
+    def __call__(self, gram: torch.Tensor, state=None, **options: Any) -> torch.Tensor:
+        """The method's own weights (no ``ema``: that is the API's job)."""
+        method_options, _ = split_common_options(resolve_options(self, options))
+        if self.stateful:
+            from .state import require_state
+            return self.fn(gram, state=require_state(state, self.name), **method_options)
+        return self.fn(gram, **method_options)
 
 
 _METHODS: dict[str, Method] = {}
@@ -83,7 +96,8 @@ _METHODS: dict[str, Method] = {}
 def register_method(name: str, *, defaults: dict[str, Any] | None = None,
                     max_tasks: int | None = None, overwrite: bool = False,
                     solver_for: SolverFor | None = None, native_code: int | None = None,
-                    native_max_tasks: int | None = None, native_args: NativeArgs | None = None):
+                    native_max_tasks: int | None = None, native_args: NativeArgs | None = None,
+                    stateful: bool = False):
     """Decorator that registers ``fn(gram [S,T,T] f64, **options) -> [S,T] f64`` as ``name``.
 
     Only ``defaults`` and ``max_tasks`` concern a new method written in torch; the
@@ -98,7 +112,7 @@ def register_method(name: str, *, defaults: dict[str, Any] | None = None,
             raise ValueError(f"method {name!r} is already registered (pass overwrite=True to replace it)")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         _METHODS[name] = Method(name, fn, dict(defaults or {}), max_tasks, summary, solver_for,
-                                native_code, native_max_tasks, native_args)
+                                native_code, native_max_tasks, native_args, stateful)
         return fn
 
     return wrap
@@ -122,14 +136,24 @@ def available_methods() -> list[str]:
 def resolve_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
     """Defaults overlaid with ``options``; unknown option names and values of the wrong type raise
     ``TypeError``, values out of range ``ValueError`` (see :mod:`.options`)."""
-    unknown = set(options) - set(method.defaults)
+    unknown = set(options) - set(method.defaults) - set(COMMON_OPTIONS)
     if unknown:
-        accepted = ", ".join(sorted(method.defaults)) or "none"
+        accepted = ", ".join(sorted(method.defaults) + sorted(COMMON_OPTIONS))
         raise TypeError(
             f"method {method.name!r} got unknown option(s) {', '.join(sorted(unknown))}; "
             f"it accepts: {accepted}"
         )
-    check_option_values(method.name, method.defaults, options)
+    check_option_values(method.name, {**COMMON_OPTIONS, **method.defaults}, options)
     resolved = dict(method.defaults)
     resolved.update(options)
+    if "ema" in resolved:
+        from .ema import check_ema
+        check_ema(resolved["ema"])
     return resolved
+
+
+def split_common_options(options) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(the method's own options, the common ones)`` of resolved ``options``."""
+    own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
+    common = {k: options.get(k, v) for k, v in COMMON_OPTIONS.items()}
+    return own, common

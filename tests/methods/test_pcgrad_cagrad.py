@@ -123,7 +123,9 @@ def test_cagrad_rejects_bad_options():
     with pytest.raises(ValueError, match="rescale"):
         cagrad_weights(gram, rescale=5)
     with pytest.raises(ValueError, match="at most 8"):
-        cagrad_weights(torch.eye(9, dtype=torch.float64)[None])
+        cagrad_weights(torch.eye(9, dtype=torch.float64)[None], solver="exact")
+    with pytest.raises(ValueError, match="solver"):
+        cagrad_weights(gram, solver="fista")
 
 
 def test_pcgrad_device_orders_are_cached_and_bounded():
