@@ -3,12 +3,12 @@
 
 import pytest
 
-pytest.importorskip("transformers", reason="the HF integration tests need pip install 'bucketmoo_kernels[hf]'")
-pytest.importorskip("accelerate", reason="the HF integration tests need pip install 'bucketmoo_kernels[hf]'")
-
 
 @pytest.fixture(scope="session")
 def hf_results():
+    # imported here, not at collection: importing transformers takes seconds
+    pytest.importorskip("transformers", reason="needs pip install 'bucketmoo_kernels[hf]'")
+    pytest.importorskip("accelerate", reason="needs pip install 'bucketmoo_kernels[hf]'")
     import hf_scenarios
 
     return hf_scenarios.run_all(2)
