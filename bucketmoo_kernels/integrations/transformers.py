@@ -52,6 +52,10 @@ from ._common import diagnostics_scalars, plan_for_state, register_ddp_hook, req
 
 _transformers = require("transformers", "hf", "bucketmoo_kernels.integrations.transformers")
 Trainer = _transformers.Trainer
+if not hasattr(Trainer, "_prepare_for_training"):  # the extension point below (transformers 5)
+    raise ImportError(f"bucketmoo_kernels.integrations.transformers needs transformers >= 5 (its Trainer's "
+                      f"_prepare_for_training); found {_transformers.__version__}: pip install -U "
+                      "'bucketmoo_kernels[hf]'")
 
 __all__ = ["BucketMOOTrainer", "STATE_FILE"]
 
