@@ -169,20 +169,24 @@ def bucket_trainer_run(out: str, state, lora: bool = False, resume: str | None =
 
 
 # ----------------------------------------------------------------------------- Accelerate runs
-def accelerate_run(state, steps: int = STEPS):
+def accelerate_run(state, steps: int = STEPS, accumulate: int = 1, checkpoint_dir: str | None = None):
+    """The documented recipe: prepare, register, a task loader that is not prepared, and
+    ``accelerator.accumulate``; ``checkpoint_dir``: save_state at the end and load it into a
+    fresh state registered for checkpointing."""
     from accelerate import Accelerator
 
     from bucketmoo_kernels.integrations.accelerate import register_bucket_moo, task_dataloader
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)
     if state is not None:
         register_bucket_moo(accelerator, model, state)
-    loader = task_dataloader(accelerator, make_datasets(), BATCH, state=state, seed=0)
+        accelerator.register_for_checkpointing(state)
+    loader = task_dataloader(accelerator, make_datasets(), BATCH // accumulate, state=state, seed=0)
     done, epoch = 0, 0
-    while done < steps:
+    while done < steps * accumulate:
         loader.sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -191,10 +195,17 @@ def accelerate_run(state, steps: int = STEPS):
                 optimizer.step()
                 optimizer.zero_grad()
             done += 1
-            if done == steps:
+            if done == steps * accumulate:
                 break
         epoch += 1
-    return {"params": flat_params(accelerator.unwrap_model(model)), "step": None if state is None else state.step}
+    res = {"params": flat_params(accelerator.unwrap_model(model)), "step": None if state is None else state.step}
+    if checkpoint_dir is not None:
+        accelerator.save_state(checkpoint_dir)
+        accelerator.wait_for_everyone()
+        state.load_state_dict({**state.state_dict(), "step": 0})  # forget, as a restarted script would
+        accelerator.load_state(checkpoint_dir)
+        res["restored_step"] = state.step
+    return res
 
 
 # ----------------------------------------------------------------------------- the scenarios
@@ -250,7 +261,9 @@ def scenarios(rank: int, workdir: str) -> dict:
         bucket_moo=BucketMOOState(method="mgda", task_of_rank=[0, 1])), ValueError))
     run("acc_plain", lambda: accelerate_run(None))
     run("acc_mean", lambda: accelerate_run(BucketMOOState(method="mean")))
-    run("acc_mgda_param", lambda: accelerate_run(BucketMOOState(method="mgda", granularity="param")))
+    run("acc_mgda_param", lambda: accelerate_run(BucketMOOState(method="mgda", granularity="param"),
+                                                 checkpoint_dir=d("acc_ckpt")))
+    run("acc_mgda_accum", lambda: accelerate_run(BucketMOOState(method="mgda", granularity="param"), accumulate=2))
     if rank == 0:  # the independent float64 references (no process group involved)
         run_local = lambda name, fn: out.__setitem__(name, fn())  # noqa: E731
         run_local("ref_mgda", lambda: reference_params(lora=False))
