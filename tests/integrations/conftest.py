@@ -11,7 +11,10 @@ def hf_results():
     pytest.importorskip("accelerate", reason="needs pip install 'bucketmoo_kernels[hf]'")
     import hf_scenarios
 
-    return hf_scenarios.run_all(2)
+    results = hf_scenarios.run_all(2)
+    print("HF scenario seconds (rank 0):",
+          ", ".join(f"{k} {v:.1f}" for k, v in results[0].get("_seconds", {}).items()))
+    return results
 
 
 def get(results, name):

@@ -208,6 +208,28 @@ def accelerate_run(state, steps: int = STEPS, accumulate: int = 1, checkpoint_di
     return res
 
 
+# ----------------------------------------------------------------------------- DeepSpeed (ZeRO) runs
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _patch_deepspeed_cpu():
+    """DS_ACCELERATOR=cpu JIT-compiles a shared-memory all-reduce op on first use (minutes);
+    these runs use gloo collectives only, so its build is skipped."""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def ds_config(stage: int = 2) -> dict:
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": 200, "allgather_bucket_size": 200},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": "auto", "steps_per_print": 10 ** 9}
+
+
 # ----------------------------------------------------------------------------- the scenarios
 def _expect_error(fn, exc_type):
     try:
@@ -264,6 +286,14 @@ def scenarios(rank: int, workdir: str) -> dict:
     run("acc_mgda_param", lambda: accelerate_run(BucketMOOState(method="mgda", granularity="param"),
                                                  checkpoint_dir=d("acc_ckpt")))
     run("acc_mgda_accum", lambda: accelerate_run(BucketMOOState(method="mgda", granularity="param"), accumulate=2))
+    if deepspeed_available():  # the Trainer's DeepSpeed path: integrations.deepspeed on a ZeRO-2 engine
+        _patch_deepspeed_cpu()
+        run("ds_none", lambda: bucket_trainer_run(d("ds_none"), None, deepspeed=ds_config()))
+        run("ds_mgda_param", lambda: bucket_trainer_run(d("ds_mgda"), BucketMOOState(method="mgda", granularity="param"),
+                                                        deepspeed=ds_config(), save_strategy="steps", save_steps=2))
+        run("ds_mgda_resume", lambda: bucket_trainer_run(
+            d("ds_mgda"), BucketMOOState(method="mgda", granularity="param"), deepspeed=ds_config(),
+            resume=os.path.join(d("ds_mgda"), "checkpoint-2"), save_strategy="steps", save_steps=2))
     if rank == 0:  # the independent float64 references (no process group involved)
         run_local = lambda name, fn: out.__setitem__(name, fn())  # noqa: E731
         run_local("ref_mgda", lambda: reference_params(lora=False))
