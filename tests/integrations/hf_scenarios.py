@@ -294,6 +294,8 @@ def scenarios(rank: int, workdir: str) -> dict:
         run("ds_mgda_resume", lambda: bucket_trainer_run(
             d("ds_mgda"), BucketMOOState(method="mgda", granularity="param"), deepspeed=ds_config(),
             resume=os.path.join(d("ds_mgda"), "checkpoint-2"), save_strategy="steps", save_steps=2))
+        run("ds_misuse_zero3", lambda: _expect_error(lambda: bucket_trainer_run(
+            d("ds_zero3"), BucketMOOState(method="mgda"), deepspeed=ds_config(3)), NotImplementedError))
     if rank == 0:  # the independent float64 references (no process group involved)
         run_local = lambda name, fn: out.__setitem__(name, fn())  # noqa: E731
         run_local("ref_mgda", lambda: reference_params(lora=False))

@@ -36,3 +36,8 @@ def test_resume_equals_uninterrupted_run(ds_results):
     resumed = get(ds_results, "ds_mgda_resume")
     assert torch.equal(resumed[0]["params"], full[0]["params"])
     assert all(res["step"] == STEPS for res in resumed)
+
+
+def test_zero3_is_refused_with_what_to_use_instead(ds_results):
+    for message in get(ds_results, "ds_misuse_zero3"):
+        assert "ZeRO stage 3" in message and "ZeRO stage 2" in message, message
