@@ -48,6 +48,8 @@ def test_mgda_param_matches_float64_reference(hf_results):
 
 def test_state_step_counts_optimizer_steps(hf_results):
     for name in ("mean", "mgda_param", "mgda_accum", "lora_mgda_param"):
+        if name not in hf_results[0]:
+            continue
         for res in get(hf_results, name):
             assert res["step"] == STEPS == res["global_step"], name
 
@@ -68,6 +70,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(hf_results):
 
 
 def test_lora_model_matches_float64_reference(hf_results):
+    if "lora_mgda_param" not in hf_results[0]:
+        pytest.skip("needs pip install 'bucketmoo_kernels[peft]'")
     run = get(hf_results, "lora_mgda_param")
     _replicas_identical(run)
     torch.testing.assert_close(run[0]["params"], hf_results[0]["ref_lora_mgda"], atol=2e-6, rtol=1e-5)
