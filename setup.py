@@ -157,6 +157,13 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest", "hypothesis", "scipy"],
         "demo": ["matplotlib", "tqdm", "babel"],
+        # Engine integrations (bucketmoo_kernels.integrations.*, imported lazily). None of them
+        # lists torch: the engines depend on it, so install your torch first (or with a
+        # constraint file pinning it) and then the extra.
+        "hf": ["transformers>=5.0", "accelerate>=1.0"],
+        "peft": ["peft"],
+        "lightning": ["lightning>=2.2"],
+        "deepspeed": ["deepspeed"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

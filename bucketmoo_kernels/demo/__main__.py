@@ -26,6 +26,7 @@ examples:
   python -m bucketmoo_kernels.demo --runs mean mgda cagrad --method-option cagrad:c=0.4
   python -m bucketmoo_kernels.demo --languages de ru ar hi --unseen uk --steps 300
   python -m bucketmoo_kernels.demo --report-only --out demo_out   # rebuild report.md and plots
+  python -m bucketmoo_kernels.demo --engine hf --runs mean mgda   # through the HF Trainer
 """
 
 
@@ -104,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-cap-mb", type=float, default=defaults.bucket_cap_mb,
                    help="DDP bucket size in MiB; small buckets give the hook more, finer weight vectors "
                         "(default: %(default)s)")
-    g.add_argument("--engine", choices=("ddp", "fsdp"), default=defaults.engine,
-                   help="data-parallel engine: ddp (DistributedDataParallel + bucket_moo_hook) or fsdp "
+    g.add_argument("--engine", choices=("ddp", "fsdp", "hf"), default=defaults.engine,
+                   help="data-parallel engine: ddp (DistributedDataParallel + bucket_moo_hook), fsdp "
                         "(FSDP2 fully_shard per block + the Bucket-Level MOO reduce-scatter; one FSDP "
-                        "group is one bucket, 'global' runs are skipped) (default: %(default)s)")
+                        "group is one bucket, 'global' runs are skipped) or hf (a byte-level GPT-2 built "
+                        "from a config, fine-tuned with the HF Transformers BucketMOOTrainer; needs "
+                        "pip install 'bucketmoo_kernels[hf]'; static runs are skipped) (default: %(default)s)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--heldout-share", type=float, default=defaults.heldout_share,
                    help="share of each language's strings held out (default: %(default)s)")

@@ -35,7 +35,8 @@ def _mean(values) -> float:
 
 def baseline_name(results: dict) -> str:
     """What the ``mean`` run is: plain DDP, or stock FSDP2 under ``--engine fsdp``."""
-    return "stock FSDP2" if results.get("settings", {}).get("engine") == "fsdp" else "plain DDP"
+    engine = results.get("settings", {}).get("engine")
+    return {"fsdp": "stock FSDP2", "hf": "the plain HF Trainer"}.get(engine, "plain DDP")
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -249,6 +250,11 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         f"gradient clipped to norm {s.get('clip', 0):g}), "
         f"batch {s['batch']} x {s['model']['context']} bytes per language, seed {s['seed']}. "
         + (f"DDP buckets of {s['bucket_cap_mb']:g} MiB. " if s.get("engine", "ddp") == "ddp" else
+           f"Engine: HF Transformers Trainer (BucketMOOTrainer; model: GPT2LMHeadModel from a config with a "
+           f"byte vocabulary; DDP buckets of {s['bucket_cap_mb']:g} MiB; 'mean' is bucket_moo=None, plain DDP "
+           "on the same per-language data; examples are shuffled non-overlapping windows; held-out loss is "
+           "the Trainer's eval_<code>_loss over context - 1 predicted bytes per window). "
+           if s.get("engine") == "hf" else
            "Engine: FSDP2 (fully_shard per block and the root; one parameter group is one bucket; the "
            "'mean' run is stock FSDP2 and hook runs use the Bucket-Level MOO reduce-scatter). ")
         + "Every run starts from the same weights and sees the same batches.",

@@ -48,6 +48,7 @@ __all__ = ["RunSpec", "DemoSettings", "parse_run", "run_demo", "bucket_lengths"]
 
 GRANULARITIES = ("bucket", "global", "param")
 DEFAULT_RUNS = ("mean", "static", "mgda", "mgda-global", "pcgrad")
+ENGINES = ("ddp", "fsdp", "hf")
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ class DemoSettings:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.clip < 0:
             raise ValueError(f"clip must be >= 0 (0: no clipping); got {self.clip}")
-        if self.engine not in ("ddp", "fsdp"):
-            raise ValueError(f"engine must be 'ddp' or 'fsdp'; got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}; got {self.engine!r}")
         if self.lr <= 0 or self.bucket_cap_mb <= 0:
             raise ValueError(f"lr and bucket_cap_mb must be > 0; got {self.lr}, {self.bucket_cap_mb}")
         for run in self.runs:
@@ -618,6 +619,10 @@ def run_demo(settings: DemoSettings) -> dict:
     """
     import torch.multiprocessing as mp
 
+    if settings.engine == "hf":  # the same comparison through the HF Transformers Trainer
+        from .hf import run_hf_demo
+
+        return run_hf_demo(settings)
     with tempfile.TemporaryDirectory(prefix="bucketmoo_demo_") as tmp:
         result_path = os.path.join(tmp, "result.json")
         mp.spawn(_worker, args=(settings, _free_port(), result_path), nprocs=settings.world_size,

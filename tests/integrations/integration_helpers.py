@@ -1,0 +1,129 @@
+"""Shared pieces of the integration tests: a spawn harness for 2 gloo processes, the tiny
+model and per-task data every engine trains on, and the independent float64 reference
+(per-parameter MGDA with two tasks, closed form, plain SGD)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+IN_DIM, HIDDEN, OUT_DIM, BATCH = 6, 8, 3, 4
+LR = 0.1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        result = {"ok": fn(rank, world)}
+    except BaseException:  # noqa: BLE001  (reported to the parent)
+        result = {"error": traceback.format_exc()}
+    torch.save(result, Path(outdir) / f"{rank}.pt")
+    if "ok" in result:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_two_ranks(fn, world: int = 2) -> list:
+    """Run ``fn(rank, world)`` (a module-level function) on ``world`` spawned gloo processes
+    and return every rank's return value; a worker's exception is re-raised here."""
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(_entry, args=(fn, world, free_port(), outdir), nprocs=world, start_method="spawn")
+        results = [torch.load(Path(outdir) / f"{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        if "error" in res:
+            raise RuntimeError(f"rank {r} failed:\n{res['error']}")
+    return [res["ok"] for res in results]
+
+
+# --------------------------------------------------------------------------- model and data
+def make_model(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN_DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT_DIM))
+    return model.to(dtype)
+
+
+def task_batch(task: int, step: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task t's batch of step k: regression onto a task-specific linear map (the two maps
+    conflict, so MGDA's weights are not the mean's)."""
+    g = torch.Generator().manual_seed(1000 * task + step)
+    x = torch.randn(BATCH, IN_DIM, generator=g, dtype=torch.float64)
+    w = torch.randn(IN_DIM, OUT_DIM, generator=torch.Generator().manual_seed(77 + task), dtype=torch.float64)
+    y = x @ w * (1.0 if task == 0 else -1.0)
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).pow(2).mean()
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+# --------------------------------------------------------------------------- float64 reference
+def _mgda_two(g0: torch.Tensor, g1: torch.Tensor) -> tuple[float, float]:
+    """Min-norm point of the segment [g0, g1] (float64), with the library's documented ridge
+    (1e-9 x the mean diagonal) so that a singular Gram gives equal weights."""
+    m00, m01, m11 = g0 @ g0, g0 @ g1, g1 @ g1
+    r = 1e-9 * (m00 + m11) / 2 + 1e-200
+    m00, m11 = m00 + r, m11 + r
+    den = m00 + m11 - 2 * m01
+    gamma = float(((m11 - m01) / den).clamp(0.0, 1.0)) if den > 0 else 0.5
+    return gamma, 1.0 - gamma
+
+
+def reference_run(steps: int, granularity: str, method: str = "mgda", lr: float = LR) -> torch.Tensor:
+    """Train the float64 model: every step, each task's full gradient, combined per
+    parameter (``param``) or with one weight pair for the whole model (``global``) or
+    averaged (``mean``), then ``p -= lr * d``. Returns the final flat parameters."""
+    model = make_model(torch.float64)
+    params = list(model.parameters())
+    for k in range(steps):
+        task_grads = []
+        for t in range(2):
+            x, y = task_batch(t, k, torch.float64)
+            grads = torch.autograd.grad(loss_fn(model(x), y), params)
+            task_grads.append([g.reshape(-1) for g in grads])
+        with torch.no_grad():
+            if method == "mean":
+                combined = [(a + b) / 2 for a, b in zip(*task_grads)]
+            elif granularity == "param":
+                combined = []
+                for a, b in zip(*task_grads):
+                    w0, w1 = _mgda_two(a, b)
+                    combined.append(w0 * a + w1 * b)
+            elif granularity == "global":
+                w0, w1 = _mgda_two(torch.cat(task_grads[0]), torch.cat(task_grads[1]))
+                combined = [w0 * a + w1 * b for a, b in zip(*task_grads)]
+            else:
+                raise ValueError(granularity)
+            for p, d in zip(params, combined):
+                p.sub_(lr * d.view_as(p))
+    return flat_params(model)
