@@ -24,7 +24,6 @@ pytest.importorskip("deepspeed", reason="needs the deepspeed extra: pip install 
 import ds_workers  # noqa: E402
 from integration_helpers import reference_run, run_two_ranks  # noqa: E402
 
-from bucketmoo_kernels.ddp import BucketMOOState  # noqa: E402
 
 # fp32 DeepSpeed vs the float64 reference after STEPS SGD steps.
 RTOL, ATOL = 1e-5, 1e-6
