@@ -18,12 +18,12 @@ STEPS = 3  # batches per epoch per rank
 TASKS = ("t0", "t1")
 
 
-def task_datasets() -> dict:
-    """Task t's dataset: its STEPS batches of ``task_batch`` laid end to end, so that with
+def task_datasets(batches: int = STEPS) -> dict:
+    """Task t's dataset: its ``batches`` batches of ``task_batch`` laid end to end, so that with
     ``shuffle=False`` rank t's k-th batch is ``task_batch(t, k)``."""
     out = {}
     for t, name in enumerate(TASKS):
-        xs, ys = zip(*(task_batch(t, k) for k in range(STEPS)))
+        xs, ys = zip(*(task_batch(t, k) for k in range(batches)))
         out[name] = TensorDataset(torch.cat(xs), torch.cat(ys))
     return out
 
@@ -35,10 +35,11 @@ def _module_class():
     from bucketmoo_kernels.integrations.lightning import LightningTaskSampler
 
     class TinyModule(L.LightningModule):
-        def __init__(self, shuffle: bool):
+        def __init__(self, shuffle: bool, batches: int):
             super().__init__()
             self.net = make_model()
             self.shuffle = shuffle
+            self.batches = batches
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -49,7 +50,7 @@ def _module_class():
 
         def train_dataloader(self):
             strategy = self.trainer.strategy
-            datasets = task_datasets()
+            datasets = task_datasets(self.batches)
             if hasattr(strategy, "task_dataloader"):
                 return strategy.task_dataloader(datasets, batch_size=BATCH, shuffle=self.shuffle)
             # Lightning's own DDPStrategy: the same per-task data, built by hand
@@ -60,13 +61,41 @@ def _module_class():
     return TinyModule
 
 
-def fit(strategy, epochs: int, shuffle: bool = False, ckpt_in: str | None = None, ckpt_out: str | None = None):
+def _memory_logger():
+    from lightning.pytorch.loggers.logger import Logger
+
+    class MemoryLogger(Logger):
+        """Keeps what the strategy logs (rank 0)."""
+
+        def __init__(self):
+            super().__init__()
+            self.metrics = []
+
+        @property
+        def name(self):
+            return "memory"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append((step, dict(metrics)))
+
+    return MemoryLogger()
+
+
+def fit(strategy, epochs: int, shuffle: bool = False, ckpt_in: str | None = None, ckpt_out: str | None = None,
+        accumulate: int = 1, logger=False):
     import lightning.pytorch as L
 
-    module = _module_class()(shuffle)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, logger=False,
+    module = _module_class()(shuffle, STEPS * accumulate)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, logger=logger,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, accumulate_grad_batches=accumulate)
     trainer.fit(module, ckpt_path=ckpt_in)
     if ckpt_out is not None:
         trainer.save_checkpoint(ckpt_out)
@@ -102,6 +131,17 @@ def all_scenarios(rank: int, world: int) -> dict:
         return {"params": params, "step": state.step, "hook_calls": state._hook_calls,
                 "global_step": trainer.global_step}
 
+    def accumulate():
+        state = BucketMOOState(method="mgda", granularity="param")
+        params, trainer = fit(BucketMOOStrategy(bucket_moo=state), 1, accumulate=2)
+        return {"params": params, "step": state.step, "global_step": trainer.global_step}
+
+    def diagnostics():
+        state = BucketMOOState(method="mgda", record_diagnostics=True)
+        logger = _memory_logger()
+        fit(BucketMOOStrategy(bucket_moo=state), 1, logger=logger)
+        return {"metrics": logger.metrics, "step": state.step}
+
     def lightning_own_hook():
         # what a new user tries first: Lightning registers comm hooks only on CUDA
         state = BucketMOOState(method="mgda", granularity="param")
@@ -130,6 +170,7 @@ def all_scenarios(rank: int, world: int) -> dict:
         return out
 
     for name, fn in [("plain", plain), ("none", none_state), ("mean", mean), ("mgda-param", mgda_param),
+                     ("accumulate", accumulate), ("diagnostics", diagnostics),
                      ("lightning-own-hook", lightning_own_hook), ("uninterrupted", uninterrupted),
                      ("resumed", resumed), ("misuse", misuse)]:
         start = time.perf_counter()

@@ -84,6 +84,21 @@ def test_mgda_global_matches_float64_reference(outcomes, variant):
     _assert_replicas_identical(outcomes, name)
 
 
+@pytest.mark.parametrize("variant", ["z0", "z1", "z2"])
+def test_gradient_accumulation(outcomes, variant):
+    # stages 0 and 1 reduce once per optimizer step: MGDA of the accumulated task gradients;
+    # stage 2 reduces every micro-batch: the sum of the micro-batches' combinations
+    name = f"{variant}/mgda-param-gas2"
+    res = _ok(outcomes, name)
+    per_micro = variant == "z2"
+    ref = reference_run(ds_workers.STEPS, "param", accumulate=2, combine_each_micro_batch=per_micro)
+    other = reference_run(ds_workers.STEPS, "param", accumulate=2, combine_each_micro_batch=not per_micro)
+    torch.testing.assert_close(res["params"].double(), ref, rtol=RTOL, atol=ATOL)
+    assert (res["params"].double() - other).abs().max() > 100 * ATOL  # the two semantics differ here
+    assert res["step"] == ds_workers.STEPS
+    _assert_replicas_identical(outcomes, name)
+
+
 def test_mgda_bucket_replicas_and_steps(outcomes):
     res = _ok(outcomes, "z2/mgda-bucket")
     assert res["step"] == ds_workers.STEPS

@@ -61,6 +61,30 @@ def test_mgda_param_matches_float64_reference_and_the_hook_ran_on_cpu(outcomes):
     _replicas_identical(outcomes, "mgda-param")
 
 
+def test_gradient_accumulation_combines_the_accumulated_task_gradients(outcomes):
+    res = _ok(outcomes, "accumulate")
+    ref = reference_run(lightning_workers.STEPS, "param", accumulate=2)
+    torch.testing.assert_close(res["params"].double(), ref, rtol=RTOL, atol=ATOL)
+    per_micro = reference_run(lightning_workers.STEPS, "param", accumulate=2, combine_each_micro_batch=True)
+    assert (res["params"].double() - per_micro).abs().max() > 100 * ATOL
+    assert res["step"] == res["global_step"] == lightning_workers.STEPS
+    _replicas_identical(outcomes, "accumulate")
+
+
+def test_diagnostics_reach_the_trainer_loggers(outcomes):
+    res = _ok(outcomes, "diagnostics")
+    logged = res["metrics"]
+    steps = [step for step, _ in logged]  # one record per optimizer step, consecutive steps
+    assert len(steps) == lightning_workers.STEPS and steps == list(range(steps[0], steps[0] + len(steps)))
+    last = logged[-1][1]
+    assert last["bucket_moo/step"] == lightning_workers.STEPS
+    weights = [v for k, v in last.items() if k.startswith("bucket_moo/bucket0/weight_")]
+    assert sorted(k.rsplit("_", 1)[1] for k in last if k.startswith("bucket_moo/bucket0/weight_")) == ["t0", "t1"]
+    assert abs(sum(weights) - 1.0) < 1e-5 and all(w >= 0 for w in weights)
+    assert -1.0 <= last["bucket_moo/min_cosine"] <= 1.0
+    assert _ok(outcomes, "diagnostics", 1)["metrics"] == []  # only rank 0 logs
+
+
 def test_lightning_own_ddp_comm_hook_is_skipped_on_cpu(outcomes):
     # Documents why BucketMOOStrategy exists (Lightning 2.6): DDPStrategy(ddp_comm_hook=...)
     # registers nothing on CPU, so this run is plain DDP.
