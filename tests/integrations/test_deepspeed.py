@@ -19,8 +19,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("deepspeed", reason="needs the deepspeed extra: pip install 'bucketmoo_kernels[deepspeed]'")
-
 import ds_workers  # noqa: E402
 from integration_helpers import reference_run, run_two_ranks  # noqa: E402
 
@@ -31,6 +29,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture(scope="module")
 def outcomes():
+    # imported here, not at collection: importing deepspeed takes seconds
+    pytest.importorskip("deepspeed", reason="needs the deepspeed extra: pip install 'bucketmoo_kernels[deepspeed]'")
     ranks = run_two_ranks(ds_workers.all_scenarios)
     return {"ranks": [r["results"] for r in ranks], "times": ranks[0]["times"]}
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("lightning", reason="needs the lightning extra: pip install 'bucketmoo_kernels[lightning]'")
-
 import lightning_workers  # noqa: E402
 from integration_helpers import reference_run, run_two_ranks  # noqa: E402
 
@@ -25,6 +23,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture(scope="module")
 def outcomes():
+    # imported here, not at collection: importing lightning takes seconds
+    pytest.importorskip("lightning", reason="needs the lightning extra: pip install 'bucketmoo_kernels[lightning]'")
     ranks = run_two_ranks(lightning_workers.all_scenarios)
     return {"ranks": [r["results"] for r in ranks], "times": ranks[0]["times"]}
 
