@@ -56,32 +56,34 @@ def ds_config(stage: int, zero_extra: dict | None = None, gas: int = 1) -> dict:
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def make_engine(deepspeed, stage: int, zero_extra: dict | None = None):
+def make_engine(deepspeed, stage: int, zero_extra: dict | None = None, gas: int = 1):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, zero_extra))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(stage, zero_extra, gas))
     return engine
 
 
-def train(engine, rank: int, first: int, steps: int) -> None:
-    for k in range(first, first + steps):
+def train(engine, rank: int, first: int, steps: int, gas: int = 1) -> None:
+    """``steps`` optimizer steps of ``gas`` micro-batches each (micro-batch k: ``task_batch(rank, k)``)."""
+    for k in range(first * gas, (first + steps) * gas):
         x, y = task_batch(rank, k)
         loss = loss_fn(engine(x), y)
         engine.backward(loss)
         engine.step()
 
 
-def run(deepspeed, rank: int, variant: str, state_kwargs: dict | None, steps: int = STEPS) -> dict:
+def run(deepspeed, rank: int, variant: str, state_kwargs: dict | None, steps: int = STEPS, gas: int = 1) -> dict:
     from bucketmoo_kernels.ddp import BucketMOOState
     from bucketmoo_kernels.integrations.deepspeed import apply_bucket_moo
 
     stage, extra = VARIANTS[variant]
-    engine = make_engine(deepspeed, stage, extra)
+    engine = make_engine(deepspeed, stage, extra, gas)
     state = None
     if state_kwargs is not None:
         state = BucketMOOState(**state_kwargs)
         apply_bucket_moo(engine, state)
-    train(engine, rank, 0, steps)
+    train(engine, rank, 0, steps, gas)
     out = {"params": flat_params(engine.module), "step": None if state is None else state.step}
     if state is not None and state.record_diagnostics:
         out["records"] = len(state.diagnostics)
@@ -140,6 +142,8 @@ for _v in VARIANTS:
     SCENARIOS[f"{_v}/mgda-param"] = ("run", _v, {"method": "mgda", "granularity": "param"})
 for _v in ("z0", "z1", "z2", "z2-noncontig"):
     SCENARIOS[f"{_v}/mgda-global"] = ("run", _v, {"method": "mgda", "granularity": "global"})
+for _v in ("z0", "z1", "z2"):
+    SCENARIOS[f"{_v}/mgda-param-gas2"] = ("run", _v, {"method": "mgda", "granularity": "param"}, 2)
 SCENARIOS["z2/mgda-bucket"] = ("run", "z2", {"method": "mgda", "granularity": "bucket"})
 SCENARIOS["z2/mean-protocol"] = ("run", "z2", {"method": "mean", "record_diagnostics": True})
 SCENARIOS["z2/ckpt"] = ("ckpt", "z2", {"method": "mgda", "granularity": "param"})
@@ -160,7 +164,7 @@ def all_scenarios(rank: int, world: int) -> dict:
             start = time.perf_counter()
             try:
                 if spec[0] == "run":
-                    results[name] = run(deepspeed, rank, spec[1], spec[2])
+                    results[name] = run(deepspeed, rank, spec[1], spec[2], gas=spec[3] if len(spec) > 3 else 1)
                 elif spec[0] == "ckpt":
                     results[name] = checkpoint_roundtrip(deepspeed, rank, spec[1], spec[2], root)
                 else:

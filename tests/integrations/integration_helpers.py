@@ -99,31 +99,49 @@ def _mgda_two(g0: torch.Tensor, g1: torch.Tensor) -> tuple[float, float]:
     return gamma, 1.0 - gamma
 
 
-def reference_run(steps: int, granularity: str, method: str = "mgda", lr: float = LR) -> torch.Tensor:
+def _combine(task_grads: list, granularity: str, method: str) -> list:
+    if method == "mean":
+        return [(a + b) / 2 for a, b in zip(*task_grads)]
+    if granularity == "param":
+        out = []
+        for a, b in zip(*task_grads):
+            w0, w1 = _mgda_two(a, b)
+            out.append(w0 * a + w1 * b)
+        return out
+    if granularity == "global":
+        w0, w1 = _mgda_two(torch.cat(task_grads[0]), torch.cat(task_grads[1]))
+        return [w0 * a + w1 * b for a, b in zip(*task_grads)]
+    raise ValueError(granularity)
+
+
+def reference_run(steps: int, granularity: str, method: str = "mgda", lr: float = LR, accumulate: int = 1,
+                  combine_each_micro_batch: bool = False) -> torch.Tensor:
     """Train the float64 model: every step, each task's full gradient, combined per
     parameter (``param``) or with one weight pair for the whole model (``global``) or
-    averaged (``mean``), then ``p -= lr * d``. Returns the final flat parameters."""
+    averaged (``mean``), then ``p -= lr * d``. Returns the final flat parameters.
+
+    With ``accumulate`` = A, step j averages the gradients of micro-batches ``A j .. A j + A-1``
+    (each micro-batch loss scaled by 1/A, as the engines do) and combines the accumulated
+    task gradients once; with ``combine_each_micro_batch`` it combines every micro-batch's
+    scaled task gradients and sums the combinations (ZeRO-2 reduces every micro-batch)."""
     model = make_model(torch.float64)
     params = list(model.parameters())
-    for k in range(steps):
-        task_grads = []
-        for t in range(2):
-            x, y = task_batch(t, k, torch.float64)
-            grads = torch.autograd.grad(loss_fn(model(x), y), params)
-            task_grads.append([g.reshape(-1) for g in grads])
+    for j in range(steps):
+        micro = []
+        for k in range(accumulate * j, accumulate * (j + 1)):
+            task_grads = []
+            for t in range(2):
+                x, y = task_batch(t, k, torch.float64)
+                grads = torch.autograd.grad(loss_fn(model(x), y) / accumulate, params)
+                task_grads.append([g.reshape(-1) for g in grads])
+            micro.append(task_grads)
         with torch.no_grad():
-            if method == "mean":
-                combined = [(a + b) / 2 for a, b in zip(*task_grads)]
-            elif granularity == "param":
-                combined = []
-                for a, b in zip(*task_grads):
-                    w0, w1 = _mgda_two(a, b)
-                    combined.append(w0 * a + w1 * b)
-            elif granularity == "global":
-                w0, w1 = _mgda_two(torch.cat(task_grads[0]), torch.cat(task_grads[1]))
-                combined = [w0 * a + w1 * b for a, b in zip(*task_grads)]
+            if combine_each_micro_batch:
+                parts = [_combine(tg, granularity, method) for tg in micro]
+                combined = [sum(ds) for ds in zip(*parts)]
             else:
-                raise ValueError(granularity)
+                summed = [[sum(gs) for gs in zip(*(tg[t] for tg in micro))] for t in range(2)]
+                combined = _combine(summed, granularity, method)
             for p, d in zip(params, combined):
                 p.sub_(lr * d.view_as(p))
     return flat_params(model)

@@ -3,6 +3,8 @@ configurations it does not support (on stand-in engines) and of a missing proces
 
 from __future__ import annotations
 
+import importlib
+import sys
 import types
 
 import pytest
@@ -43,3 +45,26 @@ def test_unsupported_configurations_name_the_alternative(over, stage, needle):
     with pytest.raises(NotImplementedError, match=needle) as info:
         _check_engine(_fake_engine(**over), BucketMOOState(method="mgda"), stage)
     assert "use " in str(info.value) or "remove" in str(info.value) or "disable" in str(info.value)
+
+
+def test_missing_deepspeed_names_the_extra(monkeypatch):
+    from bucketmoo_kernels.integrations import deepspeed as integration
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    with pytest.raises(ImportError, match=r"pip install 'bucketmoo_kernels\[deepspeed\]'"):
+        integration._import_deepspeed()
+
+
+def test_missing_lightning_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning", None)
+    monkeypatch.delitem(sys.modules, "bucketmoo_kernels.integrations.lightning", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'bucketmoo_kernels\[lightning\]'"):
+        importlib.import_module("bucketmoo_kernels.integrations.lightning")
+
+
+def test_old_deepspeed_is_refused():
+    from bucketmoo_kernels.integrations.deepspeed import _check_version
+
+    with pytest.raises(RuntimeError, match="deepspeed >= "):
+        _check_version("0.9.5")
+    _check_version("0.19.8")
