@@ -300,10 +300,8 @@ def _coll_time(kind: str, nbytes_rank: float, world: int, net: dict, count: int 
         lat = 2 * math.log2(max(world, 2)) * a
     elif kind == "all_to_all":
         lat = a + (world - 1) * ASSUMPTIONS["a2a_alpha_us_per_peer"] * 1e-6
-    elif kind == "all_reduce":
+    else:  # all-reduce, all-gather, reduce-scatter: tree / PAT-style log-latency at scale (NCCL)
         lat = 2 * math.log2(max(world, 2)) * a
-    else:  # ring all-gather / reduce-scatter
-        lat = (world - 1) * a
     return nbytes_rank / bw + count * lat
 
 
