@@ -17,7 +17,7 @@ import time
 import torch
 
 from .llm_layout import CONFIGS, ddp_buckets, fsdp_groups, mlp_shapes
-from .scale_model import _own_len, _shard, plain_allreduce_bytes, predict_ddp, predict_fsdp
+from .scale_model import plain_allreduce_bytes, predict_ddp, predict_fsdp
 from .simulated_world import simulate_ddp_step, simulate_fsdp_step
 
 SIM_CASES = [
@@ -70,98 +70,114 @@ def simulated_vs_model() -> list[dict]:
 
 
 # ------------------------------------------------------------------ gloo at P = 2, 4
+def _timed(fn) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
 def _gloo_worker(rank, world, port, outdir, args):
+    """Per round, interleaved: DDP's all-reduce of the MLP's buckets; the sharded protocol on
+    the same buckets (``sharded_moo``, blocking); and the model's components measured apart:
+    the all-to-all, the all-gather, the T x T all-reduce and the local Gram + solve + combine."""
     import os
 
     import torch.distributed as dist
+
+    from bucketmoo_kernels import combine, gram, solve
+    from bucketmoo_kernels.ddp.protocol import TaskLayout, sharded_moo
+    from bucketmoo_kernels.inputs import Segments
 
     from .harness import finish_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = args["numel"]
-    x = torch.randn(n)
-    out = torch.empty(n)
-    m = -(-n // world)
-    own = torch.randn(m)
-    gathered = torch.empty(world * m)
-    small = torch.randn(64)
-    ops = {
-        "all_reduce": lambda: dist.all_reduce(x),
-        "all_to_all": lambda: dist.all_to_all_single(out, x),
-        "all_gather": lambda: dist.all_gather_into_tensor(gathered, own),
-        "all_reduce_small": lambda: dist.all_reduce(small),
+    tasks = TaskLayout.build(None, world)
+    numels = args["numels"]
+    bufs = [torch.randn(n) for n in numels]
+    m = [-(-n // world) for n in numels]
+    splits = [[max(0, min(mk, n - p * mk)) for p in range(world)] for n, mk in zip(numels, m)]
+    recv = [torch.empty(world * s[rank]) for s in splits]
+    own = [torch.randn(mk) for mk in m]
+    gath = [torch.empty(world * mk) for mk in m]
+    small = torch.randn(1, world, world)
+    rows = [torch.randn(world, s[rank]) for s in splits]
+    K = len(numels)
+    parts = {
+        "plain all-reduce": lambda: [dist.all_reduce(b) for b in bufs],
+        "sharded protocol": lambda: [sharded_moo(b, Segments.single(b.numel()), tasks, "mgda") for b in bufs],
+        "all_to_all": lambda: [dist.all_to_all_single(recv[k], bufs[k], splits[k][rank:rank + 1] * world, splits[k])
+                               for k in range(K)],
+        "all_gather": lambda: [dist.all_gather_into_tensor(gath[k], own[k]) for k in range(K)],
+        "gram all_reduce": lambda: [dist.all_reduce(small) for _ in range(K)],
+        "gram+solve+combine": lambda: [combine(r, solve(gram(r), "mgda")) for r in rows],
     }
-    res = {}
-    for name, fn in ops.items():
-        samples = []
-        for _ in range(args["repeats"]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        res[name] = {"median_s": statistics.median(samples), "min_s": min(samples)}
-    finish_worker([res], rank, outdir)
+    for fn in parts.values():  # warm-up
+        fn()
+    samples = {k: [] for k in parts}
+    for _ in range(args["rounds"]):
+        for name, fn in parts.items():
+            samples[name].append(_timed(fn))
+    finish_worker([samples], rank, outdir)
 
 
-def measure_gloo(worlds=(2, 4), numel: int = 25 * 2**20 // 4, repeats: int = 7) -> dict:
+def measure_gloo(worlds=(2, 4), rounds: int = 5) -> dict:
+    """The MLP of ``bench_ddp_step.py`` (DDP's 25 MB buckets): component and protocol times."""
     from .harness import run_gloo_workers
 
-    out = {}
+    numels = [b.numel for b in ddp_buckets(mlp_shapes(1152, 8))]
+    out = {"bucket_numels": numels, "rounds": rounds, "worlds": {}}
     for P in worlds:
-        res = run_gloo_workers(_gloo_worker, P, {"numel": numel, "repeats": repeats})[0]
-        nbytes = numel * 4
-        out[P] = {k: dict(v) for k, v in res.items()}
-        # effective per-rank bandwidth from the bytes each rank moves (ring / exact a2a)
-        out[P]["all_reduce"]["GBps"] = 2 * (P - 1) / P * nbytes / res["all_reduce"]["median_s"] / 1e9
-        out[P]["all_to_all"]["GBps"] = (P - 1) / P * nbytes / res["all_to_all"]["median_s"] / 1e9
-        out[P]["all_gather"]["GBps"] = (P - 1) / P * nbytes / res["all_gather"]["median_s"] / 1e9
-    return {"numel": numel, "repeats": repeats, "worlds": out}
+        out["worlds"][P] = run_gloo_workers(_gloo_worker, P, {"numels": numels, "rounds": rounds})[0]
+    return out
 
 
-def gloo_vs_model(cpu: dict, gloo: dict) -> list[dict]:
-    """Predicted added ms per step vs the measured ones of results/ddp_step.json."""
+def gloo_vs_model(gloo: dict) -> list[dict]:
+    """Additive model (protocol = all-to-all + all-gather + Gram all-reduce + local compute, each
+    timed apart in the same round) against the protocol timed as a whole, round by round;
+    and the added time over DDP's all-reduce, predicted vs measured."""
+    rows = []
+    for P, s in gloo["worlds"].items():
+        R = len(s["plain all-reduce"])
+        pred = [sum(s[k][i] for k in ("all_to_all", "all_gather", "gram all_reduce", "gram+solve+combine"))
+                for i in range(R)]
+        meas = s["sharded protocol"]
+        plain = s["plain all-reduce"]
+        res = [(m - p) / m for m, p in zip(meas, pred)]
+        added_p = [p - a for p, a in zip(pred, plain)]
+        added_m = [m - a for m, a in zip(meas, plain)]
+        q = lambda v: (statistics.median(v), min(v), max(v))  # noqa: E731
+        rows.append({
+            "P": P, "rounds": R,
+            "protocol ms (median)": q(meas)[0] * 1e3, "model ms (median)": q(pred)[0] * 1e3,
+            "relative residual median": q(res)[0], "relative residual min": q(res)[1], "relative residual max": q(res)[2],
+            "added ms measured (median)": q(added_m)[0] * 1e3, "added ms model (median)": q(added_p)[0] * 1e3,
+            "plain all-reduce ms median": q(plain)[0] * 1e3, "plain all-reduce ms min..max":
+                f"{q(plain)[1] * 1e3:.0f}..{q(plain)[2] * 1e3:.0f}",
+            "protocol ms min..max": f"{q(meas)[1] * 1e3:.0f}..{q(meas)[2] * 1e3:.0f}",
+        })
+    return rows
+
+
+def ddp_step_comparison() -> list[dict]:
+    """The measured added step time of results/ddp_step.json (for reference next to the model)."""
     from .harness import RESULTS_DIR
 
     data = json.loads((RESULTS_DIR / "ddp_step.json").read_text())
     meas = {(r["P"], r["configuration"]): r for r in data["rows"]}
-    buckets = ddp_buckets(mlp_shapes(1152, 8))
-    numels = [b.numel for b in buckets]
-    T = None
     rows = []
     for P in (2, 4):
-        g = gloo["worlds"][P]
-        T = P
-        bw = {k: g[k]["GBps"] * 1e9 for k in ("all_reduce", "all_to_all", "all_gather")}
-        lat_small = g["all_reduce_small"]["median_s"]
-        comb = cpu["combine_GBps"].get(T) or min(cpu["combine_GBps"].values())
-        gram_bw = cpu["gram_GBps"].get(T) or min(cpu["gram_GBps"].values())
-        solve_s = (cpu["solve_us"].get(T) or max(cpu["solve_us"].values())) * 1e-6
-        t_ar = sum(2 * (P - 1) / P * n * 4 / bw["all_reduce"] for n in numels)
-        for label, proto, gran in (("ranks mgda bucket sharded, no overlap", "sharded", "bucket"),
-                                   ("ranks mgda bucket sharded", "sharded", "bucket"),
-                                   ("ranks mgda global sharded", "sharded", "global"),
-                                   ("ranks mgda bucket allgather", "allgather", "bucket")):
-            if proto == "sharded":
-                comm = sum((n - _own_len(n, P, 0)) * 4 / bw["all_to_all"] + (P - 1) * _shard(n, P) * 4 / bw["all_gather"]
-                           for n in numels) + (1 if gran == "global" else len(numels)) * lat_small
-                compute = sum(T * _shard(n, P) * 4 / (gram_bw * 1e9) + (T + 1) * _shard(n, P) * 4 / (comb * 1e9)
-                              for n in numels) + (1 if gran == "global" else len(numels)) * solve_s
-            else:
-                comm = sum((P - 1) * n * 4 / bw["all_gather"] for n in numels)
-                compute = sum(T * n * 4 / (gram_bw * 1e9) + (T + 1) * n * 4 / (comb * 1e9) for n in numels) \
-                    + len(numels) * solve_s
-            pred = (comm - t_ar + compute) * 1e3
-            m, base = meas.get((P, label)), meas.get((P, "plain DDP"))
-            if m is None or base is None:
-                continue
-            rows.append({"P": P, "configuration": label, "predicted added ms": pred,
-                         "measured added ms (median)": m["step ms"] - base["step ms"],
-                         "measured added ms (min)": m["min ms"] - base["min ms"],
-                         "residual (median) ms": m["step ms"] - base["step ms"] - pred,
-                         "residual (min) ms": m["min ms"] - base["min ms"] - pred,
-                         "plain DDP noise ms (median - min)": base["step ms"] - base["min ms"]})
+        base = meas[(P, "plain DDP")]
+        for label in ("ranks mgda bucket sharded, no overlap", "ranks mgda bucket sharded"):
+            m = meas[(P, label)]
+            rows.append({"P": P, "configuration": label, "added ms (median)": m["step ms"] - base["step ms"],
+                         "added ms (min)": m["min ms"] - base["min ms"],
+                         "plain DDP median - min ms": base["step ms"] - base["min ms"]})
     return rows
 
 
@@ -170,7 +186,8 @@ def run(cpu: dict) -> dict:
     try:
         gloo = measure_gloo()
         out["gloo"] = gloo
-        out["gloo_vs_model"] = gloo_vs_model(cpu, gloo)
+        out["gloo_vs_model"] = gloo_vs_model(gloo)
+        out["ddp_step"] = ddp_step_comparison()
     except Exception as exc:  # noqa: BLE001 - reported in the results, not hidden
         out["gloo_error"] = repr(exc)
     return out
@@ -182,9 +199,10 @@ def to_markdown(v: dict) -> str:
     parts = ["### Simulated worlds vs the model (bytes exact, memory to the small tensors)\n",
              markdown_table(v["simulated_vs_model"])]
     if "gloo_vs_model" in v:
-        parts += ["\n### Step overhead at P = 2, 4 (gloo, this CPU) vs benchmarks/results/ddp_step.json\n",
-                  "gloo collectives measured here (25 MiB fp32, median of 7):\n", "```",
-                  json.dumps(v["gloo"], indent=1), "```\n", markdown_table(v["gloo_vs_model"])]
+        parts += ["\n### Time model at P = 2, 4 (gloo, this CPU, the MLP of bench_ddp_step.py)\n",
+                  markdown_table(v["gloo_vs_model"]),
+                  "\nFor reference, the added step time measured end to end in benchmarks/results/ddp_step.json:\n",
+                  markdown_table(v["ddp_step"])]
     if "gloo_error" in v:
         parts.append(f"\ngloo measurement failed: {v['gloo_error']}\n")
     return "\n".join(parts)
