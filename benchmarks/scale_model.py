@@ -347,6 +347,8 @@ def step_costs(s: Setting, cpu: dict, launches: dict) -> dict:
     lp = launches.get((T, "sharded"), 20.0)
     solve_s = cpu["solve_us"].get(T, cpu["solve_us"][max(cpu["solve_us"])]) * 1e-6
     gpu_compute = touched / hbm + K * (lp * ASSUMPTIONS["launch_us"] * 1e-6 + solve_s * ASSUMPTIONS["solve_us_gpu_factor"])
+    allg_touched = sum((P + (T * (4 + e) if P != T else 0) + 2 * T + 1) * n * e for n in numels)
+    allg_compute = allg_touched / hbm + K * (lp * ASSUMPTIONS["launch_us"] * 1e-6 + solve_s)
     cpu_bw = cpu["combine_GBps"].get(T, min(cpu["combine_GBps"].values())) * GB
     cpu_compute = touched / cpu_bw + K * solve_s
     row.update({"GPU moo ms": gpu_compute * 1e3, "CPU moo ms": cpu_compute * 1e3})
@@ -369,6 +371,12 @@ def step_costs(s: Setting, cpu: dict, launches: dict) -> dict:
         moo_step = t_fb + gpu_compute + max(0.0, t_sh - t_bwd)
         z2_step = t_fb + max(0.0, t_rs - t_bwd)
         z2_moo = t_fb + gpu_compute + max(0.0, t_fs - t_bwd)
+        # global: the all-gathers (and the one solve) wait for the last bucket: they are exposed
+        t_ag = _coll_time("all_gather", sh["sent"] - a2a_bytes - sh["gram_bytes"], P, net, K)
+        glob_step = t_fb + gpu_compute + max(0.0, t_sh - t_ag - gram_t - t_bwd) + t_ag
+        # all-gather protocol: (P-1) n per bucket on the wire, every rank combines every bucket
+        t_allg = _coll_time("all_gather", ag["sent"], P, net, K)
+        allg_step = t_fb + allg_compute + max(0.0, t_allg - t_bwd)
         tag = "NVL" if name == "NVLink" else "IB"
         row[f"{tag} AR ms"] = t_ar * 1e3
         row[f"{tag} sharded comm ms"] = t_sh * 1e3
@@ -376,6 +384,8 @@ def step_costs(s: Setting, cpu: dict, launches: dict) -> dict:
         row[f"{tag} vs DDP %"] = 100 * (moo_step - plain_step) / plain_step
         row[f"{tag} vs ZeRO-2 %"] = 100 * (z2_moo - z2_step) / z2_step
         row[f"{tag} exposed-comm ms"] = (t_sh - t_ar + gpu_compute) * 1e3  # no overlap credit at all
+        row[f"{tag} global vs DDP %"] = 100 * (glob_step - plain_step) / plain_step
+        row[f"{tag} allgather vs DDP %"] = 100 * (allg_step - plain_step) / plain_step
     return row
 
 
@@ -449,27 +459,93 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     sel = [r for r in rows if r["model"] == "8B" and r["bucket MB"] == 25.0]
+
+    def line(ax, T, value, *args, **kw):
+        pts = sorted((r["P"], value(r)) for r in sel if r["T"] == T)
+        ax.plot([p for p, _ in pts], [max(v, 0.05) for _, v in pts], *args, **kw)
+
     for ax, tag, title in ((axes[0], "IB", "InfiniBand (40 GB/s busbw)"), (axes[1], "NVL", "NVLink (360 GB/s busbw)")):
-        for T in sorted({r["T"] for r in sel}):
-            pts = sorted((r["P"], r[f"{tag} vs DDP %"]) for r in sel if r["T"] == T)
-            ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=f"sharded, T={T}")
-        pts = sorted((r["P"], r[f"{tag} vs ZeRO-2 %"]) for r in sel if r["T"] == 8)
-        ax.plot([p for p, _ in pts], [v for _, v in pts], "k--", marker="s", label="FSDP/ZeRO-2 path vs ZeRO-2, T=8")
+        for T, style in ((4, ":"), (32, "-."), (64, "--")):
+            line(ax, T, lambda r: r[f"{tag} vs DDP %"], style, color="C0", lw=1, label=f"sharded, T={T}")
+        line(ax, 8, lambda r: r[f"{tag} vs DDP %"], "o-", color="C0", label="sharded, T=8 (comm hidden in backward)")
+        line(ax, 8, lambda r: 100 * r[f"{tag} exposed-comm ms"] / r["fwd+bwd ms"], "o--", color="C1",
+             label="sharded, T=8, no overlap credit")
+        line(ax, 8, lambda r: r[f"{tag} vs ZeRO-2 %"], "s-", color="k", label="FSDP2/ZeRO-2 path vs ZeRO-2, T=8")
+        line(ax, 8, lambda r: r[f"{tag} global vs DDP %"], "^-", color="C2", label="global MOO (sharded), T=8")
+        line(ax, 8, lambda r: r[f"{tag} allgather vs DDP %"], "v-", color="C3", label="all-gather protocol, T=8")
         ax.axhline(10, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog", linthresh=1)
+        ax.set_yscale("log")
         ax.set_xlabel("world size P")
-        ax.set_ylabel("predicted step overhead vs plain DDP (%)")
-        ax.set_title(f"8B, 25 MB buckets, {title}")
+        ax.set_title(f"Llama-3.1-8B, bf16, 25 MB buckets, {title}", fontsize=9)
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted step overhead vs plain DDP (%)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Bucket-Level MOO (sharded protocol): predicted overhead, GPU figures assumed (see scale_model.md)",
-                 fontsize=9)
+    fig.suptitle("Predicted overhead per protocol (benchmarks/results/scale_model.json; GPU and network figures "
+                 "are assumptions)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summarize(rows: list[dict], threshold: float = 10.0) -> list[dict]:
+    """Per model, bucket size, T and interconnect: the predicted overhead vs plain DDP at
+    P = 8, 64 and 1024, with the comm hidden behind the backward (``overlap``) and with no
+    overlap credit at all (``exposed``), and the first P where it passes ``threshold`` %."""
+    out = []
+    keys = sorted({(r["model"], r["bucket MB"], r["T"]) for r in rows}, key=lambda k: (num_params(CONFIGS[k[0]]), k[1], k[2]))
+    for model, mb, T in keys:
+        sel = sorted((r for r in rows if (r["model"], r["bucket MB"], r["T"]) == (model, mb, T)), key=lambda r: r["P"])
+        for tag in ("NVL", "IB"):
+            row = {"model": model, "bucket MB": mb, "T": T, "network": "NVLink" if tag == "NVL" else "InfiniBand"}
+            for r in sel:
+                if r["P"] in (8, 64, 1024):
+                    row[f"P={r['P']} %"] = r[f"{tag} vs DDP %"]
+                    row[f"P={r['P']} exposed %"] = 100 * r[f"{tag} exposed-comm ms"] / r["fwd+bwd ms"]
+            over = [r["P"] for r in sel if r[f"{tag} vs DDP %"] > threshold]
+            exp = [r["P"] for r in sel if 100 * r[f"{tag} exposed-comm ms"] / r["fwd+bwd ms"] > threshold]
+            row[f"first P > {threshold:g} %"] = over[0] if over else "none"
+            row[f"first P > {threshold:g} % (exposed)"] = exp[0] if exp else "none"
+            out.append(row)
+    return out
+
+
+def render(payload: dict, name: str) -> None:
+    """Write results/<name>.md and .png from the payload (also the JSON's content)."""
+    from . import scale_validation
+    from .harness import RESULTS_DIR, markdown_table
+
+    rows, env, cpu = payload["rows"], payload["env"], payload["cpu_measured"]
+    payload["summary"] = summarize(rows)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    plot(rows, RESULTS_DIR / f"{name}.png")
+    md = [f"# Scale model: Bucket-Level MOO at 1B / 8B / 70B on 8..1024 ranks\n",
+          "\n".join(f"- {k}: {v}" for k, v in env.items()), "",
+          "Bytes and memory are exact for the layouts (checked against simulated worlds below); "
+          "GPU and network times use the assumptions listed here, CPU times are measured on this machine "
+          "(shared: 2 cores, load 10-16 during the run). Gradients bf16 (2 bytes), DDP's bucket rule "
+          "(1 MiB first bucket), P/T ranks per task, sharded protocol, bucket granularity, MGDA. "
+          "Columns: `AR GB` plain DDP ring all-reduce, `RS GB` ZeRO-2 / FSDP reduce-scatter, `sharded GB` the "
+          "DDP hook, `FSDP-MOO GB` the FSDP2 / ZeRO-2 path, `allgather GB` the all-gather protocol, `global GB` "
+          "global MOO over the sharded protocol (all bytes sent per rank and step; received is the same); "
+          "`* extra GB` the hook's peak extra memory per rank (synchronous; with asynchronous overlap up to "
+          "two buckets are in flight: at most twice `sharded extra GB`); `GPU moo ms` Gram + combine + solve "
+          "+ launches per step on the assumed GPU, `CPU moo ms` the same at this CPU's measured throughput; "
+          "`added ms` / `vs DDP %` the predicted step-time increase over plain DDP (comm hidden behind "
+          "the backward where it fits), `vs ZeRO-2 %` the FSDP2 / ZeRO-2 path over ZeRO-2.", "",
+          "## Assumptions\n", "```", json.dumps(payload["assumptions"], indent=1), "```", "",
+          "## CPU measurements (this machine, the library's auto backend, 20th percentile)\n", "```",
+          json.dumps(cpu, indent=1), "```",
+          "", "launches per bucket (simulated, sharded, bucket granularity): "
+          + ", ".join(f"{k}: {v:.0f}" for k, v in payload["launches_per_bucket"].items()), "",
+          "## The paper's 8B figures (72 GB bucket-level vs 123 GB global MOO)\n", markdown_table(payload["paper_8B"]),
+          "## Where the overhead passes 10 %\n", markdown_table(payload["summary"]),
+          "## Sweep\n", markdown_table(rows, SHORT_COLUMNS)]
+    if payload.get("validation"):
+        md += ["## Validation\n", scale_validation.to_markdown(payload["validation"])]
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(md))
 
 
 def main(argv=None) -> int:
@@ -480,8 +556,24 @@ def main(argv=None) -> int:
     parser.add_argument("--bucket-mb", type=float, default=25.0)
     parser.add_argument("--sweep", action="store_true", help="the full sweep, written to benchmarks/results/")
     parser.add_argument("--validate", action="store_true", help="with --sweep: simulated worlds and gloo checks")
+    parser.add_argument("--render", action="store_true",
+                        help="recompute the tables and plot from the .json's stored measurements (no new measurement)")
     parser.add_argument("--name", default="scale_model")
     args = parser.parse_args(argv)
+    from .harness import RESULTS_DIR, environment
+
+    if args.render:
+        payload = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
+        # recompute the sweep from the stored calibration (same measured inputs, no new measurement)
+        cpu = payload["cpu_measured"]
+        for key in ("gram_GBps", "combine_GBps", "solve_us"):
+            cpu[key] = {int(k): v for k, v in cpu[key].items()}
+        launches = {(int(k.split()[0][2:]), k.split()[1]): v for k, v in payload["launches_per_bucket"].items()}
+        payload["rows"] = sweep(cpu, launches)
+        payload["paper_8B"] = paper_reconciliation()
+        render(payload, args.name)
+        print(f"rendered {RESULTS_DIR / args.name}.{{md,png}}")
+        return 0
     t0 = time.time()
     tasks = tuple(sorted(set(TASKS) | set(args.tasks))) if args.sweep else tuple(args.tasks)
     cpu, launches = calibrate(tasks)
@@ -490,7 +582,6 @@ def main(argv=None) -> int:
         _print(rows)
         return 0
     from . import scale_validation
-    from .harness import RESULTS_DIR, environment, markdown_table
 
     rows = sweep(cpu, launches)
     validation = scale_validation.run(cpu) if args.validate else None
@@ -498,26 +589,10 @@ def main(argv=None) -> int:
     env["command"] = "python -m benchmarks.scale_model --sweep" + (" --validate" if args.validate else "")
     env["runtime_s"] = f"{time.time() - t0:.0f}"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    paper = paper_reconciliation()
-    payload = {"env": env, "assumptions": ASSUMPTIONS, "cpu_measured": cpu, "paper_8B": paper,
+    payload = {"env": env, "assumptions": ASSUMPTIONS, "cpu_measured": cpu, "paper_8B": paper_reconciliation(),
                "launches_per_bucket": {f"T={k[0]} {k[1]}": v for k, v in launches.items()},
                "rows": rows, "validation": validation}
-    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    plot(rows, RESULTS_DIR / f"{args.name}.png")
-    md = [f"# Scale model: Bucket-Level MOO at 1B / 8B / 70B on 8..1024 ranks\n",
-          "\n".join(f"- {k}: {v}" for k, v in env.items()), "",
-          "Bytes and memory are exact for the layouts (checked against simulated worlds below); "
-          "GPU and network times use the assumptions listed here, CPU times are measured on this machine. "
-          "Gradients bf16 (2 bytes), DDP bucket rule (1 MiB first bucket), one task per P/T ranks.", "",
-          "## Assumptions\n", "```", json.dumps(ASSUMPTIONS, indent=1), "```", "",
-          "## CPU measurements (this machine, the library's auto backend)\n", "```", json.dumps(cpu, indent=1), "```",
-          "", "launches per bucket (simulated, sharded, bucket granularity): "
-          + ", ".join(f"T={k[0]}: {v:.1f}" for k, v in launches.items()), "",
-          "## The paper's 8B figures (72 GB bucket-level vs 123 GB global MOO)\n", markdown_table(paper),
-          "## Sweep\n", markdown_table(rows, SHORT_COLUMNS)]
-    if validation:
-        md += ["## Validation\n", scale_validation.to_markdown(validation)]
-    (RESULTS_DIR / f"{args.name}.md").write_text("\n".join(md))
+    render(payload, args.name)
     _print([r for r in rows if r["model"] == "8B" and r["P"] == 64 and r["bucket MB"] == 25.0])
     print(f"wrote {RESULTS_DIR / args.name}.{{md,json,png}} in {time.time() - t0:.0f} s")
     return 0
