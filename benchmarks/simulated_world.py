@@ -1,6 +1,6 @@
 """One rank of a P-rank world in one process: what the hook sends, holds and launches.
 
-The process joins torch's ``fake`` process group (``torch.testing._internal.distributed.fake_pg``)
+The process joins torch's ``fake`` process group (``dist.Backend.FAKE``; ``FakeProcessGroup``)
 as rank r of P: every collective returns at once without moving data. A
 :class:`~torch.utils._python_dispatch.TorchDispatchMode` (:class:`StepRecorder`) sits under the
 hook and sees every operator it runs, the ``c10d`` collectives included (the process group
@@ -234,18 +234,36 @@ class StepRecorder(TorchDispatchMode):
         return out
 
 
+def _register_fake_backend() -> None:
+    if "FAKE" in dist.Backend._plugins:
+        return
+    from torch._C._distributed_c10d import FakeProcessGroup
+
+    def create(common_opts, backend_opts):
+        return FakeProcessGroup._create_internal(common_opts.group_rank, common_opts.group_size, backend_opts)
+
+    dist.Backend.register_backend("fake", create, extended_api=True, devices=["cpu", "cuda"])
+
+
 @contextlib.contextmanager
 def fake_world(world_size: int, rank: int):
-    """Join torch's fake process group as ``rank`` of ``world_size`` (leaves any previous group)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    """Join torch's fake process group as ``rank`` of ``world_size`` (leaves any previous group).
 
+    The ``fake`` backend is torch's C++ ``FakeProcessGroup``; it is registered here the way
+    ``torch.testing._internal.distributed.fake_pg`` registers it (importing that module pulls
+    in torch's test utilities, ~4 s of CPU).
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    _register_fake_backend()
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
         yield dist.group.WORLD
     finally:
         dist.destroy_process_group()
+
+
+_ONE = torch.zeros(1)
 
 
 class SimBucket:
@@ -253,7 +271,9 @@ class SimBucket:
 
     def __init__(self, index: int, buffer: torch.Tensor, shapes, is_last: bool):
         self._index, self._buffer, self._last = index, buffer, is_last
-        self._params = [torch.empty(s, device="meta") for s in shapes]
+        # stand-ins with the parameters' shapes and no storage of their own (a stride-0 view of one
+        # element: meta tensors would do too, but the first one imports torch._dynamo, ~15 s here)
+        self._params = [_ONE.expand(*s) for s in shapes]
 
     def index(self) -> int:
         return self._index
