@@ -571,6 +571,10 @@ def main(argv=None) -> int:
         launches = {(int(k.split()[0][2:]), k.split()[1]): v for k, v in payload["launches_per_bucket"].items()}
         payload["rows"] = sweep(cpu, launches)
         payload["paper_8B"] = paper_reconciliation()
+        from .harness import _git_commit
+
+        payload["env"]["rendered"] = (f"tables recomputed from the stored measurements with "
+                                      f"`python -m benchmarks.scale_model --render` at commit {_git_commit()}")
         render(payload, args.name)
         print(f"rendered {RESULTS_DIR / args.name}.{{md,png}}")
         return 0
