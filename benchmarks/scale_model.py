@@ -416,6 +416,23 @@ def paper_reconciliation(worlds=(8, 64), tasks=(2, 4, 8), element_size: int = 2)
     return rows
 
 
+def largest_bucket_breakdown(model: str = "8B", world: int = 64, tasks: int = 8, element_size: int = 2) -> dict:
+    """The buffers of the sharded protocol for the largest bucket (where the peak is)."""
+    buckets = ddp_buckets(CONFIGS[model], element_size=element_size)
+    b = max(buckets, key=lambda x: x.numel)
+    n, w = b.numel, element_size
+    own, m = _own_len(n, world, 0), _shard(n, world)
+    parts = {"received rows GB": world * own * w / GB,
+             "fp32 copy of the received rows (transient, P > T and w < 4) GB": (world * own * 4 / GB
+                                                                                  if world != tasks and w != 4 else 0.0),
+             "task rows GB": (tasks * own * 4 / GB if world != tasks else 0.0),
+             "own shard GB": m * w / GB}
+    peak = predict_ddp(buckets, world, tasks, element_size=element_size)["peak_extra"]
+    return {"model": model, "P": world, "T": tasks, "largest bucket": list(b.names), "largest bucket numel": n,
+            "largest bucket GB": n * w / GB, **parts, "predicted peak GB": peak / GB,
+            "peak without the fp32 copy GB": peak / GB - parts["fp32 copy of the received rows (transient, P > T and w < 4) GB"]}
+
+
 # ------------------------------------------------------------------ sweep and output
 MODELS = ("1B", "8B", "70B")
 WORLDS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -519,6 +536,7 @@ def render(payload: dict, name: str) -> None:
 
     rows, env, cpu = payload["rows"], payload["env"], payload["cpu_measured"]
     payload["summary"] = summarize(rows)
+    payload["breakdown_8B"] = largest_bucket_breakdown()
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     plot(rows, RESULTS_DIR / f"{name}.png")
     md = [f"# Scale model: Bucket-Level MOO at 1B / 8B / 70B on 8..1024 ranks\n",
@@ -541,6 +559,8 @@ def render(payload: dict, name: str) -> None:
           "", "launches per bucket (simulated, sharded, bucket granularity): "
           + ", ".join(f"{k}: {v:.0f}" for k, v in payload["launches_per_bucket"].items()), "",
           "## The paper's 8B figures (72 GB bucket-level vs 123 GB global MOO)\n", markdown_table(payload["paper_8B"]),
+          "## The 8B extra memory, P = 64, T = 8: the largest bucket's buffers\n", "```",
+          json.dumps(payload["breakdown_8B"], indent=1), "```", "",
           "## Where the overhead passes 10 %\n", markdown_table(payload["summary"]),
           "## Sweep\n", markdown_table(rows, SHORT_COLUMNS)]
     if payload.get("validation"):
