@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .llm_layout import CONFIGS, LlamaConfig, ddp_buckets, fsdp_groups, mlp_shapes, num_params
+from .llm_layout import CONFIGS, LlamaConfig, ddp_buckets, fsdp_groups, num_params
 
 __all__ = ["ASSUMPTIONS", "predict_ddp", "predict_fsdp", "plain_allreduce_bytes", "reduce_scatter_bytes",
            "measure_cpu", "step_costs", "sweep", "main"]

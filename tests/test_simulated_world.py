@@ -15,9 +15,14 @@ Llama-style layout; a dispatch-mode recorder sees every collective, allocation a
 Select with ``-k simulated_world``.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package, under plain `pytest` too
 
 from benchmarks.llm_layout import CONFIGS, ddp_buckets, fsdp_groups, mlp_shapes, param_shapes
 from benchmarks.scale_model import plain_allreduce_bytes, predict_ddp, predict_fsdp, reduce_scatter_bytes
