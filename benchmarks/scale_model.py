@@ -346,12 +346,16 @@ def step_costs(s: Setting, cpu: dict, launches: dict) -> dict:
         touched += (P * m * e + (T * m * (4 + e) if P != T else 0)) + 2 * T * m * e + m * e
     lp = launches.get((T, "sharded"), 20.0)
     solve_s = cpu["solve_us"].get(T, cpu["solve_us"][max(cpu["solve_us"])]) * 1e-6
-    gpu_compute = touched / hbm + K * (lp * ASSUMPTIONS["launch_us"] * 1e-6 + solve_s * ASSUMPTIONS["solve_us_gpu_factor"])
+    gpu_stream = touched / hbm  # Gram + combine + row grouping: bandwidth-bound
+    gpu_step = K * (lp * ASSUMPTIONS["launch_us"] * 1e-6 + solve_s * ASSUMPTIONS["solve_us_gpu_factor"])  # weight step + launches
+    gpu_compute = gpu_stream + gpu_step
     allg_touched = sum((P + (T * (4 + e) if P != T else 0) + 2 * T + 1) * n * e for n in numels)
     allg_compute = allg_touched / hbm + K * (lp * ASSUMPTIONS["launch_us"] * 1e-6 + solve_s)
     cpu_bw = cpu["combine_GBps"].get(T, min(cpu["combine_GBps"].values())) * GB
     cpu_compute = touched / cpu_bw + K * solve_s
-    row.update({"GPU moo ms": gpu_compute * 1e3, "CPU moo ms": cpu_compute * 1e3})
+    row.update({"GPU gram+combine ms": gpu_stream * 1e3, "GPU weight step ms": gpu_step * 1e3,
+                "GPU moo ms": gpu_compute * 1e3, "CPU gram+combine ms": touched / cpu_bw * 1e3,
+                "CPU weight step ms": K * solve_s * 1e3, "CPU moo ms": cpu_compute * 1e3})
     # step times: forward+backward from FLOPs, comm hidden behind the backward where it fits
     t_fb = 6 * num_params(cfg) * ASSUMPTIONS["tokens_per_gpu_step"] / (ASSUMPTIONS["peak_tflops_bf16"] * 1e12 * ASSUMPTIONS["mfu"])
     t_bwd = ASSUMPTIONS["backward_share"] * t_fb
@@ -460,7 +464,8 @@ def sweep(cpu: dict, launches: dict, models=MODELS, worlds=WORLDS, tasks=TASKS, 
 
 SHORT_COLUMNS = ["model", "P", "T", "bucket MB", "buckets", "AR GB", "sharded GB", "sharded/AR", "RS GB", "FSDP-MOO GB",
                  "allgather GB", "global GB", "sharded extra GB", "allgather extra GB", "global extra GB",
-                 "GPU moo ms", "CPU moo ms", "fwd+bwd ms", "NVL added ms", "NVL vs DDP %", "IB added ms", "IB vs DDP %",
+                 "GPU gram+combine ms", "GPU weight step ms", "GPU moo ms", "CPU gram+combine ms", "CPU weight step ms",
+                 "fwd+bwd ms", "NVL added ms", "NVL vs DDP %", "IB added ms", "IB vs DDP %",
                  "IB vs ZeRO-2 %"]
 
 
@@ -549,8 +554,10 @@ def render(payload: dict, name: str) -> None:
           "DDP hook, `FSDP-MOO GB` the FSDP2 / ZeRO-2 path, `allgather GB` the all-gather protocol, `global GB` "
           "global MOO over the sharded protocol (all bytes sent per rank and step; received is the same); "
           "`* extra GB` the hook's peak extra memory per rank (synchronous; with asynchronous overlap up to "
-          "two buckets are in flight: at most twice `sharded extra GB`); `GPU moo ms` Gram + combine + solve "
-          "+ launches per step on the assumed GPU, `CPU moo ms` the same at this CPU's measured throughput; "
+          "two buckets are in flight: at most twice `sharded extra GB`); `GPU gram+combine ms` the bytes the "
+          "sharded protocol's Gram, combine and row grouping touch at the assumed HBM bandwidth, `GPU weight step ms` "
+          "one solve per bucket (at the CPU's measured time) plus the simulated launches x the assumed launch cost, "
+          "`GPU moo ms` their sum; `CPU ...` the same at this CPU's measured throughput; "
           "`added ms` / `vs DDP %` the predicted step-time increase over plain DDP (comm hidden behind "
           "the backward where it fits), `vs ZeRO-2 %` the FSDP2 / ZeRO-2 path over ZeRO-2.", "",
           "## Assumptions\n", "```", json.dumps(payload["assumptions"], indent=1), "```", "",
