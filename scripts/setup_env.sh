@@ -6,6 +6,10 @@
 #                          (default torch==2.13.0, the CPU wheel on this project's machines;
 #                          on a GPU machine install your CUDA build of torch first instead)
 #   BUCKETMOO_VENV         where the virtualenv lives (default ./.venv)
+#   BUCKETMOO_ENGINES      1 (default): also install the engines the integration tests drive
+#                          (transformers, accelerate, peft, lightning, deepspeed) and the
+#                          solvers torchjd's NashMTL/CAGrad need (cvxpy, ecos, clarabel);
+#                          0: skip them (their tests then skip with the reason)
 #
 # Any dependency that cannot be installed stops the script with a message naming it and
 # pip's own output; only pip's known noise (the "WARNING: Location" lines) is filtered.
@@ -61,6 +65,16 @@ fi
 echo "[setup] installing the test and benchmark dependencies"
 pip_install "the test and benchmark dependencies" -c "$CONSTRAINT" \
   numpy scipy pytest hypothesis ninja pybind11 matplotlib tqdm babel torchjd
+if [ "${BUCKETMOO_ENGINES:-1}" = "1" ]; then
+  echo "[setup] installing the engines of the integration tests and torchjd's optional solvers"
+  pip_install "the integration engines" -c "$CONSTRAINT" \
+    "transformers>=5.0" "accelerate>=1.0" peft "lightning>=2.2" cvxpy ecos clarabel
+  if ! python -c "import deepspeed" 2>/dev/null; then
+    # DeepSpeed builds no ops here (the tests use gloo on CPU); it needs the venv's torch at
+    # build time, hence no build isolation.
+    DS_BUILD_OPS=0 pip_install deepspeed --no-build-isolation -c "$CONSTRAINT" deepspeed
+  fi
+fi
 echo "[setup] building and installing bucketmoo_kernels (native extensions included)"
 pip_install "bucketmoo_kernels (pip install -e .)" --no-build-isolation -c "$CONSTRAINT" -e .
 python -c "import bucketmoo_kernels as bm; print('[setup] backends on cpu:', {k: ('ok' if v is None else 'unavailable') for k, v in bm.available_backends('cpu').items()})" \
