@@ -8,9 +8,9 @@ import torch
 
 import bucketmoo_kernels as bmk
 from bucketmoo_kernels.ddp import BucketMOOState, DiagnosticsLog, TaskLayout, bucket_moo_hook
-from bucketmoo_kernels.ddp.collectives import check_backend
-from bucketmoo_kernels.ddp.diagnostics import BucketRecord
-from bucketmoo_kernels.ddp.protocol import local_shard_length, shard_length, shard_segments
+from bucketmoo_kernels.distributed.collectives import check_backend
+from bucketmoo_kernels.distributed.diagnostics import BucketRecord
+from bucketmoo_kernels.distributed.protocol import local_shard_length, shard_length, shard_segments
 
 
 @pytest.mark.parametrize("kwargs,exc,words", [
