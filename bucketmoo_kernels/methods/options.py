@@ -25,7 +25,7 @@ __all__ = ["check_option_values", "OPTION_RANGES"]
 
 
 def _at_least(bound: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= bound else f"must be >= {bound}"
+    return lambda v: None if v >= bound else f"must be >= {bound:g}"
 
 
 def _one_of(*choices: Any) -> Callable[[Any], str | None]:
@@ -43,7 +43,7 @@ OPTION_RANGES: dict[tuple[str, str], Callable[[Any], str | None]] = {
 
 
 def _typed(method: str, name: str, default: Any, value: Any) -> Any:
-    where = f"method {method!r} option {name}"
+    where = f"{method} option {name}"
     if isinstance(default, bool):
         if isinstance(value, bool) or _is_numpy_bool(value):
             return bool(value)
@@ -82,4 +82,4 @@ def check_option_values(method: str, defaults: dict[str, Any], options: dict[str
         check = OPTION_RANGES.get((method, name))
         problem = check(typed) if check is not None else None
         if problem is not None:
-            raise ValueError(f"method {method!r} option {name} {problem}; got {value!r}")
+            raise ValueError(f"{method} option {name} {problem}; got {value!r}")

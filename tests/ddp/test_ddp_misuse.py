@@ -87,7 +87,11 @@ def test_settings_mismatch_raises_value_error_on_every_rank_naming_the_setting()
 BACKENDS = ["torch", "cpu", "triton"]
 
 
-def _nonfinite_worker(rank: int, world: int, backend: str) -> dict:
+def _nonfinite_worker(rank: int, world: int, backends: list) -> dict:
+    return {backend: _nonfinite_cases(rank, backend) for backend in backends}
+
+
+def _nonfinite_cases(rank: int, backend: str) -> dict:
     out = {}
     for case in ("nan", "overflow"):
         ddp = torch.nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=0.0004)
@@ -113,14 +117,18 @@ def _nonfinite_worker(rank: int, world: int, backend: str) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def nonfinite_results():
+    return run_distributed(_nonfinite_worker, 2, BACKENDS)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_gram_gives_nan_weights_and_nan_buckets_on_every_backend(backend):
-    results = run_distributed(_nonfinite_worker, 2, backend)
+def test_nonfinite_gram_gives_nan_weights_and_nan_buckets_on_every_backend(nonfinite_results, backend):
     for case in ("nan", "overflow"):
-        for rank, res in enumerate(results):
-            got = res[case]
+        for rank, res in enumerate(nonfinite_results):
+            got = res[backend][case]
             # every bucket's combined gradient is entirely NaN: a GradScaler skips the step
             assert not any(got["bucket_finite"]), f"{backend} {case} rank {rank}: a bucket kept finite values"
             assert torch.isnan(got["grad_bits"]).all()

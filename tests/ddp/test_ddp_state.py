@@ -8,9 +8,9 @@ import torch
 
 import bucketmoo_kernels as bmk
 from bucketmoo_kernels.ddp import BucketMOOState, DiagnosticsLog, TaskLayout, bucket_moo_hook
-from bucketmoo_kernels.ddp.collectives import check_backend
-from bucketmoo_kernels.ddp.diagnostics import BucketRecord
-from bucketmoo_kernels.ddp.protocol import local_shard_length, shard_length, shard_segments
+from bucketmoo_kernels.distributed.collectives import check_backend
+from bucketmoo_kernels.distributed.diagnostics import BucketRecord
+from bucketmoo_kernels.distributed.protocol import local_shard_length, shard_length, shard_segments
 
 
 @pytest.mark.parametrize("kwargs,exc,words", [
@@ -98,6 +98,15 @@ def test_state_dict_roundtrip_and_pickle():
     assert clone.state_dict() == sd and clone.process_group is None
     with pytest.raises(ValueError, match="version"):
         other.load_state_dict({**sd, "version": 99})
+    # version 1 (before bucket_cap_mb and bucket_layout) still loads
+    v1 = {k: v for k, v in sd.items() if k not in ("bucket_cap_mb", "bucket_layout")}
+    other.load_state_dict({**v1, "version": 1})
+    assert other.state_dict() == sd and other.bucket_layout is None
+    # a saved layout must cover every parameter once
+    other.load_state_dict({**sd, "bucket_layout": [[3, 2], [1, 0]]})
+    assert other.bucket_layout == [[3, 2], [1, 0]] and other.state_dict()["bucket_layout"] == [[3, 2], [1, 0]]
+    with pytest.raises(ValueError, match="bucket_layout must cover"):
+        other.load_state_dict({**sd, "bucket_layout": [[0, 0], [1]]})
     with pytest.raises(ValueError, match="granularity"):
         other.load_state_dict({**sd, "granularity": "bogus"})
 
@@ -166,3 +175,24 @@ def test_backend_check_follows_the_protocol_the_hook_runs(monkeypatch, kwargs, e
     hook._check_once(state, torch.zeros(4))
     assert checked == [expected]
     assert state.plain_average == (expected == "allreduce")
+
+
+def test_predicted_rebuilt_layout_matches_what_ddp_builds():
+    """The layouts DDP 2.13 built for the tests' model after its first iteration (recorded with
+    a probe hook on 2 gloo processes): cap 0.0004 MiB -> [[5, 4, 3, 2], [1, 0]]; the default
+    cap (25 MiB, 1 MiB first bucket) -> one bucket in reverse parameter order."""
+    from bucketmoo_kernels.distributed.bucket_layout import bucket_caps, predict_rebuilt_layout, split_bucket
+    from ddp_helpers import make_model
+
+    params = list(make_model().parameters())
+    assert predict_rebuilt_layout(params, 0.0004) == [[5, 4, 3, 2], [1, 0]]
+    assert predict_rebuilt_layout(params, None) == [[5, 4, 3, 2, 1, 0]]
+    assert bucket_caps(None) == (1024 * 1024, 25 * 1024 * 1024) and bucket_caps(0.0004) == (419, 419)
+    buf = torch.arange(sum(p.numel() for p in params), dtype=torch.float32)
+    virtual = split_bucket(buf, params, [[5, 4, 3, 2], [1, 0]])
+    assert [vb.index() for vb in virtual] == [0, 1] and [vb.is_last() for vb in virtual] == [False, True]
+    assert virtual[1].buffer().numel() == params[0].numel() + params[1].numel()
+    target = torch.zeros_like(buf)
+    for vb in virtual:
+        vb.write_back(target)
+    assert torch.equal(target, buf)  # the copies cover the single bucket exactly
