@@ -130,6 +130,15 @@ def copy_baseline(num_tasks: int, n: int, dtype: torch.dtype, device: torch.devi
     return (lambda: dst.copy_(src)), 2 * numel * src.element_size()
 
 
+def copy_baseline_ms(numel: int, dtype: torch.dtype, device: torch.device | str, **kw) -> dict[str, float]:
+    """Deprecated shape of :func:`copy_baseline` kept for older scripts: times ``dst.copy_(src)`` of
+    ``numel`` elements (random ``src``, initialised ``dst``) with :func:`time_ms`. New tables use
+    :func:`copy_baseline` inside their :func:`time_round_robin` call."""
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = src.clone()
+    return time_ms(lambda: dst.copy_(src), device, **kw)
+
+
 def gbps(bytes_moved: float, ms: float) -> float:
     return bytes_moved / (ms * 1e-3) / 1e9
 

@@ -35,15 +35,15 @@ def dname(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def backend_params(fast_on_interpreter=lambda *values: True, *grids):
+def backend_params(fast_on_interpreter=lambda *values: True, *grids, slow=lambda *values: False):
     """``pytest.param(backend, *values)`` for every backend and every combination of ``grids``;
-    the ``cuda`` ones carry the ``gpu`` mark, interpreted ones outside ``fast_on_interpreter``
-    the ``slow`` mark."""
+    the ``cuda`` ones carry the ``gpu`` mark; interpreted ones outside ``fast_on_interpreter``,
+    and any for which ``slow(*values)``, the ``slow`` mark."""
     out = []
     for backend in DEVICES:
         for values in itertools.product(*grids) if grids else [()]:
             marks = [pytest.mark.gpu] if backend == "cuda" else []
-            if backend in INTERPRETED and not fast_on_interpreter(*values):
+            if (backend in INTERPRETED and not fast_on_interpreter(*values)) or slow(*values):
                 marks.append(pytest.mark.slow)
             ids = "-".join([backend] + [dname(v) if isinstance(v, torch.dtype) else str(v) for v in values])
             out.append(pytest.param(backend, *values, marks=marks, id=ids))
@@ -73,7 +73,8 @@ def _gram_oracle(grads, segments, n):
 
 @pytest.mark.parametrize("backend, num_tasks, dtype, layout", backend_params(
     lambda t, d, lay: (t, lay) in ((3, "uneven"), (5, "empty+len1")) and d == torch.float32,
-    [2, 3, 5, 8], DTYPES, list(LAYOUTS)))
+    [2, 3, 5, 8], DTYPES, list(LAYOUTS),
+    slow=lambda t, d, lay: t == 8 and lay == "chunk7"))  # 29 segments x 255 faces in the oracle
 def test_fused_matches_the_oracle(backend, device, num_tasks, dtype, layout):
     n = 203  # not a multiple of any block or tile size
     grads = random_grads(num_tasks, n, dtype, device=device)
@@ -122,7 +123,7 @@ def test_mean_is_the_plain_average(backend, device, dtype):
     assert_close(out, grads.double().mean(0), atol=atol, rtol=rtol, what="mean")
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(lambda: False))
 def test_list_stacked_and_strided_inputs_agree_bit_for_bit(backend, device):
     grads = random_grads(3, 100, device=device)
     segments = offsets(10, 0, 90)
@@ -134,8 +135,7 @@ def test_list_stacked_and_strided_inputs_agree_bit_for_bit(backend, device):
                                    atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend, dtype, row", backend_params(
-    lambda d, row: d == torch.float32 and row == 2, DTYPES, [0, 2]))
+@pytest.mark.parametrize("backend, dtype, row", backend_params(lambda d, row: False, DTYPES, [0, 2]))
 def test_out_may_alias_an_input_row(backend, device, dtype, row):
     grads = random_grads(3, 150, dtype, device=device)
     expected = bm.fused_bucket_moo(grads.clone(), segments=40, backend=backend)

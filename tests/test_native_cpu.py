@@ -192,6 +192,7 @@ def _assert_same_bits_as_baseline(isa_run, script, isa):
         assert torch.equal(a, b), f"output {i}: {isa} differs from baseline"
 
 
+@pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
 def test_isa_env_falls_back_to_the_best_variant():
     """An unknown BUCKETMOO_CPU_ISA value runs the variant that no value picks."""
     code = "from bucketmoo_kernels import native; print(native.cpu_isa())"
@@ -242,6 +243,7 @@ torch.save((native.cpu_isa(), out), sys.argv[1])
 """
 
 
+@pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
 @pytest.mark.parametrize("isa", ISA_VARIANTS)
 def test_isa_variants_round_every_half_value_to_the_same_bits(isa_run, isa):
     """The 16-bit combine output (rounded in vector registers on AVX2 / AVX-512, by the scalar
@@ -284,7 +286,7 @@ def _assert_same_bits(a, b):
 
 @pytest.mark.parametrize("method,opts", METHOD_CASES, ids=lambda v: str(v) if isinstance(v, str) else "")
 @pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("num_tasks", [pytest.param(t, marks=() if t == 3 else pytest.mark.slow) for t in [1, 2, 3, 4, 8]])
 def test_fused_sweep_is_bit_identical_to_the_two_passes(method, opts, normalization, num_tasks):
     if method == "cagrad" and num_tasks > 8:
         pytest.skip("cagrad is exact for T <= 8")
@@ -299,6 +301,7 @@ def test_fused_sweep_is_bit_identical_to_the_two_passes(method, opts, normalizat
                 _assert_same_bits(_one_sweep(*args), _two_pass(*args))
 
 
+@pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
 def test_weight_step_matches_the_torch_pipeline():
     """The native weight step (normalisation, method, rescale) against api._solve on the
     torch backend, which runs the methods' torch functions."""
@@ -346,6 +349,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
 @pytest.mark.parametrize("group_bytes", [1, 4096, 300_000])
 def test_fused_sweep_with_small_groups(group_bytes):
     """Many groups (each segment, or a few, per group; segments larger than a group) and an
@@ -555,6 +559,7 @@ torch.save((native.cpu_isa(), case()), sys.argv[1])
 """
 
 
+@pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
 @pytest.mark.parametrize("isa", ("baseline",) + ISA_VARIANTS)
 def test_fp16_subnormals_survive_flush_denormal_mode(isa_run, isa):
     """float16 subnormals convert exactly in every variant even with DAZ/FTZ set: the gram of
@@ -866,6 +871,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
 def test_missing_extension_never_breaks_import():
     result = subprocess.run([sys.executable, "-c", _MISSING_SCRIPT], cwd=ROOT, capture_output=True,
                             text=True)

@@ -41,7 +41,7 @@ FAST_UNDER_INTERPRETER = {
     "test_combine_matches_reference[T3-float32-uneven]", "test_combine_matches_reference[T5-float16-one]",
     "test_gram_of_empty_input_is_zero", "test_exact_solver_matches_torch[5]",
     "test_exact_solver_with_two_tasks_and_closed_form", "test_pcgrad_matches_torch[0-5]",
-    "test_cagrad_matches_torch[0.4-1-3]", "test_pgd_solver_matches_torch[4]",
+    "test_cagrad_matches_torch[0.4-1-3]",
     "test_backend_is_registered_and_says_when_it_cannot_run", "test_solve_falls_back_to_torch_where_it_has_no_kernel",
     "test_runs_under_the_interpreter_on_cpu", "test_pcgrad_orders_cache_is_bounded",
 }

@@ -69,7 +69,7 @@ def test_exact_is_optimal_feasible_and_kkt(num_tasks, seed, shared):
     check_kkt(m[0], w, 1e-8)
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=() if s == 0 else pytest.mark.slow) for s in range(20)])
 def test_closed_form_equals_general_solvers_at_two_tasks(seed):
     m = random_gram(2, 5, seed, shared=float(seed % 3) - 1)
     closed = mgda_closed_form(m)
