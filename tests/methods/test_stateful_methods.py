@@ -76,6 +76,8 @@ def test_pcd_infeasible_constraints_follow_the_primary_gradient():
     torch.testing.assert_close(ours @ jac, jac[0])
 
 
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("qpsolvers", "quadprog")),
+                    reason="torchjd's UPGrad needs qpsolvers and quadprog")
 @pytest.mark.parametrize("method,options", [("upgrad", {}), ("mgda", {}), ("mean", {})])
 def test_ema_matches_torchjd_crmogm(method, options):
     weighting = {"upgrad": aggregation.UPGradWeighting(), "mgda": aggregation.MGDAWeighting(epsilon=1e-12, max_iters=100_000),
