@@ -20,6 +20,13 @@ from method_cases import KINDS, gram_of, task_matrix
 
 aggregation = pytest.importorskip("torchjd.aggregation", reason="torchjd is not installed")
 
+#: torchjd's optional solvers (pip install qpsolvers quadprog cvxpy ecos clarabel scipy): the tests
+#: of a method whose torchjd implementation needs a missing one are skipped, saying which.
+QP = pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("qpsolvers", "quadprog")),
+                        reason="torchjd's UPGrad/DualProj need qpsolvers and quadprog")
+CONVEX = pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("cvxpy", "ecos", "clarabel")),
+                            reason="torchjd's NashMTL/CAGrad need cvxpy, ecos and clarabel")
+
 TASKS = (2, 3, 5, 10)  # the fast lane; test_every_task_count runs 2..10
 RTOL = 1e-4
 
@@ -51,6 +58,7 @@ def _check_all(name, make_aggregator, options=None, kinds=KINDS, tasks=TASKS, mi
 
 
 @pytest.mark.slow
+@QP
 @pytest.mark.parametrize("name,make", [
     ("upgrad", lambda t: aggregation.UPGrad()), ("dualproj", lambda t: aggregation.DualProj()),
     ("imtl_g", lambda t: aggregation.IMTLG()), ("aligned_mtl", lambda t: aggregation.AlignedMTL()),
@@ -59,16 +67,19 @@ def test_every_task_count(name, make):
     _check_all(name, make, tasks=range(2, 11))
 
 
+@QP
 def test_upgrad():
     _check_all("upgrad", lambda t: aggregation.UPGrad())
 
 
+@QP
 def test_upgrad_pref_vector():
     pref = [0.5, 0.2, 0.3]
     _check_all("upgrad", lambda t: aggregation.UPGrad(pref_vector=torch.tensor(pref, dtype=torch.float64)),
                {"pref_vector": pref}, tasks=[3])
 
 
+@QP
 def test_dualproj():
     _check_all("dualproj", lambda t: aggregation.DualProj())
 
@@ -116,6 +127,7 @@ def test_fairgrad(alpha):
 
 
 @pytest.mark.slow
+@CONVEX
 def test_cagrad_any_number_of_tasks():
     # torchjd does not rescale (our rescale=0); clarabel solves the convex problem exactly.
     with warnings.catch_warnings():
@@ -138,6 +150,7 @@ def _nash_oracle(gram: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
+@CONVEX
 def test_nash_mtl_against_oracle_and_torchjd():
     bad = []
     for num_tasks in range(2, 11):
@@ -160,6 +173,7 @@ def test_nash_mtl_against_oracle_and_torchjd():
     assert not bad, "; ".join(bad)
 
 
+@CONVEX
 def test_nash_mtl_max_norm_matches_torchjd_clipping():
     jac = task_matrix(3, "full_rank", seed=1)
     with warnings.catch_warnings():

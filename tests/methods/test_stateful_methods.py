@@ -76,6 +76,8 @@ def test_pcd_infeasible_constraints_follow_the_primary_gradient():
     torch.testing.assert_close(ours @ jac, jac[0])
 
 
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("qpsolvers", "quadprog")),
+                    reason="torchjd's UPGrad needs qpsolvers and quadprog")
 @pytest.mark.parametrize("method,options", [("upgrad", {}), ("mgda", {}), ("mean", {})])
 def test_ema_matches_torchjd_crmogm(method, options):
     weighting = {"upgrad": aggregation.UPGradWeighting(), "mgda": aggregation.MGDAWeighting(epsilon=1e-12, max_iters=100_000),
@@ -136,3 +138,23 @@ def test_seeded_methods_draw_afresh_with_a_state_and_agree_across_states():
     assert not torch.allclose(first, second)
     assert torch.equal(first, bm.solve(gram, "random", method_state=b))  # "another rank"
     assert torch.equal(first, bm.solve(gram, "random"))  # calls = 0: seed as given
+
+
+def test_bucket_moo_state_keeps_one_method_state_per_bucket_in_its_state_dict():
+    from bucketmoo_kernels.ddp import BucketMOOState
+
+    state = BucketMOOState(method="gradvac", beta=0.3)
+    kwargs = state.solve_kwargs(0)
+    assert isinstance(kwargs["method_state"], bm.MethodState)
+    assert state.solve_kwargs(0)["method_state"] is kwargs["method_state"]  # one per bucket
+    assert state.solve_kwargs(-1)["method_state"] is not kwargs["method_state"]
+    assert "method_state" not in BucketMOOState(method="mgda").solve_kwargs(0)
+    assert "method_state" in BucketMOOState(method="mgda", ema=0.9).solve_kwargs(0)
+    gram = torch.stack([torch.eye(3), torch.ones(3, 3) + torch.eye(3)])
+    bm.solve(gram, weight_step=state.weight_step(), method_state=kwargs["method_state"])
+    restored = BucketMOOState(method="gradvac", beta=0.3)
+    restored.load_state_dict(state.state_dict())
+    again = restored.solve_kwargs(0)["method_state"]
+    assert again.calls == 1
+    torch.testing.assert_close(again.state_dict()["tensors"]["gradvac.phi_hat"],
+                               kwargs["method_state"].state_dict()["tensors"]["gradvac.phi_hat"])
