@@ -141,6 +141,7 @@ def pretrain(settings: StudySettings, data, cache: Path) -> tuple[dict, dict]:
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return saved["state"], saved["record"]
+    torch.set_num_threads(1)  # more threads only spin against each other on a small model
     torch.manual_seed(12345)
     model = ByteLM(settings.model)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)

@@ -8,7 +8,8 @@
 #   BUCKETMOO_VENV         where the virtualenv lives (default ./.venv)
 #   BUCKETMOO_ENGINES      1 (default): also install the engines the integration tests drive
 #                          (transformers, accelerate, peft, lightning, deepspeed) and the
-#                          solvers torchjd's NashMTL/CAGrad need (cvxpy, ecos, clarabel);
+#                          solvers torchjd needs for its NashMTL, CAGrad and UPGrad (cvxpy, ecos,
+#                          clarabel, qpsolvers, quadprog);
 #                          0: skip them (their tests then skip with the reason)
 #
 # Any dependency that cannot be installed stops the script with a message naming it and
@@ -68,7 +69,7 @@ pip_install "the test and benchmark dependencies" -c "$CONSTRAINT" \
 if [ "${BUCKETMOO_ENGINES:-1}" = "1" ]; then
   echo "[setup] installing the engines of the integration tests and torchjd's optional solvers"
   pip_install "the integration engines" -c "$CONSTRAINT" \
-    "transformers>=5.0" "accelerate>=1.0" peft "lightning>=2.2" cvxpy ecos clarabel
+    "transformers>=5.0" "accelerate>=1.0" peft "lightning>=2.2" cvxpy ecos clarabel qpsolvers quadprog
   if ! python -c "import deepspeed" 2>/dev/null; then
     # DeepSpeed builds no ops here (the tests use gloo on CPU); it needs the venv's torch at
     # build time, hence no build isolation.
