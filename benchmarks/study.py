@@ -62,11 +62,11 @@ class StudySettings:
     low_resource: tuple[tuple[str, float], ...] = (("hi", 0.15),)
     unseen: tuple[str, ...] = ("es", "uk", "fa", "mr")
     pretrain_languages: tuple[str, ...] = PRETRAIN_LANGUAGES
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(context=64, d_model=96, n_layer=3, n_head=4))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(context=64, d_model=64, n_layer=3, n_head=4))
     pretrain_steps: int = 600
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    steps: int = 150
+    steps: int = 100
     batch: int = 16
     lr: float = 1e-3
     warmup: int = 10
@@ -216,7 +216,7 @@ def _train(run: Run, seed: int, settings: StudySettings, base: dict, data, sets,
     state = None
     if run.method is not None:
         state = BucketMOOState(method=run.method, mode="ranks", granularity=run.granularity,
-                               normalization=run.normalization)
+                               normalization=run.normalization, bucket_cap_mb=settings.bucket_cap_mb)
         net.register_comm_hook(state, bucket_moo_hook)
     train = data[settings.languages[rank]]["train_ft"]
     scale = 1.0

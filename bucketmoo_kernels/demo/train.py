@@ -368,7 +368,8 @@ def _wrap(model: ByteLM, spec: RunSpec, settings: DemoSettings, hook, device: to
     if hook is not None:
         state_cls, _ = hook
         state = state_cls(method=spec.method, mode="ranks", granularity=spec.granularity,
-                          process_group=None, task_of_rank=None, **dict(settings.hook_options),
+                          process_group=None, task_of_rank=None,
+                          bucket_cap_mb=settings.bucket_cap_mb, **dict(settings.hook_options),
                           **settings.options_for(spec.method))
     if settings.engine == "ddp":
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
