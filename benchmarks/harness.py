@@ -245,6 +245,13 @@ def append_results(name: str, rows: Sequence[dict], env: dict[str, str], *, titl
     return md_path
 
 
+def write_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title: str, notes: str = "",
+                  columns: Sequence[str] | None = None) -> Path:
+    """The former name of :func:`append_results` (kept for scripts written against it): it now
+    appends the run instead of overwriting the file."""
+    return append_results(name, rows, env, title=title, notes=notes, columns=columns)
+
+
 # ---- multi-process (gloo) step benchmarks -------------------------------------------------
 
 def step_bench_parser(doc: str, name: str, warmup: int):
