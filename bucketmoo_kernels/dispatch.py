@@ -132,10 +132,20 @@ def _reason(name: str, device: torch.device) -> str | None:
 
 
 def get_backend(name: str, device: torch.device | str) -> Backend:
-    """The backend object to run on ``device``; see the module docstring for the rules."""
-    device = torch.device(device)
+    """The backend object to run on ``device``; see the module docstring for the rules.
+
+    Under ``torch.compile`` the choice is made once, at trace time, outside the traced code
+    (it may import a backend's module): the graph holds the chosen backend's ops.
+    """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string; got {type(name).__name__}")
+    return _backends[_backend_name(name, str(torch.device(device)))]
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(name: str, device_name: str) -> str:
+    """The name of the backend :func:`get_backend` returns (run eagerly, even when traced)."""
+    device = torch.device(device_name)
     if name == "auto":
         pinned = os.environ.get(ENV_BACKEND, "").strip()
         if pinned and pinned != "auto":
@@ -146,15 +156,15 @@ def get_backend(name: str, device: torch.device | str) -> Backend:
         reason = _reason(name, device)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
-        return _backends[name]
+        return name
     for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
         reason = _reason(candidate, device)
         if reason is None:
-            return _backends[candidate]
+            return candidate
         if (device.type, candidate) not in _logged:
             _logged.add((device.type, candidate))
             logger.info("bucketmoo_kernels: backend %r skipped on %s: %s", candidate, device.type, reason)
-    return _backends["torch"]
+    return "torch"
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:

@@ -156,27 +156,52 @@ class Segments:
     """A segment layout: ``offsets`` is an int64 CPU tensor of S+1 non-decreasing values
     from 0 to N; segment s covers elements ``offsets[s]:offsets[s+1]`` (possibly empty).
 
-    Build it once and reuse it (the DDP hook does): its device copy is cached.
+    Build it once and reuse it (the DDP hook does): its device copy is cached. The offsets
+    are also kept as Python ints (``bounds``), so that sizes are known without reading a
+    tensor (under ``torch.compile`` they are constants of the trace).
     """
 
     offsets: torch.Tensor
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if "_bounds" not in self.__dict__:
+            object.__setattr__(self, "_bounds", tuple(int(v) for v in self.offsets.tolist()))
+
+    @classmethod
+    def _from_bounds(cls, bounds: tuple[int, ...]) -> "Segments":
+        result = cls.__new__(cls)
+        object.__setattr__(result, "_bounds", bounds)
+        object.__setattr__(result, "offsets", torch.tensor(bounds, dtype=torch.int64))
+        object.__setattr__(result, "_device_cache", {})
+        return result
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        """The S+1 offsets as Python ints."""
+        return self._bounds
+
     @property
     def num_segments(self) -> int:
-        return self.offsets.numel() - 1
+        return len(self._bounds) - 1
 
     @property
     def numel(self) -> int:
-        return int(self.offsets[-1])
+        return self._bounds[-1]
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
     @property
+    def length_list(self) -> list[int]:
+        """The S segment lengths as Python ints."""
+        b = self._bounds
+        return [b[s + 1] - b[s] for s in range(len(b) - 1)]
+
+    @property
     def max_length(self) -> int:
-        return int(self.lengths.max()) if self.num_segments else 0
+        return max(self.length_list) if self.num_segments else 0
 
     def on(self, device: torch.device | str) -> torch.Tensor:
         """The offsets as an int64 tensor on ``device`` (cached).
@@ -206,15 +231,14 @@ class Segments:
 
     @classmethod
     def single(cls, n: int) -> "Segments":
-        return cls(torch.tensor([0, n], dtype=torch.int64))
+        return cls._from_bounds((0, int(n)))
 
     @classmethod
     def chunks(cls, n: int, chunk: int) -> "Segments":
         """Fixed-length chunks of ``chunk`` elements; the last one is shorter."""
         if chunk <= 0:
             raise ValueError(f"segments as a chunk length must be positive; got {chunk}")
-        offsets = torch.arange(0, n, chunk, dtype=torch.int64)
-        return cls(torch.cat([offsets, torch.tensor([n], dtype=torch.int64)]))
+        return cls._from_bounds(tuple(range(0, int(n), int(chunk))) + (int(n),))
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int]) -> "Segments":
@@ -230,48 +254,58 @@ def as_segments(segments: SegmentsLike, n: int, name: str = "segments") -> Segme
     if segments is None:
         return Segments.single(n)
     if isinstance(segments, Segments):
-        offsets = segments.offsets
-        result = segments
+        bounds, result = segments.bounds, segments
     elif isinstance(segments, bool):
         raise TypeError(f"{name} must be None, an int, or a 1-D int64 tensor of offsets; got bool")
     elif isinstance(segments, int):
         if segments <= 0:
             raise ValueError(f"{name} as a chunk length must be a positive int; got {segments}")
         return Segments.chunks(n, segments)
+    elif isinstance(segments, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in segments):
+        bounds, result = tuple(segments), None  # Python ints: no tensor is read
     elif isinstance(segments, (torch.Tensor, list, tuple)):
         offsets = torch.as_tensor(segments)
         if offsets.dtype not in (torch.int64, torch.int32):
             raise TypeError(
                 f"{name} offsets must be an integer tensor (int64); got {_dtype_name(offsets.dtype)}"
             )
-        offsets = offsets.detach().to("cpu", torch.int64).contiguous()
-        result = None
+        if offsets.dim() != 1 or offsets.numel() < 2:
+            raise ValueError(
+                f"{name} offsets must be a 1-D tensor of S+1 >= 2 values; got shape {tuple(offsets.shape)}"
+            )
+        # One host read of the offsets (under torch.compile: pass a list, an int or a Segments).
+        bounds, result = tuple(int(v) for v in offsets.detach().cpu().tolist()), None
     else:
         raise TypeError(
             f"{name} must be None, an int chunk length, or a 1-D tensor of S+1 offsets; "
             f"got {type(segments).__name__}"
         )
-    if offsets.dim() != 1 or offsets.numel() < 2:
+    if len(bounds) < 2:
         raise ValueError(
-            f"{name} offsets must be a 1-D tensor of S+1 >= 2 values; got shape {tuple(offsets.shape)}"
+            f"{name} offsets must be a 1-D tensor of S+1 >= 2 values; got shape ({len(bounds)},)"
         )
-    if int(offsets[0]) != 0 or int(offsets[-1]) != n:
+    if bounds[0] != 0 or bounds[-1] != n:
         raise ValueError(
             f"{name} offsets must start at 0 and end at N={n}; "
-            f"got first={int(offsets[0])}, last={int(offsets[-1])}"
+            f"got first={bounds[0]}, last={bounds[-1]}"
         )
-    steps = offsets[1:] - offsets[:-1]
-    if (steps < 0).any():
-        bad = int(torch.nonzero(steps < 0)[0])
-        raise ValueError(
-            f"{name} offsets must be non-decreasing; offsets[{bad}]={int(offsets[bad])} > "
-            f"offsets[{bad + 1}]={int(offsets[bad + 1])}"
-        )
-    return result if result is not None else Segments(offsets)
+    for s in range(len(bounds) - 1):
+        if bounds[s] > bounds[s + 1]:
+            raise ValueError(
+                f"{name} offsets must be non-decreasing; offsets[{s}]={bounds[s]} > "
+                f"offsets[{s + 1}]={bounds[s + 1]}"
+            )
+    return result if result is not None else Segments._from_bounds(bounds)
 
 
 def check_out(out: torch.Tensor | None, grads: TaskGrads, name: str = "out") -> None:
-    """``out`` must be a 1-D tensor of N elements in the grads' dtype and device."""
+    """``out`` must be a 1-D tensor of N elements in the grads' dtype and device, and either
+    be exactly one gradient row (same storage, start and stride: the in-place DDP case) or
+    share no memory with any row. A partial overlap is refused on every backend: the kernels
+    read an element's inputs and write it from the same thread, which is safe only for the
+    same element. The check compares addresses on the host (no device sync); under
+    ``torch.compile`` tensors have no addresses while tracing and it is skipped."""
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
@@ -287,6 +321,33 @@ def check_out(out: torch.Tensor | None, grads: TaskGrads, name: str = "out") -> 
         )
     if out.device != grads.device:
         raise ValueError(f"{name} is on {out.device} but the gradients are on {grads.device}")
+    if not torch.compiler.is_compiling():
+        _check_no_partial_overlap(out, grads, name)
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` byte addresses a 1-D tensor's elements lie in."""
+    if t.numel() == 0:
+        return 0, 0
+    begin = t.data_ptr()
+    return begin, begin + ((t.numel() - 1) * abs(t.stride(0)) + 1) * t.element_size()
+
+
+def _check_no_partial_overlap(out: torch.Tensor, grads: TaskGrads, name: str) -> None:
+    out_begin, out_end = _byte_span(out)
+    if out_begin == out_end:
+        return
+    for t, row in enumerate(grads.rows):
+        begin, end = _byte_span(row)
+        if begin < out_end and out_begin < end:  # the address ranges intersect
+            same = begin == out_begin and row.stride() == out.stride()
+            if not same:
+                raise ValueError(
+                    f"{name} partially overlaps grads[{t}] (it shares memory with that row but is "
+                    f"not the same tensor: start {out_begin - begin:+d} bytes, stride "
+                    f"{out.stride()} vs {row.stride()}); pass exactly that row (in place) or a "
+                    "buffer that overlaps no gradient"
+                )
 
 
 def check_gram(gram: torch.Tensor, name: str = "gram") -> torch.Tensor:

@@ -17,7 +17,7 @@ __all__ = ["gram_reference", "combine_reference", "TorchBackend"]
 
 def _segment_views(grads: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, ...]:
     """The ``[T, n_s]`` column blocks of ``grads [T, N]``, one per segment (views)."""
-    return torch.split(grads, segments.lengths.tolist(), dim=1)
+    return torch.split(grads, segments.length_list, dim=1)
 
 
 def gram_reference(grads: TaskGrads, segments: Segments) -> torch.Tensor:

@@ -16,7 +16,7 @@ orders, a new step from :meth:`WeightStep.with_options` (``seed=...``).
 Which solver runs for T tasks and each method's task limits are read from the method
 registry (:class:`~bucketmoo_kernels.methods.registry.Method`); :meth:`WeightStep.native_codes`
 turns them into the integer codes of the native weight step (``csrc/common/bucketmoo_solvers.h``,
-``solver::MethodSpec``), so no backend repeats those rules.
+``solver::WeightStep``), so no backend repeats those rules.
 
 :func:`compute_weights` is the step itself, in one place for every backend: the backend's
 native weight step when it has one for this configuration, else normalise in float64, the
@@ -43,7 +43,7 @@ __all__ = ["WeightStep", "NativeCodes", "compute_weights", "as_weight_step"]
 
 class NativeCodes(NamedTuple):
     """The ``<method>`` arguments of the native ``weights`` / ``fused_`` ops, in schema order
-    (``python/bucketmoo_ops.h``): ``solver::MethodSpec`` of ``csrc/common/bucketmoo_solvers.h``.
+    (``python/bucketmoo_ops.h``): ``solver::WeightStep`` of ``csrc/common/bucketmoo_solvers.h``.
 
     ``method``: solver::Method code (registry ``native_code``); ``solver``: the MGDA solver
     that runs for this T, already resolved (never 0 = auto); ``normalization``: its index in

@@ -13,6 +13,9 @@
 //   solve_pcgrad(Tensor gram, Tensor orders) -> Tensor
 //       orders int64 [T, T-1] (methods.pcgrad.pcgrad_orders) on the gram's device -> [S, T] f64.
 //   solve_cagrad(Tensor gram, float c, int rescale) -> Tensor      (T <= 8) -> [S, T] f64.
+//       The three solve_* ops are not used by the backends (weights runs the whole step);
+//       they stay as the tests' float64-in/float64-out handle on the shared solvers, checked
+//       against the methods' torch functions at 1e-12 (the float32 weights op cannot be).
 //   combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()
 //       weights [S, T] float32; out [N] in the grads' dtype; out may be the storage of a grad.
 //   weights(Tensor gram, Tensor? orders, Tensor? losses, <method>) -> Tensor
@@ -23,7 +26,8 @@
 //       gram + weights + combine_ in one cache-blocked sweep; returns (gram [S, T, T] f32,
 //       weights [S, T] f32). CPU only.
 //   <method> = int method, int solver, int max_iter, float tol, float c, int rescale,
-//       int normalization, bool normalize_weights   (codes: solver::Method, ::Normalization)
+//       int normalization, bool normalize_weights   (codes: solver::Method, ::Normalization;
+//       made by bucketmoo_kernels.weight_step.WeightStep.native_codes, solver resolved for T)
 //       orders: int64 [T, T-1] (pcgrad) or None; losses: float64 [S, T] (loss, loss+) or None.
 //
 // Every check throws (TORCH_CHECK -> RuntimeError in Python) before anything is written,
@@ -179,16 +183,16 @@ inline void check_orders_values(const int64_t* ord, int64_t num_tasks, const cha
 
 inline void check_solver_message(const char* message, const char* op);
 
-// The <method> arguments of weights / fused_ as a solver::MethodSpec, checked against T; orders
+// The <method> arguments of weights / fused_ as a solver::WeightStep, checked against T; orders
 // and losses must be present exactly where the method / normalisation uses them, with the
 // right dtype, shape and device. Their values are not read (on CUDA that would sync).
-inline solver::MethodSpec method_spec(const std::optional<at::Tensor>& orders,
+inline solver::WeightStep weight_step(const std::optional<at::Tensor>& orders,
                                       const std::optional<at::Tensor>& losses, int64_t S,
                                       int64_t T, const at::Device& device, int64_t method,
                                       int64_t solver_code, int64_t max_iter, double tol, double c,
                                       int64_t rescale, int64_t normalization,
                                       bool normalize_weights, const char* op) {
-  solver::MethodSpec spec;
+  solver::WeightStep spec;
   spec.method = int(method);
   spec.solver = int(solver_code);
   spec.max_iter = int(max_iter < INT32_MAX ? max_iter : INT32_MAX);
@@ -217,9 +221,9 @@ inline solver::MethodSpec method_spec(const std::optional<at::Tensor>& orders,
   return spec;
 }
 
-// The losses of a spec made by method_spec: their data where the normalisation uses them.
+// The losses of a spec made by weight_step: their data where the normalisation uses them.
 inline const double* losses_ptr(const std::optional<at::Tensor>& losses,
-                                const solver::MethodSpec& spec) {
+                                const solver::WeightStep& spec) {
   return solver::uses_losses(spec.normalization) ? losses->data_ptr<double>() : nullptr;
 }
 

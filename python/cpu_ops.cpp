@@ -116,14 +116,14 @@ at::Tensor solve_cagrad_cpu(at::Tensor gram, double c, int64_t rescale) {
   return w;
 }
 
-// ops::method_spec, and on the CPU also the values of PCGrad's orders.
-solver::MethodSpec cpu_method_spec(const std::optional<at::Tensor>& orders,
+// ops::weight_step, and on the CPU also the values of PCGrad's orders.
+solver::WeightStep cpu_weight_step(const std::optional<at::Tensor>& orders,
                                    const std::optional<at::Tensor>& losses, int64_t S, int64_t T,
                                    int64_t method, int64_t solver_code, int64_t max_iter,
                                    double tol, double c, int64_t rescale, int64_t normalization,
                                    bool normalize_weights, const char* op) {
-  const solver::MethodSpec spec =
-      ops::method_spec(orders, losses, S, T, at::Device(at::kCPU), method, solver_code, max_iter,
+  const solver::WeightStep spec =
+      ops::weight_step(orders, losses, S, T, at::Device(at::kCPU), method, solver_code, max_iter,
                        tol, c, rescale, normalization, normalize_weights, op);
   if (spec.orders != nullptr) ops::check_orders_values(spec.orders, T, op);
   return spec;
@@ -136,7 +136,7 @@ at::Tensor weights_cpu(at::Tensor gram, std::optional<at::Tensor> orders,
   const char* op = "bucketmoo::weights";
   check_cpu(gram, "gram", op);
   const int64_t T = ops::check_gram(gram, at::kFloat, op), S = gram.size(0);
-  const solver::MethodSpec spec = cpu_method_spec(orders, losses, S, T, method, solver_code, max_iter,
+  const solver::WeightStep spec = cpu_weight_step(orders, losses, S, T, method, solver_code, max_iter,
                                                   tol, c, rescale, normalization, normalize_weights, op);
   at::Tensor w = at::empty({S, T}, gram.options());
   cpu::weights(gram.data_ptr<float>(), S, int(T), spec, ops::losses_ptr(losses, spec),
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> fused_cpu(at::Tensor out, std::vector<at::Ten
   const int64_t S = check_grads_offsets(grads, offsets, op);
   const int64_t T = int64_t(grads.size());
   ops::check_out(out, grads[0], op);
-  const solver::MethodSpec spec = cpu_method_spec(orders, losses, S, T, method, solver_code, max_iter,
+  const solver::WeightStep spec = cpu_weight_step(orders, losses, S, T, method, solver_code, max_iter,
                                                   tol, c, rescale, normalization, normalize_weights, op);
   at::Tensor gram = at::empty({S, T, T}, grads[0].options().dtype(at::kFloat));
   at::Tensor w = at::empty({S, T}, grads[0].options().dtype(at::kFloat));

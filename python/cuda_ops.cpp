@@ -40,9 +40,9 @@ void check_cuda(const Tensor& t, const char* what, const char* op) {
   TORCH_CHECK(t.is_cuda(), op, ": ", what, " must be a CUDA tensor for the cuda backend; got ", t.device());
 }
 
-bc::GradDType to_dtype(at::ScalarType type) {
-  return type == at::kFloat ? bc::GradDType::kFloat32
-                            : (type == at::kBFloat16 ? bc::GradDType::kBFloat16 : bc::GradDType::kFloat16);
+bc::DType to_dtype(at::ScalarType type) {
+  return type == at::kFloat ? bc::DType::kFloat32
+                            : (type == at::kBFloat16 ? bc::DType::kBFloat16 : bc::DType::kFloat16);
 }
 
 cudaStream_t current_stream(const at::Device& device) {
@@ -82,7 +82,7 @@ Tensor gram_cuda(std::vector<Tensor> grads, Tensor offsets) {
   const c10::cuda::CUDAGuard guard(device);
   const int num_tasks = static_cast<int>(grads.size());
   const int64_t numel = grads[0].numel();
-  const bc::GradDType dtype = to_dtype(grads[0].scalar_type());
+  const bc::DType dtype = to_dtype(grads[0].scalar_type());
   const auto options = grads[0].options();
   Tensor gram = at::empty({num_segments, num_tasks, num_tasks}, options.dtype(at::kFloat));
   const size_t bytes = bc::gram_workspace_bytes(num_tasks, dtype, numel, num_segments);
@@ -178,8 +178,8 @@ Tensor weights_cuda(Tensor gram, std::optional<Tensor> orders, std::optional<Ten
   check_cuda(gram, "gram", op);
   const int64_t num_tasks = ops::check_gram(gram, at::kFloat, op), num_segments = gram.size(0);
   checked_int(max_iter, "max_iter", op);
-  const solver::MethodSpec spec =
-      ops::method_spec(orders, losses, num_segments, num_tasks, gram.device(), method, solver_code,
+  const solver::WeightStep spec =
+      ops::weight_step(orders, losses, num_segments, num_tasks, gram.device(), method, solver_code,
                        max_iter, tol, c, rescale, normalization, normalize_weights, op);
   const c10::cuda::CUDAGuard guard(gram.device());
   Tensor weights = at::empty({num_segments, num_tasks}, gram.options());

@@ -198,19 +198,19 @@ static void check_bad_arguments() {
   int64_t offsets[2] = {0, 0};
   float dummy_f = 0.f;
   double dummy_d = 0.0;
-  CHECK(bc::gram_workspace_bytes(bc::kMaxTasks + 1, bc::GradDType::kFloat32, 10, 1) == 0, "workspace for T > max");
-  CHECK(bc::gram_workspace_bytes(2, bc::GradDType::kFloat32, 10, 1) > 0, "workspace for T = 2");
-  CHECK(bc::gram_cuda(grads, bc::kMaxTasks + 1, bc::GradDType::kFloat32, 10, offsets, 1, &dummy_f, &dummy_f, 4,
+  CHECK(bc::gram_workspace_bytes(bc::kMaxTasks + 1, bc::DType::kFloat32, 10, 1) == 0, "workspace for T > max");
+  CHECK(bc::gram_workspace_bytes(2, bc::DType::kFloat32, 10, 1) > 0, "workspace for T = 2");
+  CHECK(bc::gram_cuda(grads, bc::kMaxTasks + 1, bc::DType::kFloat32, 10, offsets, 1, &dummy_f, &dummy_f, 4,
                       nullptr) == cudaErrorInvalidValue, "gram_cuda T > max");
-  CHECK(bc::gram_cuda(grads, 2, bc::GradDType::kFloat32, 10, offsets, 1, &dummy_f, &dummy_f, 1, nullptr) ==
+  CHECK(bc::gram_cuda(grads, 2, bc::DType::kFloat32, 10, offsets, 1, &dummy_f, &dummy_f, 1, nullptr) ==
             cudaErrorInvalidValue, "gram_cuda workspace too small");
-  CHECK(bc::gram_cuda(grads, 2, bc::GradDType::kFloat32, 0, offsets, 0, nullptr, nullptr, 0, nullptr) == cudaSuccess,
+  CHECK(bc::gram_cuda(grads, 2, bc::DType::kFloat32, 0, offsets, 0, nullptr, nullptr, 0, nullptr) == cudaSuccess,
         "gram_cuda with S = 0 is a no-op");
-  CHECK(bc::combine_cuda(&dummy_f, grads, 0, bc::GradDType::kFloat32, 10, &dummy_f, offsets, 1, nullptr) ==
+  CHECK(bc::combine_cuda(&dummy_f, grads, 0, bc::DType::kFloat32, 10, &dummy_f, offsets, 1, nullptr) ==
             cudaErrorInvalidValue, "combine_cuda T = 0");
-  CHECK(bc::combine_cuda(&dummy_f, grads, 2, bc::GradDType::kFloat32, 0, &dummy_f, offsets, 1, nullptr) == cudaSuccess,
+  CHECK(bc::combine_cuda(&dummy_f, grads, 2, bc::DType::kFloat32, 0, &dummy_f, offsets, 1, nullptr) == cudaSuccess,
         "combine_cuda with N = 0 is a no-op");
-  CHECK(bc::combine_cuda(&dummy_f, grads, 2, bc::GradDType::kFloat32, 10, &dummy_f, offsets, 1, nullptr) ==
+  CHECK(bc::combine_cuda(&dummy_f, grads, 2, bc::DType::kFloat32, 10, &dummy_f, offsets, 1, nullptr) ==
             cudaErrorInvalidValue, "combine_cuda null grads");
   CHECK(bc::solve_mgda_cuda(&dummy_d, 1, 3, 7, 10, 0.0, &dummy_d, nullptr) == cudaErrorInvalidValue, "mgda solver 7");
   CHECK(bc::solve_mgda_cuda(&dummy_d, 1, 9, 2, 10, 0.0, &dummy_d, nullptr) == cudaErrorInvalidValue,
@@ -222,7 +222,7 @@ static void check_bad_arguments() {
   CHECK(bc::solve_cagrad_cuda(&dummy_d, 1, 3, 0.4, 3, &dummy_d, nullptr) == cudaErrorInvalidValue, "cagrad rescale 3");
   CHECK(bc::solve_cagrad_cuda(&dummy_d, 0, 3, 0.4, 1, &dummy_d, nullptr) == cudaSuccess, "cagrad S = 0 is a no-op");
   namespace sv = bucketmoo::solver;
-  sv::MethodSpec spec;  // mgda, auto
+  sv::WeightStep spec;  // mgda, auto
   CHECK(bc::weights_cuda(&dummy_f, 0, 3, spec, nullptr, &dummy_f, nullptr) == cudaSuccess, "weights S = 0 is a no-op");
   CHECK(bc::weights_cuda(&dummy_f, 1, 33, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights T = 33");
   CHECK(bc::weights_cuda(nullptr, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights null gram");
@@ -232,7 +232,7 @@ static void check_bad_arguments() {
   spec.normalization = 4;
   CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue,
         "weights normalization 4");
-  spec = sv::MethodSpec{};
+  spec = sv::WeightStep{};
   spec.method = sv::kMethodPcgrad;
   CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue,
         "weights pcgrad without orders");

@@ -16,6 +16,8 @@ left as it is. A negative, NaN or infinite loss, or losses of the wrong length, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["NORMALIZATIONS", "USES_LOSSES", "check_normalization", "loss_table",
@@ -47,6 +49,7 @@ def loss_table(losses, normalization: str, num_seg: int, num_tasks: int,
     """
     if losses is None:
         raise ValueError(f"normalization={normalization!r} needs the per-task losses: pass losses=[L_1..L_T]")
+    given = losses
     try:
         losses = torch.as_tensor(losses, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -55,15 +58,39 @@ def loss_table(losses, normalization: str, num_seg: int, num_tasks: int,
     if losses.shape not in ((num_tasks,), (num_seg, num_tasks)):
         raise ValueError(f"losses must have shape [T] = [{num_tasks}] (or [S, T] = [{num_seg}, "
                          f"{num_tasks}]); got {tuple(losses.shape)}")
-    host = losses.detach().cpu()
-    bad = ~torch.isfinite(host) | (host < 0)
-    if bool(bad.any()):
-        index = tuple(torch.nonzero(bad)[0].tolist())
+    bad = _first_bad_loss(given) if not isinstance(given, torch.Tensor) else _first_bad_loss_tensor(given)
+    if bad is not None:
+        index, value = bad
         raise ValueError(
             f"normalization={normalization!r} divides each task by its loss, so losses must be "
-            f"finite and >= 0; got losses{list(index)} = {float(host[index])}"
+            f"finite and >= 0; got losses{index} = {value}"
         )
     return losses.to(device).expand(num_seg, num_tasks).contiguous()
+
+
+def _first_bad_loss(values, index=()) -> tuple[list, float] | None:
+    """The first negative / NaN / infinite number in a (nested) sequence, read in Python (so
+    it also traces under torch.compile: the values are constants there)."""
+    if isinstance(values, torch.Tensor):
+        return _first_bad_loss_tensor(values, index)
+    if isinstance(values, (list, tuple)):
+        for i, v in enumerate(values):
+            bad = _first_bad_loss(v, index + (i,))
+            if bad is not None:
+                return bad
+        return None
+    value = float(values)
+    return None if math.isfinite(value) and value >= 0 else (list(index), value)
+
+
+def _first_bad_loss_tensor(values: torch.Tensor, index=()) -> tuple[list, float] | None:
+    """The same for a tensor: one host read (a device-to-host copy for a GPU tensor)."""
+    host = values.detach().to("cpu", torch.float64)
+    bad = ~torch.isfinite(host) | (host < 0)
+    if not bool(bad.any()):
+        return None
+    first = tuple(torch.nonzero(bad)[0].tolist())
+    return list(index + first), float(host[first])
 
 
 def normalization_scales(gram: torch.Tensor, normalization: str,

@@ -22,7 +22,7 @@ import torch
 from .registry import register_method
 from .simplex import MAX_NATIVE_TASKS
 
-__all__ = ["pcgrad_weights", "pcgrad_orders", "pcgrad_orders_on"]
+__all__ = ["pcgrad_weights", "pcgrad_orders", "pcgrad_order_lists", "pcgrad_orders_on"]
 
 
 def pcgrad_orders(num_tasks: int, seed: int) -> torch.Tensor:
@@ -35,11 +35,26 @@ def pcgrad_orders(num_tasks: int, seed: int) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
 
 
-@functools.lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result
+def pcgrad_order_lists(num_tasks: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """:func:`pcgrad_orders` as nested tuples; under ``torch.compile`` it runs at trace time
+    and the orders become constants of the graph (its generator cannot be traced)."""
+    return tuple(tuple(row) for row in pcgrad_orders(num_tasks, seed).tolist())
+
+
 def pcgrad_orders_on(num_tasks: int, seed: int, device: str) -> torch.Tensor:
     """:func:`pcgrad_orders` as a ``[T, T-1]`` int64 tensor on ``device``, cached: repeated calls
     with the same seed copy nothing to the device (none inside a CUDA graph after the first).
-    The cache is bounded because the DDP hook varies the seed every step."""
+    The cache is bounded because the DDP hook varies the seed every step. Under
+    ``torch.compile`` the orders are a constant of the graph instead."""
+    if torch.compiler.is_compiling():
+        rows = pcgrad_order_lists(num_tasks, seed)
+        return torch.tensor(rows, dtype=torch.int64, device=device).reshape(num_tasks, num_tasks - 1)
+    return _pcgrad_orders_cached(num_tasks, seed, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _pcgrad_orders_cached(num_tasks: int, seed: int, device: str) -> torch.Tensor:
     orders = pcgrad_orders(num_tasks, seed).contiguous()
     if num_tasks == 1:
         orders = orders.reshape(1, 0)
@@ -49,7 +64,7 @@ def pcgrad_orders_on(num_tasks: int, seed: int, device: str) -> torch.Tensor:
 def pcgrad_weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     """PCGrad weights: ``[S, T, T]`` f64 -> ``[S, T]`` f64 (mean of projected gradients)."""
     num_seg, num_tasks, _ = gram.shape
-    orders = pcgrad_orders(num_tasks, seed).tolist()
+    orders = pcgrad_order_lists(num_tasks, seed)
     sq_norm = gram.diagonal(dim1=-2, dim2=-1)  # [S, T]
     eye = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device)
     total = torch.zeros(num_seg, num_tasks, dtype=gram.dtype, device=gram.device)
@@ -66,3 +81,6 @@ def pcgrad_weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
 
 register_method("pcgrad", defaults={"seed": 0}, native_code=2, native_max_tasks=MAX_NATIVE_TASKS,
                 native_args=lambda num_tasks, options: {})(pcgrad_weights)
+
+
+pcgrad_orders_on.cache_info = _pcgrad_orders_cached.cache_info  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@
 //   segment_weights(gram32, T, spec, losses, w32)    the whole weight step of one segment,
 //       as bucketmoo_kernels/weight_step.py::compute_weights does it: float32 Gram -> float64, optional
 //       normalisation (congruence by the scales n_t), the method, w_t / n_t, optional
-//       rescale to sum 1, rounded once to float32. spec: MethodSpec; method_check(spec, T).
+//       rescale to sum 1, rounded once to float32. spec: WeightStep; method_check(spec, T).
 //       = weight_step_prepare + weight_step_method + weight_step_finish.
 //
 // Numeric contract (bucketmoo_kernels/methods/simplex.py): ridge RIDGE_REL*mean(diag M) +
@@ -414,7 +414,7 @@ BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale,
 enum Method : int { kMethodMean = 0, kMethodMgda = 1, kMethodPcgrad = 2, kMethodCagrad = 3 };
 enum Normalization : int { kNormNone = 0, kNormL2 = 1, kNormLoss = 2, kNormLossL2 = 3 };
 
-struct MethodSpec {
+struct WeightStep {
   int method = kMethodMgda;
   int solver = kAuto;                // mgda
   int max_iter = 500;                // mgda (pgd)
@@ -430,7 +430,7 @@ BUCKETMOO_HD bool uses_losses(int normalization) {
   return normalization == kNormLoss || normalization == kNormLossL2;
 }
 
-BUCKETMOO_HD const char* method_check(const MethodSpec& m, int T) {
+BUCKETMOO_HD const char* method_check(const WeightStep& m, int T) {
   if (m.normalization < kNormNone || m.normalization > kNormLossL2)
     return "normalization must be 0 (none), 1 (l2), 2 (loss) or 3 (loss+)";
   switch (m.method) {
@@ -458,7 +458,7 @@ BUCKETMOO_HD const char* method_check(const MethodSpec& m, int T) {
 // The same float64 operations, in the same order, as weight_step.compute_weights on the torch side, except
 // the final sum, which runs in task order here. g, scale: [T*T] and [T] caller buffers;
 // losses: [T] when the normalisation uses them, else ignored.
-BUCKETMOO_HD bool weight_step_prepare(const float* gram32, int T, const MethodSpec& m,
+BUCKETMOO_HD bool weight_step_prepare(const float* gram32, int T, const WeightStep& m,
                                       const double* losses, double* g, double* scale) {
   for (int i = 0; i < T * T; ++i) g[i] = double(gram32[i]);
   if (m.normalization == kNormNone) return false;
@@ -476,7 +476,7 @@ BUCKETMOO_HD bool weight_step_prepare(const float* gram32, int T, const MethodSp
   return true;
 }
 
-BUCKETMOO_HD void weight_step_method(const double* g, int T, const MethodSpec& m, double* w) {
+BUCKETMOO_HD void weight_step_method(const double* g, int T, const WeightStep& m, double* w) {
   switch (m.method) {
     case kMethodMean:
       for (int t = 0; t < T; ++t) w[t] = 1.0 / T;
@@ -487,7 +487,7 @@ BUCKETMOO_HD void weight_step_method(const double* g, int T, const MethodSpec& m
   }
 }
 
-BUCKETMOO_HD void weight_step_finish(double* w, int T, const MethodSpec& m, bool scaled,
+BUCKETMOO_HD void weight_step_finish(double* w, int T, const WeightStep& m, bool scaled,
                                      const double* scale, float* w32) {
   if (scaled)
     for (int t = 0; t < T; ++t) w[t] = w[t] / scale[t];
@@ -510,7 +510,7 @@ BUCKETMOO_HD void nan_weights_if_not_finite(const float* gram32, int T, float* w
 }
 
 // gram32: [T, T] float32 Gram of one segment -> w32: [T] float32 weights (the three parts).
-BUCKETMOO_HD void segment_weights(const float* gram32, int T, const MethodSpec& m,
+BUCKETMOO_HD void segment_weights(const float* gram32, int T, const WeightStep& m,
                                   const double* losses, float* w32) {
   double g[kMaxTasks * kMaxTasks];
   double scale[kMaxTasks];

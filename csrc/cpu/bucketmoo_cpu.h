@@ -21,12 +21,13 @@
 
 #include <cstdint>
 
+#include "../common/bucketmoo_dtype.h"
 #include "../common/bucketmoo_solvers.h"
 
 namespace bucketmoo {
 namespace cpu {
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+using ::bucketmoo::DType;  // csrc/common/bucketmoo_dtype.h
 
 // Elements per work chunk (per-chunk partial Gram; unit of the OpenMP schedule).
 constexpr int64_t kChunk = 16384;
@@ -52,13 +53,13 @@ void solve_cagrad(const double* gram64, int64_t num_segments, int num_tasks, dou
 // gram: [S, T, T] float32 -> weights [S, T] float32. losses: [S, T] float64 when
 // solver::uses_losses(spec.normalization), else unused. spec checked with method_check().
 void weights(const float* gram, int64_t num_segments, int num_tasks,
-             const solver::MethodSpec& spec, const double* losses, float* weights,
+             const solver::WeightStep& spec, const double* losses, float* weights,
              int num_threads);
 
 // gram + weights + combine in one sweep over groups of segments (see above). Writes gram
 // [S, T, T] float32, weights [S, T] float32 and out (N elements of `dtype`, may alias grads[k]).
 void fused(void* out, const void* const* grads, int num_tasks, DType dtype,
-           const int64_t* offsets, int64_t num_segments, const solver::MethodSpec& spec,
+           const int64_t* offsets, int64_t num_segments, const solver::WeightStep& spec,
            const double* losses, float* gram, float* weights, int num_threads);
 
 // Largest segment (and run of segments) fused() sweeps on one thread, in gradient bytes (T

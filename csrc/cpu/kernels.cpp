@@ -258,7 +258,7 @@ void combine(void* out, const void* const* grads, int T, DType dtype, const floa
   }
 }
 
-void weights(const float* gram, int64_t S, int T, const solver::MethodSpec& spec,
+void weights(const float* gram, int64_t S, int T, const solver::WeightStep& spec,
              const double* losses, float* w, int num_threads) {
   const int nt = threads_for(num_threads);
   const bool per_task_losses = solver::uses_losses(spec.normalization);
@@ -276,7 +276,7 @@ void weights(const float* gram, int64_t S, int T, const solver::MethodSpec& spec
 // Segments touch disjoint elements and their own partial / gram / weight slots, so only the
 // steps inside one large segment wait for each other.
 void fused(void* out, const void* const* grads, int T, DType dtype, const int64_t* offsets,
-           int64_t S, const solver::MethodSpec& spec, const double* losses, float* gram_out,
+           int64_t S, const solver::WeightStep& spec, const double* losses, float* gram_out,
            float* weights_out, int num_threads) {
   const Variant& v = variant();
   GramChunks chunks(offsets, S, T);

@@ -20,6 +20,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/bucketmoo_dtype.h"
 #include "../common/bucketmoo_solvers.h"
 
 namespace bucketmoo {
@@ -29,26 +30,27 @@ namespace cuda {
 // and the Gram / combine kernels are instantiated for T = 1..kMaxTasks).
 constexpr int kMaxTasks = 8;
 
-// Element type of the gradients (the glue maps torch dtypes onto it).
-enum class GradDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// Element type of the gradients: bucketmoo::DType (csrc/common/bucketmoo_dtype.h), shared
+// with the CPU kernels.
+using ::bucketmoo::DType;
 
 // Bytes of workspace `gram_cuda` needs for these sizes: float32 partial sums of the pieces of
 // segments that span several tiles, 2 ceil(N / tile) T(T+1)/2 floats (at least one slot),
 // independent of the number of segments. Returns 0 for bad arguments (T outside 1..kMaxTasks).
-size_t gram_workspace_bytes(int num_tasks, GradDType dtype, int64_t numel, int64_t num_segments);
+size_t gram_workspace_bytes(int num_tasks, DType dtype, int64_t numel, int64_t num_segments);
 
 // Per-segment Gram matrices: gram[s] = G_s G_s^T, float32 accumulation, deterministic
 // (fixed partial slots and a fixed-order float64 final sum; no float atomics).
 // Two kernels: the Grams of single-tile segments and the partial Grams of the pieces of
 // longer ones, then (one warp per segment) the final sums and the zeros of empty segments.
-cudaError_t gram_cuda(const void* const* grads, int num_tasks, GradDType dtype, int64_t numel,
+cudaError_t gram_cuda(const void* const* grads, int num_tasks, DType dtype, int64_t numel,
                       const int64_t* offsets, int64_t num_segments, float* gram, void* workspace,
                       size_t workspace_bytes, cudaStream_t stream);
 
 // out[n] = sum_t weights[s(n), t] * grads[t][n], float32 accumulation in task order, rounded
 // once to `dtype`. `out` may be exactly one of the grads (same pointer): every element's T
 // inputs are read by the thread that then writes it. Partial overlap is not allowed.
-cudaError_t combine_cuda(void* out, const void* const* grads, int num_tasks, GradDType dtype,
+cudaError_t combine_cuda(void* out, const void* const* grads, int num_tasks, DType dtype,
                          int64_t numel, const float* weights, const int64_t* offsets,
                          int64_t num_segments, cudaStream_t stream);
 
@@ -72,7 +74,7 @@ cudaError_t solve_cagrad_cuda(const double* gram, int64_t num_segments, int num_
 // warp per segment. spec.orders (pcgrad) is a device int64 [T, T-1]; losses a device float64
 // [S, T] when the normalisation uses them, else may be null. spec checked with method_check.
 cudaError_t weights_cuda(const float* gram, int64_t num_segments, int num_tasks,
-                         const solver::MethodSpec& spec, const double* losses, float* weights,
+                         const solver::WeightStep& spec, const double* losses, float* weights,
                          cudaStream_t stream);
 
 }  // namespace cuda

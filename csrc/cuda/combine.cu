@@ -91,7 +91,7 @@ combine_kernel(void* out, GradPtrs ptrs, int64_t numel, const float* __restrict_
 
 }  // namespace detail
 
-cudaError_t combine_cuda(void* out, const void* const* grads, int num_tasks, GradDType dtype, int64_t numel,
+cudaError_t combine_cuda(void* out, const void* const* grads, int num_tasks, DType dtype, int64_t numel,
                          const float* weights, const int64_t* offsets, int64_t num_segments,
                          cudaStream_t stream) {
   using namespace detail;

@@ -204,16 +204,16 @@ cudaError_t dispatch_tasks(int num_tasks, Fn&& fn) {
 static_assert(kMaxTasks == 8, "dispatch_tasks instantiates T = 1..8: extend it with kMaxTasks");
 
 template <typename Fn>
-cudaError_t dispatch_dtype_tasks(GradDType dtype, int num_tasks, Fn&& fn) {
+cudaError_t dispatch_dtype_tasks(DType dtype, int num_tasks, Fn&& fn) {
   switch (dtype) {
-    case GradDType::kFloat32: return dispatch_tasks<float>(num_tasks, fn);
-    case GradDType::kBFloat16: return dispatch_tasks<__nv_bfloat16>(num_tasks, fn);
-    case GradDType::kFloat16: return dispatch_tasks<__half>(num_tasks, fn);
+    case DType::kFloat32: return dispatch_tasks<float>(num_tasks, fn);
+    case DType::kBFloat16: return dispatch_tasks<__nv_bfloat16>(num_tasks, fn);
+    case DType::kFloat16: return dispatch_tasks<__half>(num_tasks, fn);
     default: return cudaErrorInvalidValue;
   }
 }
 
-inline int dtype_size(GradDType dtype) { return dtype == GradDType::kFloat32 ? 4 : 2; }
+inline int dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 

@@ -206,7 +206,7 @@ gram_finalize_kernel(const float* __restrict__ partial, const int64_t* __restric
   }
 }
 
-int64_t gram_tile(int num_tasks, GradDType dtype) {
+int64_t gram_tile(int num_tasks, DType dtype) {
   // About 128 KiB of gradient bytes per block, between 8192 and 65536 elements (a power of
   // two, so a multiple of every vector width and of kMaxBig).
   int64_t tile = 8192;
@@ -216,7 +216,7 @@ int64_t gram_tile(int num_tasks, GradDType dtype) {
 
 }  // namespace detail
 
-size_t gram_workspace_bytes(int num_tasks, GradDType dtype, int64_t numel, int64_t num_segments) {
+size_t gram_workspace_bytes(int num_tasks, DType dtype, int64_t numel, int64_t num_segments) {
   if (num_tasks < 1 || num_tasks > kMaxTasks || numel < 0 || num_segments < 0) return 0;
   const int64_t tile = detail::gram_tile(num_tasks, dtype);
   const int64_t pairs = num_tasks * (num_tasks + 1) / 2;
@@ -225,7 +225,7 @@ size_t gram_workspace_bytes(int num_tasks, GradDType dtype, int64_t numel, int64
   return static_cast<size_t>((slots > 0 ? slots : 1) * pairs) * sizeof(float);
 }
 
-cudaError_t gram_cuda(const void* const* grads, int num_tasks, GradDType dtype, int64_t numel,
+cudaError_t gram_cuda(const void* const* grads, int num_tasks, DType dtype, int64_t numel,
                       const int64_t* offsets, int64_t num_segments, float* gram, void* workspace,
                       size_t workspace_bytes, cudaStream_t stream) {
   using namespace detail;

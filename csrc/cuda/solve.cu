@@ -127,7 +127,7 @@ solve_cagrad_kernel(const double* __restrict__ gram, int64_t num_segments, int n
 template <int kCap, bool kCagrad>
 __global__ void __launch_bounds__(kSolveThreads)
 weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tasks,
-               solver::MethodSpec spec, const double* __restrict__ losses,
+               solver::WeightStep spec, const double* __restrict__ losses,
                float* __restrict__ weights) {
   __shared__ double s_objective[kExactWarps][kMaxFaces];
   __shared__ double s_gram[kExactWarps][kCap * kCap];
@@ -229,7 +229,7 @@ cudaError_t solve_cagrad_cuda(const double* gram, int64_t num_segments, int num_
 }
 
 cudaError_t weights_cuda(const float* gram, int64_t num_segments, int num_tasks,
-                         const solver::MethodSpec& spec, const double* losses, float* weights,
+                         const solver::WeightStep& spec, const double* losses, float* weights,
                          cudaStream_t stream) {
   if (solver::method_check(spec, num_tasks) != nullptr || num_segments < 0) return cudaErrorInvalidValue;
   if (num_segments == 0) return cudaSuccess;

@@ -1,0 +1,106 @@
+"""``gram``, ``solve``, ``combine`` and ``fused_bucket_moo`` under
+``torch.compile(fullgraph=True)`` on the first call in a fresh process (no earlier eager call
+has loaded a backend module or filled a cache), with ``check_finite=False``; the compiled
+results must equal the eager ones.
+
+Each case runs in a subprocess (all marked slow). The short case compiles with ``aot_eager`` (Dynamo's full
+trace plus the fake/meta implementations of the custom ops, without code generation); the
+slow ones with the default Inductor compiler. CUDA cases need a GPU.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bucketmoo_kernels as bm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SCRIPT = r"""
+import sys, torch
+import bucketmoo_kernels as bm          # imports no backend module yet (they load lazily)
+backend, compiler, device, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "full"
+torch.manual_seed(0)
+grads = torch.randn(3, 200, device=device)
+offsets = [0, 50, 50, 123, 200]          # Python ints: sizes are trace constants
+losses = [0.5, 2.0, 1.0]
+weights = torch.rand(4, 3, device=device)
+
+def run(**kw):
+    results = (
+        bm.gram(grads, offsets, backend=backend),
+        bm.solve(bm.gram(grads, offsets, backend=backend), "mgda", backend=backend, **kw),
+        bm.combine(grads, weights, offsets, backend=backend),
+        bm.fused_bucket_moo(grads, segments=offsets, backend=backend, check_finite=False, **kw),
+    )
+    if full:
+        results += (bm.fused_bucket_moo(grads, method="pcgrad", seed=3, segments=offsets,
+                                        backend=backend, check_finite=False,
+                                        normalization="loss", losses=losses),)
+    return results
+
+compiled = torch.compile(run, fullgraph=True, backend=compiler)
+got = compiled()                                  # the first call of the process
+expected = run()
+if full:
+    got, expected = got + compiled(normalization="l2"), expected + run(normalization="l2")
+names = ["gram", "solve", "combine", "fused"] + ["fused pcgrad loss"] * full
+for name, a, b in zip(names * 2, got, expected):
+    tol = 0 if compiler != "inductor" else 1e-5   # Inductor may reorder float ops
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+if full:  # check_finite=True under compile (no fullgraph): the graph breaks, the check still raises
+    bad = grads.clone()
+    bad[1, 7] = float("nan")
+    out = torch.full((200,), 5.0, device=device)
+    checked = torch.compile(lambda x: bm.fused_bucket_moo(x, segments=offsets, out=out, backend=backend),
+                            backend=compiler)
+    try:
+        checked(bad)
+    except ValueError as exc:
+        assert "not finite" in str(exc) and bool((out == 5.0).all()), exc
+    else:
+        raise AssertionError("check_finite=True did not raise under torch.compile")
+print("ok", bm.get_backend(backend, device).name)
+"""
+
+
+def _run(backend: str, compiler: str, device: str = "cpu", full: bool = True) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, backend, compiler, device,
+                           "full" if full else "short"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-6000:]
+
+
+def _cpu_backends():
+    reasons = bm.available_backends("cpu")
+    return [b for b in ("cpu", "torch") if reasons[b] is None]
+
+
+@pytest.mark.slow  # ~15 s of CPU: a fresh interpreter, torch and Dynamo
+@pytest.mark.skipif(bm.available_backends("cpu")["cpu"] is not None, reason="no cpu extension")
+def test_first_call_traces_in_full_on_the_cpu_backend():
+    """gram, solve, combine and fused (mgda) with aot_eager."""
+    _run("cpu", "aot_eager", full=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_first_call_compiles(backend, compiler):
+    """Also PCGrad with a loss normalisation, and a second call with another normalisation."""
+    _run(backend, compiler)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_first_call_compiles_on_cuda(backend):
+    if torch.cuda.is_available() and bm.available_backends("cuda")[backend] is not None:
+        pytest.skip(f"backend {backend!r}: {bm.available_backends('cuda')[backend]}")
+    _run(backend, "inductor", "cuda")
