@@ -11,7 +11,7 @@ What is exact and what is assumed:
 
 * **Bytes and memory** follow from the bucket layout (:mod:`benchmarks.llm_layout`: DDP's
   bucket rule on a Llama config) and the protocol's own allocation and collective sizes
-  (``bucketmoo_kernels/ddp/protocol.py``). Per-rank bytes count the bandwidth-optimal ring for
+  (``bucketmoo_kernels/distributed/protocol.py``). Per-rank bytes count the bandwidth-optimal ring for
   all-reduce / all-gather / reduce-scatter and the exact split sizes for the all-to-all.
   :func:`predict_ddp` / :func:`predict_fsdp` are checked against the simulated worlds
   (:mod:`benchmarks.simulated_world`), which run the hook itself on a fake process group.

@@ -89,7 +89,7 @@ def _gloo_worker(rank, world, port, outdir, args):
     import torch.distributed as dist
 
     from bucketmoo_kernels import combine, gram, solve
-    from bucketmoo_kernels.ddp.protocol import TaskLayout, sharded_moo
+    from bucketmoo_kernels.distributed.protocol import TaskLayout, sharded_moo
     from bucketmoo_kernels.inputs import Segments
 
     from .harness import finish_worker

@@ -328,6 +328,9 @@ def simulate_ddp_step(model: str | LlamaConfig, world_size: int, rank: int, *, n
         state = BucketMOOState(method=method, mode="ranks", granularity=granularity, process_group=group,
                                task_of_rank=task_of_rank(world_size, num_tasks), protocol=protocol,
                                compress=compress, overlap=overlap, backend="auto")
+        # The first hook call agrees on the settings (one all-gather of a few int64 per rank,
+        # once per run): done here, outside the recorded steps, which are the steady state.
+        state.check_once(torch.device("cpu"), protocol)
         record = None
         for _ in range(steps):
             bufs = []
@@ -364,6 +367,7 @@ def simulate_fsdp_step(model: str | LlamaConfig, world_size: int, rank: int, *, 
     with fake_world(world_size, rank) as group:
         state = BucketMOOState(method=method, mode="ranks", granularity=granularity, process_group=group,
                                task_of_rank=task_of_rank(world_size, num_tasks), compress=compress, backend="auto")
+        state.check_once(torch.device("cpu"), "sharded")  # once per run, not per step (see above)
         counter = _StepCounter(state, len(groups))
         comms = [BucketMOOReduceScatter(state, g["param_sizes"], lambda: None, i, g["name"], counter)
                  for i, g in enumerate(groups)]

@@ -157,7 +157,9 @@ def test_native_codes_come_from_the_registry():
     assert bm.WeightStep("mgda", {"solver": "closed_form"}).native_codes(3) is None  # torch raises
     assert bm.WeightStep("cagrad").native_codes(8).method == 3
     assert bm.WeightStep("cagrad").native_codes(9) is None
-    assert bm.WeightStep("cagrad", {"c": -1.0}).native_codes(3) is None  # torch raises
+    with pytest.raises(ValueError, match="cagrad option c must be >= 0"):  # checked when built
+        bm.WeightStep("cagrad", {"c": -1.0})
     assert bm.WeightStep("pcgrad", normalization="loss+").native_codes(32).normalization == 3
-    with pytest.raises(ValueError, match="at most 8 tasks"):
-        bm.WeightStep("cagrad").check_tasks(9)
+    bm.WeightStep("cagrad").check_tasks(64)  # no task cap (iterative solver beyond 8)
+    with pytest.raises(ValueError, match="at most 8 tasks"):  # the exact MGDA solver's own limit
+        bm.solve(torch.eye(9)[None], weight_step=bm.WeightStep("mgda", {"solver": "exact"}))
