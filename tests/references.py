@@ -18,6 +18,12 @@ weight rescaling, segment bookkeeping) shows up as a mismatch:
   ``loss``: L_t, ``loss+``: L_t |g_t|; a zero scale counts as 1) before the method runs;
   the result is the same combination of the divided vectors; ``normalize_weights`` divides
   it by the sum of the weights on the raw g_t.
+
+The other methods of the library (UPGrad, Nash-MTL, GradVac, ... and any method with the
+``ema`` option) have no oracle here: :func:`combined_per_segment` hands them to the library's
+``fused_bucket_moo`` (their float64 torch functions, themselves checked against torchjd 0.18
+and scipy in ``tests/methods``), so the distributed tests of those methods check the hook's
+plumbing (buckets, shards, state per bucket), not the method's algebra.
 """
 
 from __future__ import annotations
@@ -157,13 +163,31 @@ def combined(rows, method: str = "mgda", *, normalization: str = "none", losses=
     return weights @ vectors, weights
 
 
+#: Methods with an oracle of their own in this module.
+ORACLE_METHODS = ("mean", "mgda", "pcgrad", "cagrad")
+
+
+def has_oracle(method: str, options: dict) -> bool:
+    """Whether :func:`combined` has an independent oracle for ``method`` with ``options``."""
+    return method in ORACLE_METHODS and not options.get("ema") and options.get("solver") != "iterative"
+
+
 def combined_per_segment(rows, lengths: Sequence[int] | None = None, method: str = "mgda",
                          **kwargs) -> torch.Tensor:
-    """:func:`combined` on every segment of ``lengths`` (None: one segment), concatenated."""
+    """:func:`combined` on every segment of ``lengths`` (None: one segment), concatenated.
+
+    Methods without an oracle here go to the library's ``fused_bucket_moo`` (module docstring),
+    on float32 rows, looked up at call time so a test may wrap it (e.g. to pass a MethodState).
+    """
     vectors = _as_rows(rows)
     if lengths is None:
         lengths = [vectors.shape[1]]
     assert sum(lengths) == vectors.shape[1], (sum(lengths), vectors.shape)
+    if not has_oracle(method, kwargs):
+        import bucketmoo_kernels as bm
+
+        segments = bm.Segments.from_lengths(list(lengths))
+        return bm.fused_bucket_moo(list(vectors.float()), method=method, segments=segments, **kwargs).double()
     parts = []
     for block in torch.split(vectors, list(lengths), dim=1):
         if block.shape[1] == 0:

@@ -77,18 +77,21 @@ class MOORuntime:
         self._weight_step = None
 
     # ------------------------------------------------------------------ counters
-    def begin_bucket(self, index: int, buf: torch.Tensor, params: Sequence) -> None:
-        """Account for a bucket handed to the hook (statistics, its parameters)."""
+    def note_bucket(self, buf: torch.Tensor) -> None:
+        """Count one bucket reduction and its size (``hook_calls``, ``largest_bucket_bytes``)."""
         self.hook_calls += 1
         self.largest_bucket_bytes = max(self.largest_bucket_bytes, buf.numel() * buf.element_size())
+
+    def begin_bucket(self, index: int, buf: torch.Tensor, params: Sequence) -> None:
+        """Account for a bucket handed to the hook (statistics, its parameters)."""
+        self.note_bucket(buf)
         if index == 0:
             self.bucket_params = {}
         self.bucket_params[index] = list(params)
 
     def begin_single_bucket(self, buf: torch.Tensor) -> None:
         """Account for DDP's initial single bucket, which the hook runs as the rebuilt buckets."""
-        self.hook_calls += 1
-        self.largest_bucket_bytes = max(self.largest_bucket_bytes, buf.numel() * buf.element_size())
+        self.note_bucket(buf)
 
     def begin_backward(self) -> None:
         """The first bucket of a backward: forget what a failed backward left in flight."""

@@ -58,9 +58,9 @@ import types
 import torch
 import torch.distributed as dist
 
-from ..ddp import collectives
-from ..ddp.protocol import finish_scatter_tasks, gather_combined, reduce_gram, sharded_moo, solve_weights, \
-    start_scatter_tasks
+from ..distributed import collectives
+from ..distributed.protocol import (finish_scatter_tasks, gather_combined, reduce_gram, sharded_moo, solve_weights,
+                                    start_scatter_tasks)
 from ..ddp.state import BucketMOOState, parse_granularity
 from ..inputs import Segments
 
@@ -253,7 +253,7 @@ class DeepSpeedBucketMOO:
             boundary = eng.is_gradient_accumulation_boundary()
             out = original_step(*args, **kwargs)
             if boundary:
-                ctl.state.step += 1
+                ctl.state.runtime.finish_step()
             return out
 
         def save_checkpoint(eng, save_dir, tag=None, client_state=None, *args, **kwargs):
@@ -314,11 +314,8 @@ class DeepSpeedBucketMOO:
             raise RuntimeError(f"apply_bucket_moo: bucket of {n} elements but its parameters hold {sum(sizes)}")
         if not flat.is_contiguous():
             raise RuntimeError("apply_bucket_moo: DeepSpeed handed over a non-contiguous bucket")
-        if not state._checked:
-            collectives.check_backend(collectives.backend_name(self.group), flat.device, "sharded")
-            state._checked = True
-        state.largest_bucket_bytes = max(state.largest_bucket_bytes, n * flat.element_size())
-        state._hook_calls += 1
+        state.check_once(flat.device, "sharded")  # settings agreed by every rank, backend able
+        state.runtime.note_bucket(flat)
         tasks = state.task_layout()
         index = self.buckets_reduced
         self.buckets_reduced += 1
@@ -331,12 +328,12 @@ class DeepSpeedBucketMOO:
                                          backend=state.backend)
             sharded = finish_scatter_tasks(handle)
             self._pending.append((sharded, targets, flat.dtype, flat.device))
-            state._step_extra_bytes += sharded.extra_bytes
+            state.runtime.add_step_extra_bytes(sharded.extra_bytes)
             return
         segs, shards = state.segments_for(index, n, sizes if kind == "param" else None)
         local = state.shard_segments_for(segs, shards, collectives.group_rank(self.group), tasks.world_size)
-        gram_matrix, weights, extra = sharded_moo(flat, segs, tasks, state.method, group=self.group,
-                                                  wire_dtype=wire, local_segments=local, **state.solve_kwargs())
+        gram_matrix, weights, extra = sharded_moo(flat, segs, tasks, state.weight_step(), group=self.group,
+                                                  wire_dtype=wire, local_segments=local, **state.solve_kwargs(index))
         state.note_extra_bytes(extra)
         state.record(index, gram_matrix, weights)
 
@@ -353,13 +350,13 @@ class DeepSpeedBucketMOO:
         pending, self._pending = self._pending, []
         self.buckets_reduced = 0
         if not pending:
-            self.state._step_extra_bytes = 0
+            self.state.runtime.begin_backward()  # nothing held: start the next backward clean
             return
         state = self.state
         total = torch.stack([sharded.partial_gram for sharded, *_ in pending]).sum(0)
         total = reduce_gram(total, self.group)
-        weights = solve_weights(total, state.method, **state.solve_kwargs())
-        extra = state._step_extra_bytes
+        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
+        extra = state.runtime.add_step_extra_bytes(0)
         for sharded, targets, dtype, device in pending:
             full = torch.empty(sharded.numel, dtype=dtype, device=device)
             extra += full.numel() * full.element_size()
@@ -372,7 +369,7 @@ class DeepSpeedBucketMOO:
                     grad.view(-1).copy_(full[offset:offset + numel].view_as(grad.view(-1)))
                 offset += numel
         state.note_extra_bytes(extra)
-        state._step_extra_bytes = 0
+        state.runtime.begin_backward()
         state.record(-1, total, weights)
 
 
@@ -421,8 +418,7 @@ def apply_bucket_moo(engine, state: BucketMOOState) -> DeepSpeedBucketMOO:
     if group is None:
         group = dist.group.WORLD
     if state.process_group is None:
-        state.process_group = group
-        state._tasks = None
+        state.process_group = group  # (the state rebuilds its task layout for the new group)
     elif not _same_ranks(state.process_group, group):
         raise RuntimeError(
             f"state.process_group has ranks {dist.get_process_group_ranks(state.process_group)} but DeepSpeed "

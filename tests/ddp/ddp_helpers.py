@@ -181,7 +181,7 @@ def reference_combined(model, ddp_module, state: BucketMOOState, task_grads, met
     """
     buckets = bucket_layout(ddp_module, state)
     opts = dict(options)
-    if method == "pcgrad":
+    if "seed" in bmk.methods.get_method(method).defaults:  # the state varies seeds per step
         opts["seed"] = opts.get("seed", 0) + step
     sizes = [p.numel() for p in ddp_module.parameters()]
     rows_of = lambda idx: torch.stack([torch.cat([g[i].reshape(-1) for i in idx]) for g in task_grads])  # noqa: E731

@@ -29,20 +29,23 @@ CASES = {f"{m}-{g}": {"method": m, "granularity": g, "check": True, "options": o
 
 
 def _worker(rank: int, world: int, cases: dict) -> dict:
-    bm = fsdp_cases.bm
-    solve = bm.solve
+    """test_fsdp's training with a reference that keeps a MethodState per FSDP group (the
+    reference of the methods without an oracle of their own goes through fused_bucket_moo)."""
+    import bucketmoo_kernels as bm
+
+    fused = bm.fused_bucket_moo
     states: dict = {}
     calls = {"name": None, "count": 0}
 
-    def stateful_solve(gram, method, **kwargs):
-        opts = {k: v for k, v in kwargs.items() if k != "backend"}
-        if bm.WeightStep(method, opts).needs_state:
+    def stateful_fused(rows, **kwargs):
+        opts = {k: v for k, v in kwargs.items() if k not in ("method", "segments")}
+        if bm.WeightStep(kwargs["method"], opts).needs_state:
             key = (calls["name"], calls["count"] % 3)  # three FSDP groups, in a fixed order
             kwargs["method_state"] = states.setdefault(key, bm.MethodState(strict=False))
         calls["count"] += 1
-        return solve(gram, method, **kwargs)
+        return fused(rows, **kwargs)
 
-    bm.solve = stateful_solve
+    bm.fused_bucket_moo = stateful_fused
     try:
         out = {}
         for name, cfg in cases.items():
@@ -54,7 +57,7 @@ def _worker(rank: int, world: int, cases: dict) -> dict:
                 out[name] = {"error": traceback.format_exc()}
         return out
     finally:
-        bm.solve = solve
+        bm.fused_bucket_moo = fused
 
 
 @pytest.fixture(scope="module")
