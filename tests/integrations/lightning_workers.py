@@ -128,7 +128,7 @@ def all_scenarios(rank: int, world: int) -> dict:
     def mgda_param():
         state = BucketMOOState(method="mgda", granularity="param")
         params, trainer = fit(BucketMOOStrategy(bucket_moo=state), 1)
-        return {"params": params, "step": state.step, "hook_calls": state._hook_calls,
+        return {"params": params, "step": state.step, "hook_calls": state.runtime.hook_calls,
                 "global_step": trainer.global_step}
 
     def accumulate():
@@ -146,7 +146,7 @@ def all_scenarios(rank: int, world: int) -> dict:
         # what a new user tries first: Lightning registers comm hooks only on CUDA
         state = BucketMOOState(method="mgda", granularity="param")
         params, _ = fit(DDPStrategy(ddp_comm_state=state, ddp_comm_hook=bucket_moo_hook), 1)
-        return {"params": params, "step": state.step, "hook_calls": state._hook_calls}
+        return {"params": params, "step": state.step, "hook_calls": state.runtime.hook_calls}
 
     def uninterrupted():
         state = BucketMOOState(method="mgda")
