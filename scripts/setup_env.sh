@@ -65,7 +65,7 @@ if ! python -c "import triton" 2>/dev/null; then
 fi
 echo "[setup] installing the test and benchmark dependencies"
 pip_install "the test and benchmark dependencies" -c "$CONSTRAINT" \
-  numpy scipy pytest hypothesis ninja pybind11 matplotlib tqdm babel torchjd
+  numpy scipy pytest pytest-xdist hypothesis ninja pybind11 matplotlib tqdm babel torchjd
 if [ "${BUCKETMOO_ENGINES:-1}" = "1" ]; then
   echo "[setup] installing the engines of the integration tests and torchjd's optional solvers"
   pip_install "the integration engines" -c "$CONSTRAINT" \
