@@ -339,5 +339,5 @@ def bucket_moo_hook(state: BucketMOOState, bucket: dist.GradBucket) -> torch.fut
         rt.begin_single_bucket(buf)
         return _as_rebuilt_buckets(state, bucket, virtual, mode_hook)
     rt.begin_bucket(bucket.index(), buf, bucket.parameters())
-    rt.observe_bucket(bucket)
+    rt.observe_bucket(bucket, order_matters=s.granularity_kind[0] == "chunk")
     return mode_hook(state, bucket)

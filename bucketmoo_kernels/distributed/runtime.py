@@ -199,9 +199,11 @@ class MOORuntime:
         self._observing = []
         return split_bucket(bucket.buffer(), params, self.bucket_layout)
 
-    def observe_bucket(self, bucket) -> None:
-        """After DDP's rebuild: record the real layout once, warn when it differs from the one the
-        first iteration used (gradients not ready in reverse parameter order)."""
+    def observe_bucket(self, bucket, order_matters: bool = True) -> None:
+        """After DDP's rebuild: record the real layout once, and warn (on rank 0) when it differs
+        from the one the first iteration used in a way that changed that iteration's result:
+        other bucket members, or another order inside a bucket where ``order_matters`` (chunk
+        segments cut across parameters; bucket and param segments do not depend on the order)."""
         if self._observing is None or self._layout_confirmed or isinstance(bucket, VirtualBucket):
             return
         index_of = {id(p): i for i, p in enumerate(self._model_params or [])}
@@ -219,8 +221,9 @@ class MOORuntime:
                 return
             self._layout_confirmed = True
             if observed != self.bucket_layout:
-                logger.warning(
-                    "bucketmoo_kernels: DDP rebuilt its buckets as %s, not as the predicted %s (the gradients "
+                members_differ = [sorted(b) for b in observed] != [sorted(b) for b in self.bucket_layout or []]
+                log = logger.warning if (members_differ or order_matters) and _is_rank_zero() else logger.debug
+                log("bucketmoo_kernels: DDP rebuilt its buckets as %s, not as the predicted %s (the gradients "
                     "did not become ready in reverse parameter order, or bucket_cap_mb differs from DDP's); the "
                     "first iteration used the predicted buckets. The observed layout is kept in state_dict() "
                     "for resumed runs.", observed, self.bucket_layout)
@@ -321,3 +324,8 @@ class MOORuntime:
         return {"step": self.step, "peak_extra_bytes": self.peak_extra_bytes,
                 "method_states": {int(k): v.state_dict() for k, v in self.method_states.items()},
                 "bucket_layout": None if self.bucket_layout is None else [list(b) for b in self.bucket_layout]}
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -196,3 +196,46 @@ def test_predicted_rebuilt_layout_matches_what_ddp_builds():
     for vb in virtual:
         vb.write_back(target)
     assert torch.equal(target, buf)  # the copies cover the single bucket exactly
+
+
+class _FakeBucket:
+    """The parts of ``GradBucket`` that ``MOORuntime.observe_bucket`` reads."""
+
+    def __init__(self, index, is_last, params):
+        self._index, self._is_last, self._params = index, is_last, params
+
+    def index(self):
+        return self._index
+
+    def is_last(self):
+        return self._is_last
+
+    def parameters(self):
+        return self._params
+
+    def buffer(self):
+        return torch.zeros(sum(p.numel() for p in self._params))
+
+
+@pytest.mark.parametrize("observed,order_matters,warns", [
+    ([[4, 5, 3, 2], [1, 0]], False, False),  # only the order inside a bucket: bucket/param segments alike
+    ([[4, 5, 3, 2], [1, 0]], True, True),    # chunk segments cut across parameters: the order counts
+    ([[5, 4, 3], [2, 1, 0]], False, True),   # other members: the first iteration's buckets differed
+    ([[5, 4, 3, 2], [1, 0]], True, False),   # as predicted
+])
+def test_observed_layout_warns_only_when_the_first_iteration_differed(caplog, observed, order_matters, warns):
+    from bucketmoo_kernels.distributed.bucket_layout import VirtualBucket
+    from bucketmoo_kernels.distributed.runtime import MOORuntime
+
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(6)]
+    single = _FakeBucket(0, True, params)
+    rt = MOORuntime(num_tasks=2)
+    rt.bucket_layout = [[5, 4, 3, 2], [1, 0]]
+    assert isinstance(rt.first_iteration_buckets(single, None)[0], VirtualBucket)
+    with caplog.at_level("DEBUG", logger="bucketmoo_kernels"):
+        for i, members in enumerate(observed):
+            rt.observe_bucket(_FakeBucket(i, i == len(observed) - 1, [params[j] for j in members]),
+                              order_matters=order_matters)
+    assert rt.bucket_layout == observed
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "rebuilt its buckets" in r.message]
+    assert bool(warned) == warns
