@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .data import DATA_SOURCE, heldout_windows, load_languages, sample_batch
-from .train import (DemoSettings, RunSpec, _Context, _free_port, _hook_statistics, _leave, _probe,
+from .train import (environment, DemoSettings, RunSpec, _Context, _free_port, _hook_statistics, _leave, _probe,
                     _settings_dict, bucket_lengths)
 
 __all__ = ["run_hf_demo", "build_model", "WindowDataset"]
@@ -219,11 +218,7 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
             model = build_model(settings)
             summary = {
                 "settings": _settings_dict(settings),
-                "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                "python": platform.python_version(),
-                                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                                "dist_backend": backend, "threads_per_rank": threads, "cpu_count": os.cpu_count(),
-                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                "environment": environment(device, backend, threads, transformers=transformers.__version__),
                 "data_source": DATA_SOURCE,
                 "languages": {c: {"name": data[c].name, "train_bytes": data[c].train.numel(),
                                   "heldout_bytes": data[c].heldout.numel(),

@@ -562,12 +562,7 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
             model = ByteLM(settings.model)
             summary = {
                 "settings": _settings_dict(settings),
-                "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                                "device": str(device) if device.type == "cpu"
-                                else torch.cuda.get_device_name(device),
-                                "dist_backend": backend, "threads_per_rank": threads,
-                                "cpu_count": os.cpu_count(),
-                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                "environment": environment(device, backend, threads),
                 "data_source": DATA_SOURCE,
                 "languages": {c: {"name": data[c].name, "train_bytes": data[c].train.numel(),
                                   "heldout_bytes": data[c].heldout.numel(),
@@ -603,6 +598,36 @@ def _settings_dict(settings: DemoSettings) -> dict:
     out["method_options"] = [list(item) for item in settings.method_options]
     out["hook_options"] = [list(item) for item in settings.hook_options]
     return out
+
+
+def environment(device: torch.device, backend: str, threads: int, **extra: str) -> dict:
+    """What a results file says about where it was produced: versions, device, threads,
+    the package's git commit (when run from a checkout), the load average when the runs
+    began, and the date."""
+    from .. import __version__
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return {"torch": torch.__version__, **extra, "python": platform.python_version(),
+            "bucketmoo_kernels": __version__, "commit": _git_commit(),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "dist_backend": backend, "threads_per_rank": threads, "cpu_count": os.cpu_count(),
+            "load_average": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _git_commit() -> str:
+    """The checkout's short commit (+ " (with local changes)"), or "unknown" outside one."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        run = lambda *a: subprocess.check_output(["git", "-C", root, *a], stderr=subprocess.DEVNULL,  # noqa: E731
+                                                 text=True, timeout=10).strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "bucketmoo_kernels")
+        return commit + (" (with local changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _free_port() -> int:
