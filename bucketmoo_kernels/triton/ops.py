@@ -19,8 +19,8 @@ The operators (namespace ``bucketmoo_triton``, named as the native ``bucketmoo``
   writes ``out`` (:func:`~bucketmoo_kernels.triton.combine.combine_triton`)
 
 The segment layout crosses the op boundary as its S + 1 offsets as Python ints (``bounds``),
-constants of the trace as everywhere under ``torch.compile``. The implementations rebuild one
-``Segments`` object per distinct layout (a small cache keyed by the bounds), so the host tables
+constants of the trace as everywhere under ``torch.compile``. The implementations keep one
+``Segments`` object per distinct layout (an LRU cache keyed by the bounds), so the host tables
 cached on it are built once per layout, as in eager calls.
 
 The backend (:mod:`bucketmoo_kernels.triton.backend`) calls these ops only while
@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from ..inputs import Segments, as_task_grads
+from ..inputs import Segments, as_segments, as_task_grads, check_out, check_weights
 from .combine import combine_triton
 from .gram import gram_triton
 from .solve import cagrad_triton, mgda_triton, pcgrad_triton
@@ -51,10 +51,18 @@ SCHEMAS = {
 }
 
 
-@functools.lru_cache(maxsize=64)
-def _segments(bounds: tuple[int, ...]) -> Segments:
-    """One Segments object per layout (the bounds were validated by the API before tracing)."""
-    return Segments._from_bounds(bounds)
+@functools.lru_cache(maxsize=1024)
+def _segments(bounds: tuple[int, ...], numel: int) -> Segments:
+    """One checked Segments object per layout; its host tables are cached on it. An evicted
+    layout's tables are rebuilt on its next call (a one-time host sync on CUDA, as for a new
+    layout). Bad bounds raise (and are not cached)."""
+    return as_segments(list(bounds), numel, name="bounds")
+
+
+def _check_gram(gram: torch.Tensor) -> None:
+    if gram.dim() != 3 or gram.shape[1] != gram.shape[2] or not gram.is_floating_point():
+        raise ValueError(f"gram must be a floating-point [S, T, T] tensor; got {gram.dtype} "
+                         f"of shape {tuple(gram.shape)}")
 
 
 def _op(name: str, mutates_args: tuple[str, ...] = ()):
@@ -69,7 +77,8 @@ def _solve_fake_output(gram: torch.Tensor) -> torch.Tensor:
 
 @_op("gram")
 def _gram(grads, bounds, chunk, block, reduce_slots):
-    return gram_triton(as_task_grads(list(grads)), _segments(tuple(bounds)), chunk=chunk,
+    task_grads = as_task_grads(list(grads))
+    return gram_triton(task_grads, _segments(tuple(bounds), task_grads.numel), chunk=chunk,
                        block=block, reduce_slots=reduce_slots)
 
 
@@ -81,6 +90,7 @@ def _gram_fake(grads, bounds, chunk, block, reduce_slots):
 
 @_op("solve_mgda")
 def _solve_mgda(gram, solver, max_iter):
+    _check_gram(gram)
     return mgda_triton(gram, solver, max_iter)
 
 
@@ -91,6 +101,7 @@ def _solve_mgda_fake(gram, solver, max_iter):
 
 @_op("solve_pcgrad")
 def _solve_pcgrad(gram, seed):
+    _check_gram(gram)
     return pcgrad_triton(gram, seed=seed)
 
 
@@ -101,6 +112,7 @@ def _solve_pcgrad_fake(gram, seed):
 
 @_op("solve_cagrad")
 def _solve_cagrad(gram, c, rescale):
+    _check_gram(gram)
     return cagrad_triton(gram, c=c, rescale=rescale)
 
 
@@ -111,7 +123,11 @@ def _solve_cagrad_fake(gram, c, rescale):
 
 @_op("combine_", mutates_args=("out",))
 def _combine(out, grads, weights, bounds, block):
-    combine_triton(as_task_grads(list(grads)), weights, _segments(tuple(bounds)), out, block=block)
+    task_grads = as_task_grads(list(grads))
+    segments = _segments(tuple(bounds), task_grads.numel)
+    check_out(out, task_grads)
+    weights = check_weights(weights, segments.num_segments, task_grads.num_tasks, task_grads.device)
+    combine_triton(task_grads, weights, segments, out, block=block)
 
 
 @_combine.register_fake

@@ -338,6 +338,8 @@ def mgda_triton(gram: torch.Tensor, solver: str, max_iter: int = 500) -> torch.T
     """MGDA with the kernel of ``solver`` (``closed_form``, ``exact`` or ``pgd``; the
     ``max_iter`` of pgd): ``[S, T, T]`` float64 -> ``[S, T]`` float64."""
     if solver == "closed_form":
+        if gram.shape[-1] != 2:
+            raise ValueError(f"the closed-form MGDA solver needs T = 2; got T = {gram.shape[-1]}")
         return mgda_closed_form_triton(gram)
     if solver == "exact":
         return mgda_exact_triton(gram)

@@ -27,7 +27,7 @@ ops = torch.ops.bucketmoo_triton
 # Under the interpreter the rest are ``slow`` (tests/conftest.py): opcheck runs an op several
 # times and its first use sets up torch's AOT tracing (seconds).
 FAST_UNDER_INTERPRETER = {"test_schemas_are_the_registered_ones", "test_fakes_on_cuda_tensors",
-                          "test_bad_mgda_solver_is_named"}
+                          "test_bad_arguments_are_named_and_nothing_is_written"}
 N = 40
 BOUNDS = [0, 7, 7, 40]  # an empty segment; with CHUNK = 16 the last one has three tiles
 CHUNK = 16
@@ -94,6 +94,20 @@ def test_fakes_on_cuda_tensors():
                             BOUNDS, None) is None
 
 
-def test_bad_mgda_solver_is_named():
+def test_bad_arguments_are_named_and_nothing_is_written():
+    """No kernel runs: every call fails its checks first."""
+    grads = list(random_grads(2, N, device=DEVICE).unbind(0))
     with pytest.raises(ValueError, match="solver must be"):
         ops.solve_mgda(_one_gram(), "newton", 5)
+    with pytest.raises(ValueError, match="closed-form MGDA solver needs T = 2"):
+        ops.solve_mgda(_one_gram(3), "closed_form", 5)
+    with pytest.raises(ValueError, match=r"gram must be a floating-point \[S, T, T\]"):
+        ops.solve_pcgrad(_one_gram()[0], 0)
+    with pytest.raises(ValueError, match="bounds offsets must start at 0 and end at N=40"):
+        ops.gram(grads, [0, 7, 39], CHUNK, None, 8)
+    out = torch.full((N,), 7.0, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weights must have shape \[S, T\] = \[3, 2\]"):
+        ops.combine_(out, grads, torch.rand(2, 2, device=DEVICE), BOUNDS, None)
+    with pytest.raises(ValueError, match="bounds offsets must be non-decreasing"):
+        ops.combine_(out, grads, torch.rand(3, 2, device=DEVICE), [0, 9, 7, 40], None)
+    assert bool((out == 7.0).all())
