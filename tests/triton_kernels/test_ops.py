@@ -71,7 +71,8 @@ def test_ops_give_the_launchers_bits(num_tasks=2):
     weights = torch.rand(len(BOUNDS) - 1, num_tasks, device=DEVICE)
     out = torch.full((N,), float("nan"), device=DEVICE)
     assert ops.combine_(out, list(grads.unbind(0)), weights, BOUNDS, 16) is None
-    assert torch.equal(out, combine_triton(task_grads, weights, segs, torch.empty(N, device=DEVICE), block=16))
+    expected = combine_triton(task_grads, weights, segs, torch.empty(N, device=DEVICE), block=16)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("op", list(SCHEMAS))
