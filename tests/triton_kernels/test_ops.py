@@ -63,7 +63,7 @@ def test_ops_give_the_launchers_bits(num_tasks=2):
     task_grads, segs = as_task_grads(grads), as_segments(BOUNDS, N)
     gram = ops.gram(list(grads.unbind(0)), BOUNDS, CHUNK, None, 8)
     assert torch.equal(gram, gram_triton(task_grads, segs, chunk=CHUNK, reduce_slots=8))
-    gram = gram[2:].double()  # the solvers on one segment (seconds a segment under the interpreter)
+    gram = gram[2:].double()  # the solvers on one segment: interpreter time grows with S
     for solver in ("closed_form", "exact", "pgd"):
         assert torch.equal(ops.solve_mgda(gram, solver, 5), mgda_triton(gram, solver, 5))
     assert torch.equal(ops.solve_pcgrad(gram, 3), pcgrad_triton(gram, seed=3))
