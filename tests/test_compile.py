@@ -3,9 +3,12 @@
 has loaded a backend module or filled a cache), with ``check_finite=False``; the compiled
 results must equal the eager ones.
 
-Each case runs in a subprocess (all marked slow). The short case compiles with ``aot_eager`` (Dynamo's full
-trace plus the fake/meta implementations of the custom ops, without code generation); the
-slow ones with the default Inductor compiler. CUDA cases need a GPU.
+Each case runs in a subprocess (all marked slow). ``aot_eager`` is Dynamo's full trace plus
+the fake/meta implementations of the custom ops, without code generation; ``inductor`` the
+default compiler. The native ``cpu`` backend compiles with both; the ``triton`` backend (its
+launches are the ``bucketmoo_triton`` custom ops while tracing) with ``aot_eager`` under the
+Triton interpreter on CPU tensors, as CI runs Triton. The CUDA cases (``cuda`` and ``triton``
+with Inductor) need a GPU.
 """
 
 import os
@@ -52,6 +55,12 @@ names = ["gram", "solve", "combine", "fused"] + ["fused pcgrad loss"] * full
 for name, a, b in zip(names * 2, got, expected):
     tol = 0 if compiler != "inductor" else 1e-5   # Inductor may reorder float ops
     torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+if compiler == "aot_eager":  # out = one gradient row (the DDP bucket case): a mutated graph input
+    inplace = lambda g: bm.combine(g, weights, offsets, out=g[0], backend=backend)
+    a, b = grads.clone(), grads.clone()
+    torch.compile(inplace, fullgraph=True, backend=compiler)(a)
+    inplace(b)
+    assert torch.equal(a, b) and not torch.equal(a, grads), "combine in place"
 if full:  # check_finite=True under compile (no fullgraph): the graph breaks, the check still raises
     bad = grads.clone()
     bad[1, 7] = float("nan")
@@ -68,9 +77,13 @@ print("ok", bm.get_backend(backend, device).name)
 """
 
 
-def _run(backend: str, compiler: str, device: str = "cpu", full: bool = True) -> None:
+def _run(backend: str, compiler: str, device: str = "cpu", full: bool = True,
+         interpret: bool = False) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, backend, compiler, device,
                            "full" if full else "short"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
@@ -92,10 +105,19 @@ def test_first_call_compiles(backend, compiler):
     _run(backend, compiler)
 
 
+# The Triton kernels under the interpreter are slow (about a second per MGDA launch): the
+# short script (gram, solve, combine, fused; no second call) and no Inductor here.
+@pytest.mark.slow
+def test_first_call_compiles_triton_under_the_interpreter():
+    pytest.importorskip("triton")
+    _run("triton", "aot_eager", full=False, interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_first_call_compiles_on_cuda(backend):
+    """Compiled Triton kernels (no interpreter) and the native CUDA ops, with Inductor."""
     if torch.cuda.is_available() and bm.available_backends("cuda")[backend] is not None:
         pytest.skip(f"backend {backend!r}: {bm.available_backends('cuda')[backend]}")
     _run(backend, "inductor", "cuda")

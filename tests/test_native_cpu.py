@@ -717,6 +717,33 @@ def test_opcheck(op):
     torch.library.opcheck(getattr(ops, op).default, args)
 
 
+def test_fakes_on_cuda_tensors():
+    """The fake implementations serve the cuda backend too (one set per op, whatever the
+    device): on fake CUDA inputs (no GPU needed, no kernel runs) every op gives outputs of the
+    right shape and dtype on the inputs' CUDA device, as Dynamo needs to trace that backend."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def check(t, shape, dtype):
+        assert (tuple(t.shape), t.dtype, t.device.type) == (shape, dtype, "cuda")
+
+    with FakeTensorMode():
+        grads = list(torch.empty(3, 50, device="cuda").unbind(0))
+        off = torch.empty(5, dtype=torch.int64, device="cuda")
+        gram = torch.empty(4, 3, 3, dtype=torch.float64, device="cuda")
+        orders = torch.empty(3, 2, dtype=torch.int64, device="cuda")
+        losses = torch.empty(4, 3, dtype=torch.float64, device="cuda")
+        method = (2, 0, 0, 0.0, 0.0, 0, 3, True)
+        check(ops.gram(grads, off), (4, 3, 3), torch.float32)
+        check(ops.solve_mgda(gram, 0, 100, 1e-10), (4, 3), torch.float64)
+        check(ops.solve_pcgrad(gram, orders), (4, 3), torch.float64)
+        check(ops.solve_cagrad(gram, 0.4, 1), (4, 3), torch.float64)
+        check(ops.weights(gram.float(), orders, losses, *method), (4, 3), torch.float32)
+        assert ops.combine_(torch.empty(50, device="cuda"), grads, torch.empty(4, 3, device="cuda"), off) is None
+        gram_out, weights = ops.fused_(torch.empty(50, device="cuda"), grads, off, orders, losses, *method)
+        check(gram_out, (4, 3, 3), torch.float32)
+        check(weights, (4, 3), torch.float32)
+
+
 def test_ops_compile_with_fullgraph():
     grads, off, _ = _small_args()
 

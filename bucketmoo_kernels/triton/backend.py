@@ -12,10 +12,12 @@ from ..methods import simplex
 from ..methods.mgda import MGDA_SOLVERS
 from ..weight_step import WeightStep
 from .combine import combine_triton
-from .gram import gram_triton
-from .solve import mgda_closed_form_triton, mgda_exact_triton, mgda_pgd_triton, pcgrad_triton
-from .solve import cagrad_triton
+from .gram import GRAM_CHUNK, REDUCE_SLOTS, gram_triton
+from .ops import NAMESPACE
+from .solve import cagrad_triton, mgda_triton, pcgrad_triton
 from .tiles import INTERPRET
+
+_ops = getattr(torch.ops, NAMESPACE)
 
 __all__ = ["TritonBackend"]
 
@@ -27,6 +29,10 @@ class TritonBackend(Backend):
     slow). ``solve`` handles ``mean``, ``pcgrad``, ``cagrad`` (T <= 8) and ``mgda`` (closed
     form, exact enumeration for T <= 8, fixed-iteration PGD); other methods fall back to their
     torch functions, which run on the device too.
+
+    Eager calls run the launchers directly; while ``torch.compile`` traces, each launch goes
+    through its ``bucketmoo_triton`` custom op (:mod:`bucketmoo_kernels.triton.ops`), which
+    runs the same launcher.
 
     Args:
         gram_chunk: elements per program of the Gram kernel; combine_block: elements per
@@ -57,6 +63,9 @@ class TritonBackend(Backend):
         return f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1); got {device.type}"
 
     def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            chunk = GRAM_CHUNK if self.gram_chunk is None else int(self.gram_chunk)
+            return _ops.gram(list(grads.rows), list(segments.bounds), chunk, None, REDUCE_SLOTS)
         return gram_triton(grads, segments, chunk=self.gram_chunk)
 
     def solve(self, gram: torch.Tensor, step: WeightStep) -> torch.Tensor | None:
@@ -67,24 +76,30 @@ class TritonBackend(Backend):
                               device=gram.device)
         if num_tasks < 2 or num_seg == 0:
             return None
+        traced = torch.compiler.is_compiling()
         if name == "pcgrad":
-            return pcgrad_triton(gram, seed=int(options["seed"]))
+            seed = int(options["seed"])
+            return _ops.solve_pcgrad(gram, seed) if traced else pcgrad_triton(gram, seed=seed)
         if name == "cagrad" and num_tasks <= simplex.MAX_EXACT_TASKS:
             c, rescale = options["c"], options["rescale"]
             if c >= 0 and rescale in (0, 1, 2):  # else the torch function raises the error
-                return cagrad_triton(gram, c=float(c), rescale=int(rescale))
+                c, rescale = float(c), int(rescale)
+                return (_ops.solve_cagrad(gram, c, rescale) if traced
+                        else cagrad_triton(gram, c=c, rescale=rescale))
             return None
         if name != "mgda" or options["solver"] not in MGDA_SOLVERS:
             return None
         solver = step.solver(num_tasks)  # the registry's choice for this T
-        if solver == "closed_form" and num_tasks == 2:
-            return mgda_closed_form_triton(gram)
-        if solver == "exact" and num_tasks <= simplex.MAX_EXACT_TASKS:
-            return mgda_exact_triton(gram)
-        if solver == "pgd" and num_tasks <= 64:
-            return mgda_pgd_triton(gram, max_iter=int(options["max_iter"]))
-        return None  # the torch function raises the appropriate error
+        if not ((solver == "closed_form" and num_tasks == 2)
+                or (solver == "exact" and num_tasks <= simplex.MAX_EXACT_TASKS)
+                or (solver == "pgd" and num_tasks <= 64)):
+            return None  # the torch function raises the appropriate error
+        max_iter = int(options["max_iter"])
+        return _ops.solve_mgda(gram, solver, max_iter) if traced else mgda_triton(gram, solver, max_iter)
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
                 out: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            _ops.combine_(out, list(grads.rows), weights, list(segments.bounds), self.combine_block)
+            return
         combine_triton(grads, weights, segments, out, block=self.combine_block)

@@ -37,8 +37,8 @@ from ..methods import simplex
 from ..methods.pcgrad import pcgrad_orders
 from .tiles import next_pow2, on_device, to_device_table
 
-__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "pcgrad_triton",
-           "cagrad_triton"]
+__all__ = ["mgda_closed_form_triton", "mgda_exact_triton", "mgda_pgd_triton", "mgda_triton",
+           "pcgrad_triton", "cagrad_triton"]
 
 # Small device tensors cached per device: contract constants and CAGrad parameters per
 # (c, rescale) (never freed, so reading them from any stream is safe); PCGrad orders per
@@ -332,6 +332,20 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
         _mgda_pgd_kernel[(num_seg,)](gram, _contract_constants(gram.device), out, int(max_iter),
                                      T=num_tasks, TP=tp, num_warps=1 if tp <= 8 else 4 if tp <= 32 else 8)
     return out
+
+
+def mgda_triton(gram: torch.Tensor, solver: str, max_iter: int = 500) -> torch.Tensor:
+    """MGDA with the kernel of ``solver`` (``closed_form``, ``exact`` or ``pgd``; the
+    ``max_iter`` of pgd): ``[S, T, T]`` float64 -> ``[S, T]`` float64."""
+    if solver == "closed_form":
+        if gram.shape[-1] != 2:
+            raise ValueError(f"the closed-form MGDA solver needs T = 2; got T = {gram.shape[-1]}")
+        return mgda_closed_form_triton(gram)
+    if solver == "exact":
+        return mgda_exact_triton(gram)
+    if solver == "pgd":
+        return mgda_pgd_triton(gram, max_iter=int(max_iter))
+    raise ValueError(f"solver must be 'closed_form', 'exact' or 'pgd'; got {solver!r}")
 
 
 @functools.lru_cache(maxsize=256)
