@@ -95,8 +95,9 @@ def _cpu_backends():
     return [b for b in ("cpu", "torch") if reasons[b] is None]
 
 
-# The native cpu backend (the torch reference backend traces the same API code; compiling it
-# too cost ~150 s of CPU in CI and tests torch more than this library).
+# The native cpu backend with both compilers; the torch reference backend (the same API code
+# around torch ops) only with aot_eager below: under Inductor it cost ~150 s of CPU in CI and
+# tests torch's code generation more than this library.
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,compiler",
                          [(b, c) for b in _cpu_backends() if b == "cpu" for c in ("aot_eager", "inductor")])
@@ -121,3 +122,10 @@ def test_first_call_compiles_on_cuda(backend):
     if torch.cuda.is_available() and bm.available_backends("cuda")[backend] is not None:
         pytest.skip(f"backend {backend!r}: {bm.available_backends('cuda')[backend]}")
     _run(backend, "inductor", "cuda")
+
+
+@pytest.mark.slow
+def test_first_call_compiles_torch_backend():
+    """The torch reference backend, short script with ``aot_eager`` (its solvers' early stop on
+    the CPU reads a flag only outside tracing)."""
+    _run("torch", "aot_eager", full=False)
