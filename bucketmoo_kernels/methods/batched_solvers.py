@@ -13,21 +13,50 @@
 
 Every loop runs a fixed number of iterations on accelerators (so it can be captured in a CUDA
 graph); on the CPU, where reading a flag costs nothing, it stops as soon as every problem has
-converged.
+converged. :func:`may_stop_early` is the one place that decides; :func:`fixed_iterations`
+makes the CPU take the accelerator path (what the tests use to check that path without a GPU).
+Linear systems go through :func:`solve_systems` (``torch.linalg.solve_ex`` without its error
+check: ``torch.linalg.solve`` reads the LU info on the host, a device sync on accelerators); a
+singular system gives non-finite entries, which every caller replaces or rejects.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
-__all__ = ["nonneg_qp", "nonneg_qp_residual", "damped_newton", "may_stop_early"]
+__all__ = ["nonneg_qp", "nonneg_qp_residual", "damped_newton", "may_stop_early", "fixed_iterations",
+           "solve_systems"]
+
+#: True inside :func:`fixed_iterations`: the CPU runs the accelerator path too.
+_FIXED_ITERATIONS = False
 
 
 def may_stop_early(converged: torch.Tensor) -> bool:
-    """True when ``converged`` (a bool tensor) is all true and reading it costs no sync."""
-    return converged.device.type == "cpu" and bool(converged.all())
+    """True when ``converged`` (a bool tensor) is all true and reading it costs no sync: on the
+    CPU, outside :func:`fixed_iterations`. On any other device it is never read (a loop then
+    runs its full iteration count, which is what a CUDA graph can capture)."""
+    return converged.device.type == "cpu" and not _FIXED_ITERATIONS and bool(converged.all())
+
+
+@contextlib.contextmanager
+def fixed_iterations():
+    """Inside this block, the solvers run the accelerator path on the CPU too: fixed iteration
+    counts, no read of a convergence flag (for tests of that path on a machine without GPU)."""
+    global _FIXED_ITERATIONS
+    previous, _FIXED_ITERATIONS = _FIXED_ITERATIONS, True
+    try:
+        yield
+    finally:
+        _FIXED_ITERATIONS = previous
+
+
+def solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve(a, b)`` without the host read of the error flag (no device sync);
+    an exactly singular system gives inf/NaN entries instead of raising."""
+    return torch.linalg.solve_ex(a, b, check_errors=False).result
 
 
 def nonneg_qp_residual(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +77,7 @@ def _active_set_step(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     system = torch.where(pair, a, eye)
     rhs = torch.where(free, -b, torch.zeros_like(b))
-    return torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1)
+    return solve_systems(system, rhs.unsqueeze(-1)).squeeze(-1)
 
 
 def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_steps: int | None = None,
@@ -119,7 +148,7 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
     num_b, num_t = x.shape
     for _ in range(max_iter):
         grad, hess = grad_hess(x)
-        step = -torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+        step = -solve_systems(hess, grad.unsqueeze(-1)).squeeze(-1)
         step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
         decrement = -(grad * step).sum(-1)  # lambda^2 >= 0
         # Fraction to the boundary: keep every coordinate above 1% of its current value.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .registry import register_method
-from .batched_solvers import may_stop_early
+from .batched_solvers import may_stop_early, solve_systems
 from .simplex import (FEASIBLE_TOL, MAX_EXACT_TASKS, pick_candidate, project_to_simplex, ridge,
                       subset_masks)
 
@@ -41,7 +41,7 @@ def _face_candidates(m: torch.Tensor, a: torch.Tensor, radius: torch.Tensor,
     systems = torch.where(pair, m[:, None], eye)  # [S, K, T, T]
     mask_f = masks.to(m.dtype)
     rhs = torch.stack([mask_f, mask_f * a[:, None, :]], dim=-1)  # [S, K, T, 2]
-    sol = torch.linalg.solve(systems, rhs)
+    sol = solve_systems(systems, rhs)
     x, y = sol[..., 0] * mask_f, sol[..., 1] * mask_f
     sx, sy = x.sum(-1), y.sum(-1)
     ay = (a[:, None, :] * y).sum(-1)

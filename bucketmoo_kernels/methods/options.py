@@ -7,8 +7,8 @@ str default a str), and the known options have ranges (MGDA's ``max_iter >= 1`` 
 the option, so a bad value fails where the options are given (``BucketMOOState(...)``,
 ``fused_bucket_moo(...)``), not inside a solver in the middle of a backward.
 
-``tol = 0`` stays valid for MGDA: it is the documented way to run PGD for a fixed number of
-iterations without the early-stop host sync.
+``tol = 0`` stays valid for MGDA: it runs PGD for exactly ``max_iter`` iterations on the CPU
+too (accelerators always do: no early-stop host sync there).
 """
 
 from __future__ import annotations
