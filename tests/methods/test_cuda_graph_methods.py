@@ -8,8 +8,8 @@ new gradients and compare with eager calls on the same data. A stateful step is 
 over one replay with the eager second step (the capture reads the state left by the warm-up
 step, as the eager run does); a stateless one over two replays on different data.
 
-The methods of ``KNOWN_SYNC`` (their weight step still reads device data on the host, see
-``test_host_sync_free.py``) are strict xfails: capture refuses the sync.
+Methods listed in ``test_host_sync_free.KNOWN_SYNC`` (a weight step that still reads device
+data on the host; none now) would be xfails here: capture refuses the sync.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ A second test runs the accelerator path on real CPU data (``fixed_iterations()``
 compares it with the CPU path, so the iterations an accelerator runs are also checked for
 their answer.
 
-The methods whose weight step still synchronises are listed in ``KNOWN_SYNC`` and their
-cases are strict xfails: they must fail here until fixed (a fix makes them XPASS, which fails
-the run and asks for the entry to go).
+Methods whose weight step still synchronised would be listed in ``KNOWN_SYNC`` as strict
+xfails (none now: the eigen-decomposition of imtl_g, aligned_mtl and config runs as Jacobi
+sweeps off the CPU, :func:`~bucketmoo_kernels.methods.batched_solvers.jacobi_eigh`, checked
+against ``torch.linalg.eigh`` here).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 import bucketmoo_kernels as bmk
 from bucketmoo_kernels.dispatch import get_backend
 from bucketmoo_kernels.methods import MethodState, available_methods
-from bucketmoo_kernels.methods.batched_solvers import fixed_iterations
+from bucketmoo_kernels.methods.batched_solvers import fixed_iterations, jacobi_eigh
 from bucketmoo_kernels.methods.elementwise import is_elementwise
 from bucketmoo_kernels.weight_step import WeightStep, compute_weights
 
@@ -46,13 +47,9 @@ SYNCING_OPS = {
     aten.is_nonzero.default, aten.allclose.default, aten.unique_dim.default, aten._unique2.default,
 }
 
-#: method -> why its weight step still synchronises on CUDA (torch.linalg.eigh reads its
-#: error info on the host; torch has no eigh_ex). Strict xfails below.
-KNOWN_SYNC = {
-    "config": "torch.linalg.eigh (pinv of the unit Gram)",
-    "imtl_g": "torch.linalg.eigh (pinv of the Gram)",
-    "aligned_mtl": "torch.linalg.eigh (spectral decomposition of the Gram)",
-}
+#: method -> why its weight step still synchronises on CUDA; its cases are strict xfails.
+#: (Empty since imtl_g, aligned_mtl and config take batched_solvers.jacobi_eigh off the CPU.)
+KNOWN_SYNC: dict[str, str] = {}
 
 #: Extra option sets per method (each also runs with the defaults): every solver path.
 VARIANTS = {
@@ -114,10 +111,11 @@ def _meta_gram(num_seg: int, num_tasks: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("method, options", _cases())
 def test_weight_step_has_no_host_sync(method, options, monkeypatch):
-    from bucketmoo_kernels.methods import batched_solvers, pcd
+    from bucketmoo_kernels.methods import batched_solvers, pcd, spectral
 
     full_qp = batched_solvers.nonneg_qp
     monkeypatch.setattr(pcd, "nonneg_qp", lambda *a, **k: full_qp(*a, **dict(k, max_iter=1)))  # PCD's fixed 400
+    monkeypatch.setattr(spectral, "jacobi_eigh", lambda sym: batched_solvers.jacobi_eigh(sym, sweeps=1))
     step = WeightStep(method, {**FEW_ITERATIONS.get(method, {}), **options})
     num_tasks = 2 if options.get("solver") == "closed_form" else 3
     gram = _meta_gram(2, num_tasks)
@@ -170,3 +168,20 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("kind", ["full_rank", "rank_deficient"])
+def test_jacobi_eigh_matches_torch_eigh(num_tasks, kind):
+    """The sync-free eigen-decomposition against LAPACK's: eigenvalues to 1e-13 of the largest,
+    V diag(e) V^T = G and V^T V = I to 1e-13 (float32-rounded Grams, as the API's)."""
+    grams = torch.cat([gram_of(task_matrix(num_tasks, kind, seed)) for seed in range(4)]).float().double()
+    evals, evecs = jacobi_eigh(grams)
+    ref = torch.linalg.eigh(grams).eigenvalues
+    scale = grams.abs().amax()
+    assert (evals - ref).abs().max() <= 1e-13 * scale
+    rebuilt = evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
+    assert (rebuilt - grams).abs().max() <= 1e-13 * scale
+    eye = torch.eye(num_tasks, dtype=torch.float64)
+    assert (evecs.transpose(-1, -2) @ evecs - eye).abs().max() <= 1e-13
+    assert (evals[:, 1:] >= evals[:, :-1]).all()
