@@ -150,7 +150,8 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
     moves (rounding); else after ``max_iter``.
     """
     x = x0
-    ladder = torch.tensor(_STEP_LADDER, dtype=x.dtype, device=x.device)  # [K]
+    # _STEP_LADDER built on the device (no host-to-device copy); powers of two are exact
+    ladder = torch.pow(0.5, torch.arange(len(_STEP_LADDER), dtype=x.dtype, device=x.device))  # [K]
     num_b, num_t = x.shape
     for _ in range(max_iter):
         grad, hess = grad_hess(x)

@@ -100,7 +100,8 @@ def _cagrad_iterative(m: torch.Tensor, a: torch.Tensor, radius: torch.Tensor, *,
     of the face the iterate is on (:func:`_face_candidates`) replaces it where it passes the KKT
     test to ``tol`` (relative). On the CPU it stops once every segment passed."""
     num_seg, num_tasks, _ = m.shape
-    ladder = torch.tensor([2.0 ** k for k in range(8, -31, -1)], dtype=m.dtype, device=m.device)
+    # 2^8 .. 2^-30, built on the device (no host-to-device copy); powers of two are exact
+    ladder = torch.pow(2.0, torch.arange(8, -31, -1, dtype=m.dtype, device=m.device))
     w = torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=m.dtype, device=m.device)
     result = w
     solved = torch.zeros(num_seg, dtype=torch.bool, device=m.device)

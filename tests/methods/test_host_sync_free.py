@@ -8,8 +8,9 @@ is given a meta tensor: ``.item()`` / ``bool()`` / ``int()`` (``_local_scalar_de
 copy to the CPU (``.cpu()``, ``.tolist()`` of a device tensor), the LU error check of
 ``torch.linalg.solve`` (``_linalg_check_errors``), ``torch.linalg.eigh`` / ``svd`` (they read
 their info on the host on CUDA: torch's documentation says they synchronise), and
-data-dependent shapes (``nonzero``, ``masked_select``, boolean indexing). Python control
-flow on device data fails on meta tensors by itself. CPU tensors made from Python values
+data-dependent shapes (``nonzero``, ``masked_select``, boolean indexing), and copies from host
+memory to the device (synchronous on CUDA, refused in graph capture) after a warm-up call.
+Python control flow on device data fails on meta tensors by itself. CPU tensors made from Python values
 (PCGrad's task orders, the counter RNG's key) are host data and allowed.
 
 A second test runs the accelerator path on real CPU data (``fixed_iterations()``) and
@@ -24,8 +25,11 @@ against ``torch.linalg.eigh`` here).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -86,7 +90,29 @@ class HostSyncTrap(TorchDispatchMode):
                 str(kwargs.get("device", args[1] if func is aten.to.device else "meta")) == "cpu"
             if func in SYNCING_OPS or to_host:
                 raise HostSync(f"{func} on a device tensor: a host sync on CUDA")
+        if func is aten._to_copy.default and str(kwargs.get("device")) == "meta" and args[0].device.type == "cpu":
+            raise HostSync("a copy from host memory to the device (a synchronous copy on CUDA, refused "
+                           "in graph capture)")
         return func(*args, **kwargs)
+
+
+class HostDataFactoryTrap(TorchFunctionMode):
+    """Raise :class:`HostSync` on ``torch.tensor(host data, device=<device>)`` and the like: the
+    factory copies host memory to the device without passing through the dispatcher."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor, torch.asarray) and \
+                torch.device(kwargs.get("device") or "cpu").type == "meta":
+            raise HostSync(f"torch.{func.__name__}(host data, device=...): a copy from host memory to the device")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Both traps: host reads of device data and copies of host data to the device."""
+    with HostDataFactoryTrap(), HostSyncTrap():
+        yield
 
 
 def _cases():
@@ -121,8 +147,11 @@ def test_weight_step_has_no_host_sync(method, options, monkeypatch):
     gram = _meta_gram(2, num_tasks)
     state = MethodState() if step.needs_state or "seed" in step.options else None
     backend = get_backend("torch", torch.device("cpu"))
-    with HostSyncTrap():
-        for _ in range(2):  # stateful steps: the first call creates the state, the second reads it
+    # A warm-up call outside the trap, as before a CUDA graph capture: it creates the state's
+    # tensors and the cached device constants; after it, nothing may touch the host.
+    compute_weights(gram, step, None, backend, state)
+    with no_host_sync():
+        for _ in range(2):
             weights = compute_weights(gram, step, None, backend, state)
     assert weights.shape == (2, num_tasks) and weights.device.type == "meta"
 
@@ -131,7 +160,7 @@ def test_weight_step_has_no_host_sync(method, options, monkeypatch):
 def test_normalizations_have_no_host_sync(normalization):
     step = WeightStep("pcgrad", {}, normalization=normalization)
     losses = torch.empty(2, 3, dtype=torch.float64, device="meta") if normalization == "loss" else None
-    with HostSyncTrap():
+    with no_host_sync():
         weights = compute_weights(_meta_gram(2, 3), step, losses, get_backend("torch", torch.device("cpu")))
     assert weights.shape == (2, 3)
 
@@ -140,10 +169,11 @@ def test_the_trap_catches_host_reads():
     gram = _meta_gram(1, 2)
     for read in (lambda: bool((gram > 0).all()), lambda: gram.sum().item(), lambda: gram.cpu(),
                  lambda: torch.linalg.solve(gram.double(), gram.double()), lambda: torch.linalg.eigh(gram),
-                 lambda: gram.nonzero()):
-        with HostSyncTrap(), pytest.raises((HostSync, RuntimeError, NotImplementedError)):
+                 lambda: gram.nonzero(), lambda: torch.tensor([1.0, 2.0]).to("meta"),
+                 lambda: torch.tensor([1.0, 2.0], device=gram.device), lambda: torch.as_tensor([1.0], device="meta")):
+        with no_host_sync(), pytest.raises((HostSync, RuntimeError, NotImplementedError)):
             read()
-    with HostSyncTrap():  # what the methods use instead
+    with no_host_sync():  # what the methods use instead
         torch.linalg.solve_ex(gram.double(), gram.double(), check_errors=False)
 
 
