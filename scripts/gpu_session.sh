@@ -13,7 +13,8 @@
 #   build     both extensions in place (BUCKETMOO_CUDA_ARCHS, default 90; MAX_JOBS, default 16)
 #   test      the CUDA and Triton test files (tests/triton_kernels: the CUDA-graph replay in
 #             both orders, tables used from a side stream; tests/test_cuda_resources.py: the
-#             memory the first PGD weight step reserves), the API tests on the GPU build
+#             memory the first PGD weight step reserves), the API tests on the GPU build, and
+#             every method's weight step captured in a CUDA graph (tests/methods/test_cuda_graph_methods.py)
 #   sanitize  compute-sanitizer memcheck / racecheck / initcheck / synccheck (docs/cuda.md)
 #   bench     benchmarks.bench_gpu_fixes first (issue 14: serial vs parallel Gram reduction,
 #             vector vs scalar loads, CUDA-graph replay vs eager), then benchmarks.bench_cuda
@@ -79,6 +80,8 @@ stage_test() {
   step test_triton 580 "$PY" -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT_DIR/results/test_triton.xml" tests/test_triton_backend.py
   step test_api 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py
+  step test_method_graphs 240 "$PY" -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUT_DIR/results/test_method_graphs.xml" tests/methods/test_cuda_graph_methods.py
 }
 
 stage_sanitize() {

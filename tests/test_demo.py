@@ -13,8 +13,9 @@ from bucketmoo_kernels.demo.__main__ import build_parser, main, settings_from_ar
 from bucketmoo_kernels.demo.data import (heldout_windows, load_cldr_strings, load_languages,  # noqa: E402
                                          sample_batch, static_weights)
 from bucketmoo_kernels.demo.model import ByteLM, ModelConfig  # noqa: E402
-from bucketmoo_kernels.demo.train import (DemoSettings, _load_hook, bucket_lengths, parse_run,  # noqa: E402
-                                          run_demo)
+from bucketmoo_kernels.demo.train import (DemoSettings, _load_hook, bucket_lengths, hook_settings,  # noqa: E402
+                                          parse_run, run_demo)
+from bucketmoo_kernels.methods import available_methods  # noqa: E402
 
 # ----------------------------------------------------------------------------------- data
 
@@ -144,6 +145,70 @@ def test_cli_settings_and_errors():
         DemoSettings(languages=("de", "fr"), unseen=("de",))
     with pytest.raises(ValueError, match="clip"):
         DemoSettings(clip=-1.0)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_registered_method_is_a_run(method):
+    """Every method is accepted by --runs, its settings build (no process group) and its weight
+    step runs once at construction; element-wise methods get the all-gather protocol, noted."""
+    from bucketmoo_kernels.ddp import BucketMOOState
+
+    extra = ["--method-option", "constant:weights=1,2,1,1"] if method == "constant" else []  # no default
+    s = settings_from_args(build_parser().parse_args(["--runs", method, f"{method}-param"] + extra))
+    for spec in s.specs():
+        if spec.name == "mean":  # plain DDP (the hook's 'mean' would run the same all-reduce)
+            assert not spec.uses_hook
+            continue
+        kwargs, notes = hook_settings(spec, s)
+        state = BucketMOOState(**kwargs)
+        assert (state.method, state.granularity) == (method, spec.granularity)
+        if method in ("graddrop", "trimmed_mean"):
+            assert state.protocol == "allgather" and "protocol='allgather'" in notes[0]
+        else:
+            assert state.protocol == "sharded" and not any("protocol" in n for n in notes)
+        assert any("MethodState" in n for n in notes) == (method in ("gradvac", "pcd"))
+    if method in ("graddrop", "trimmed_mean"):
+        with pytest.raises(ValueError, match=f"run '{method}-global'.*granularity='global'"):
+            settings_from_args(build_parser().parse_args(["--runs", f"{method}-global"]))
+        with pytest.raises(ValueError, match="protocol='sharded'"):
+            settings_from_args(build_parser().parse_args(["--runs", method, "--hook-option", "protocol=sharded"]))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("[1,2,1,1]", [1, 2, 1, 1]), ("1,2,1,1", [1, 2, 1, 1]), ("(0.5, 1.5, 1, 1)", [0.5, 1.5, 1, 1]),
+    ("[0.1, 0.2, 0.3, 0.4]", [0.1, 0.2, 0.3, 0.4]), ("0.4", 0.4), ("3", 3), ("None", None), ("true", True),
+    ("pgd", "pgd"), ("'pgd'", "pgd"),
+])
+def test_method_option_values(value, expected):
+    args = build_parser().parse_args(["--method-option", f"constant:weights={value}"])
+    assert args.method_option == [("constant", "weights", expected)]
+
+
+def test_list_options_reach_the_state_and_are_checked_at_construction():
+    from bucketmoo_kernels.ddp import BucketMOOState
+
+    s = settings_from_args(build_parser().parse_args([
+        "--runs", "constant", "upgrad", "--method-option", "constant:weights=[1,2,1,1]",
+        "--method-option", "upgrad:pref_vector=0.4,0.2,0.2,0.2", "--method-option", "mgda:solver=pgd"]))
+    kwargs = {spec.method: hook_settings(spec, s)[0] for spec in s.specs()}
+    assert kwargs["constant"]["weights"] == [1, 2, 1, 1]
+    assert BucketMOOState(**kwargs["upgrad"]).method_options == {"pref_vector": [0.4, 0.2, 0.2, 0.2]}
+    assert s.options_for("mgda") == {"solver": "pgd"}
+    with pytest.raises(SystemExit):  # bad syntax: argparse names the option
+        build_parser().parse_args(["--method-option", "constant:weights=[1,2"])
+    with pytest.raises(ValueError, match="run 'constant'.*weights must have T = 4"):  # 4 languages
+        settings_from_args(build_parser().parse_args(["--runs", "constant",
+                                                      "--method-option", "constant:weights=1,2"]))
+    with pytest.raises(ValueError, match="unknown method 'cagard'"):
+        settings_from_args(build_parser().parse_args(["--method-option", "cagard:c=0.4"]))
+    with pytest.raises(TypeError, match="unknown option"):
+        settings_from_args(build_parser().parse_args(["--method-option", "cagrad:cc=0.4"]))
+
+
+def test_bad_option_syntax_names_the_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--method-option", "upgrad:pref_vector=[0.4,,0.6]"])
+    assert "--method-option upgrad:pref_vector: cannot read the value" in capsys.readouterr().err
 
 
 def test_missing_hook_is_a_clear_error():

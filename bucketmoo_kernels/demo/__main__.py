@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 
@@ -16,7 +17,10 @@ runs (--runs):
   mean               plain DDP, no comm hook (the all-reduce averages the language gradients)
   static             plain DDP, each language's loss weighted by its data size^(1/tau) (--tau)
   static-t<tau>      the same with an explicit temperature, e.g. static-t5
-  <method>           bucket_moo_hook with one weight vector per DDP bucket (mgda, pcgrad, cagrad, ...)
+  <method>           bucket_moo_hook with one weight vector per DDP bucket: any registered method
+                     (mgda, pcgrad, cagrad, upgrad, nash_mtl, gradvac, ...; see
+                     bucketmoo_kernels.available_methods()); the element-wise graddrop and
+                     trimmed_mean run with protocol=allgather
   <method>-global    one weight vector for the whole model (classic MGDA baseline)
   <method>-param     one weight vector per parameter
 
@@ -24,38 +28,58 @@ examples:
   python -m bucketmoo_kernels.demo                      # default comparison, a few minutes on 2 cores
   python -m bucketmoo_kernels.demo --quick              # about a minute
   python -m bucketmoo_kernels.demo --runs mean mgda cagrad --method-option cagrad:c=0.4
+  python -m bucketmoo_kernels.demo --runs mean constant upgrad --method-option constant:weights=1,2,1,1 \
+      --method-option upgrad:pref_vector=[0.4,0.2,0.2,0.2]
   python -m bucketmoo_kernels.demo --languages de ru ar hi --unseen uk --steps 300
   python -m bucketmoo_kernels.demo --report-only --out demo_out   # rebuild report.md and plots
   python -m bucketmoo_kernels.demo --engine hf --runs mean mgda   # through the HF Trainer
 """
 
 
-def _value(text: str):
-    if text.lower() == "none":
+def _value(text: str, what: str):
+    """An option value from the command line.
+
+    ``none`` / ``true`` / ``false`` (any case), an int, a float, a Python literal (a list
+    ``[1, 2, 1, 1]``, a tuple, a quoted string), a comma-separated list of literals
+    (``1,2,1,1`` -> ``[1, 2, 1, 1]``), or else the text itself as a string (``solver=pgd``).
+    A value that starts with a bracket or holds a comma must be a valid literal; otherwise
+    ``argparse.ArgumentTypeError`` naming ``what`` (the option).
+    """
+    stripped = text.strip()
+    if stripped.lower() == "none":
         return None
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
+    if stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
     for cast in (int, float):
         try:
-            return cast(text)
+            return cast(stripped)
         except ValueError:
             pass
-    return text
+    if stripped and (stripped[0] in "[({'\"" or "," in stripped):
+        try:
+            value = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError) as exc:
+            raise argparse.ArgumentTypeError(
+                f"{what}: cannot read the value {text!r} ({type(exc).__name__}: {exc}); expected a number, "
+                "true/false/none, a list such as [1, 2, 1, 1] or 1,2,1,1, or a plain word") from None
+        return list(value) if isinstance(value, tuple) else value
+    return stripped
 
 
 def _method_option(text: str) -> tuple[str, str, object]:
     method, sep, rest = text.partition(":")
     key, eq, value = rest.partition("=")
     if not sep or not eq or not method or not key:
-        raise argparse.ArgumentTypeError(f"expected METHOD:KEY=VALUE (e.g. cagrad:c=0.4); got {text!r}")
-    return method, key, _value(value)
+        raise argparse.ArgumentTypeError(f"expected METHOD:KEY=VALUE (e.g. cagrad:c=0.4 or "
+                                         f"constant:weights=[1,2,1,1]); got {text!r}")
+    return method, key, _value(value, f"--method-option {method}:{key}")
 
 
 def _hook_option(text: str) -> tuple[str, object]:
     key, eq, value = text.partition("=")
     if not eq or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. protocol=allgather); got {text!r}")
-    return key, _value(value)
+    return key, _value(value, f"--hook-option {key}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the 'static' run: weights ~ bytes^(1/tau); 1 = proportional to "
                         "data size, large = uniform (default: %(default)s)")
     g.add_argument("--method-option", action="append", type=_method_option, default=[], metavar="M:K=V",
-                   help="option of a hook method, e.g. cagrad:c=0.4 or pcgrad:seed=1 (repeatable)")
+                   help="option of a hook method, e.g. cagrad:c=0.4, pcgrad:seed=1, constant:weights=[1,2,1,1] "
+                        "or constant:weights=1,2,1,1 (a list: a Python literal or comma-separated values; "
+                        "repeatable)")
     g.add_argument("--hook-option", action="append", type=_hook_option, default=[], metavar="K=V",
                    help="extra BucketMOOState setting for every hook run, e.g. protocol=allgather, "
                         "compress=bf16, backend=torch (repeatable)")
@@ -177,6 +203,9 @@ def main(argv=None) -> int:
     print()
     for line in report.summary_lines(results):
         print(f"* {line}")
+    for run in results["runs"]:
+        for note in run.get("notes") or []:
+            print(f"~ {run['name']}: {note}")
     skipped = [r for r in results["runs"] if r.get("status") != "ok"]
     for run in skipped:
         print(f"! {run['name']} skipped: {run.get('error')}", file=sys.stderr)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .data import DATA_SOURCE, heldout_windows, load_languages, sample_batch
 from .train import (environment, DemoSettings, RunSpec, _Context, _free_port, _hook_statistics, _leave, _probe,
+                    hook_settings,
                     _settings_dict, bucket_lengths)
 
 __all__ = ["run_hf_demo", "build_model", "WindowDataset"]
@@ -103,8 +104,9 @@ def _train_one(spec: RunSpec, ctx: _Context, train_sets: dict, eval_sets: dict, 
         return result
     state = None
     if spec.uses_hook:
-        state = BucketMOOState(method=spec.method, granularity=spec.granularity, **dict(settings.hook_options),
-                               **settings.options_for(spec.method))
+        kwargs, notes = hook_settings(spec, settings)
+        result["notes"] = list(notes)
+        state = BucketMOOState(**kwargs)
     model = build_model(settings)
     eval_steps = sorted({0, settings.steps} | set(range(settings.eval_every, settings.steps, settings.eval_every)))
     step_s, probes, hook_stats = [], [], []

@@ -287,6 +287,9 @@ def write_report(results: dict, out_dir: str) -> list[str]:
     for line in summary_lines(results):
         md.append(f"- {line}")
     md.append("")
+    notes = [f"{run['name']}: {note}" for run in results["runs"] for note in run.get("notes") or []]
+    if notes:
+        md += ["Run notes:", ""] + [f"- {note}" for note in notes] + [""]
     if static_runs:
         md.append("Static weights (temperature re-weighting by training bytes, w_l ~ n_l^(1/tau)): "
                   + "; ".join(f"{r['name']}: "

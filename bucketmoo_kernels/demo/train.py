@@ -10,8 +10,11 @@ update:
   ``w_r * world_size``, where ``w`` re-weights languages by data size with temperature
   ``tau`` (the all-reduce mean then gives ``sum_r w_r g_r``);
 * ``<method>[-<granularity>]`` (``mgda``, ``mgda-global``, ``pcgrad``, ``cagrad-param``,
-  ...): plain DDP plus ``bucket_moo_hook`` from :mod:`bucketmoo_kernels.ddp` in
-  ``mode="ranks"``; the hook is the only thing that changes between these runs.
+  ... -- every registered method): plain DDP plus ``bucket_moo_hook`` from
+  :mod:`bucketmoo_kernels.ddp` in ``mode="ranks"``; the hook is the only thing that changes
+  between these runs. The element-wise methods (``graddrop``, ``trimmed_mean``) run with
+  ``protocol="allgather"`` unless ``--hook-option protocol=...`` says otherwise (the sharded
+  protocol cannot run them); the run's ``notes`` say so (:func:`hook_settings`).
 
 At evaluation steps every rank scores a share of the languages (seen and unseen) on fixed
 held-out windows, and a probe computes the per-language gradients of a fixed batch
@@ -39,12 +42,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import diagnostics
+from ..api import fused_bucket_moo as fused_op
 from ..api import gram as gram_op
 from ..api import solve as solve_op
+from ..methods import MethodState, get_method, resolve_options
+from ..methods.elementwise import is_elementwise
 from .data import DATA_SOURCE, heldout_windows, load_languages, sample_batch, static_weights
 from .model import ByteLM, ModelConfig
 
-__all__ = ["RunSpec", "DemoSettings", "parse_run", "run_demo", "bucket_lengths"]
+__all__ = ["RunSpec", "DemoSettings", "parse_run", "run_demo", "bucket_lengths", "hook_settings"]
 
 GRANULARITIES = ("bucket", "global", "param")
 DEFAULT_RUNS = ("mean", "static", "mgda", "mgda-global", "pcgrad")
@@ -139,8 +145,14 @@ class DemoSettings:
             raise ValueError(f"engine must be one of {ENGINES}; got {self.engine!r}")
         if self.lr <= 0 or self.bucket_cap_mb <= 0:
             raise ValueError(f"lr and bucket_cap_mb must be > 0; got {self.lr}, {self.bucket_cap_mb}")
+        for method, key, _ in self.method_options:
+            get_method(method)  # ValueError listing the known methods
+        for method in {m for m, _, _ in self.method_options}:
+            resolve_options(get_method(method), self.options_for(method))  # errors name the option
         for run in self.runs:
-            parse_run(run, self.tau)
+            spec = parse_run(run, self.tau)
+            if spec.uses_hook:
+                check_hook_run(spec, self)
 
     @property
     def world_size(self) -> int:
@@ -151,6 +163,59 @@ class DemoSettings:
 
     def options_for(self, method: str) -> dict:
         return {key: value for m, key, value in self.method_options if m == method}
+
+
+def hook_settings(spec: RunSpec, settings: DemoSettings) -> tuple[dict, tuple[str, ...]]:
+    """The ``BucketMOOState`` keyword arguments of hook run ``spec`` (every engine builds its
+    state from these) and notes on what the demo chose for it.
+
+    An element-wise method (graddrop, trimmed_mean: not a function of the Gram) gets
+    ``protocol="allgather"`` unless ``--hook-option protocol=...`` sets one.
+    """
+    kwargs = dict(method=spec.method, mode="ranks", granularity=spec.granularity,
+                  bucket_cap_mb=settings.bucket_cap_mb)
+    hook = dict(settings.hook_options)
+    fixed = sorted(set(hook) & set(kwargs))
+    if fixed:
+        raise ValueError(f"--hook-option {fixed[0]}: set by the demo for each run (use --runs / --bucket-cap-mb)")
+    notes = []
+    if is_elementwise(spec.method) and "protocol" not in hook:
+        hook["protocol"] = "allgather"
+        notes.append(f"{spec.method} is element-wise (not a function of the Gram): it runs with "
+                     "protocol='allgather'")
+    kwargs.update(hook)
+    options = settings.options_for(spec.method)
+    clash = sorted(set(options) & set(kwargs))
+    if clash:
+        raise ValueError(f"--method-option {spec.method}:{clash[0]} clashes with a hook setting of the same name")
+    kwargs.update(options)
+    if get_method(spec.method).stateful or float(options.get("ema", 0.0) or 0.0) > 0:
+        notes.append(f"{spec.method} keeps per-bucket state across steps (one MethodState per bucket in the "
+                     "hook); the conflict probe's weights come from a fresh state (a first step)")
+    return kwargs, tuple(notes)
+
+
+def check_hook_run(spec: RunSpec, settings: DemoSettings) -> None:
+    """Build hook run ``spec``'s settings and run its weight step once on a small Gram with one
+    task per language, so that a bad method, option or combination fails now, naming the run
+    (not in the middle of training)."""
+    from ..distributed.settings import MOOSettings
+
+    try:
+        kwargs, _ = hook_settings(spec, settings)
+        kwargs = dict(kwargs)
+        built = MOOSettings.build(kwargs.pop("method"), kwargs.pop("mode"), kwargs.pop("granularity"),
+                                  **kwargs)
+        num_tasks = settings.world_size
+        rows = torch.randn(num_tasks, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        if is_elementwise(spec.method):
+            fused_op(rows.float(), weight_step=built.weight_step, method=spec.method)
+        else:
+            gram = (rows @ rows.T)[None].float()
+            solve_op(gram, weight_step=built.weight_step, method=spec.method, backend="torch",
+                     method_state=MethodState(), losses=torch.ones(num_tasks))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"run {spec.name!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,28 +373,40 @@ def _probe(model: ByteLM, ctx: _Context, spec: RunSpec, static_w: torch.Tensor |
     pair_cos = cos[:, upper]                                               # [S, pairs]
     global_gram = gram.sum(0, keepdim=True)
     global_cos = diagnostics.task_cosine(global_gram)[0][upper]
-    if spec.method is None:
-        weights = (static_w if static_w is not None
-                   else torch.full((ctx.world,), 1.0 / ctx.world)).expand(gram.shape[0], -1)
-    else:
-        options = ctx.settings.options_for(spec.method)
-        if spec.granularity == "global":
-            weights = solve_op(global_gram.float(), spec.method, backend="torch", **options)
-            weights = weights.expand(gram.shape[0], -1)
-        else:  # the probe's layout is the bucket one, also for param / chunk runs
-            weights = solve_op(gram.float(), spec.method, backend="torch", **options)
-    weights = weights.double()
-    return {
+    conflict = {
         "bucket_conflict_share": float((pair_cos < 0).any(-1).double().mean()),
         "pair_conflict_share": float((pair_cos < 0).double().mean()),
         "min_bucket_cos": float(pair_cos.min()),
         "global_cos_mean": float(global_cos.mean()),
-        "weight_spread": float((weights.max(-1).values - weights.min(-1).values).mean()),
-        "weight_bucket_std": float(weights.std(0, unbiased=False).mean()),
-        "weights_mean": weights.mean(0).tolist(),
-        "norm_ratio": float(diagnostics.combined_sqnorm(gram, weights).sum().sqrt()
-                            / diagnostics.mean_sqnorm(gram).sum().sqrt()),
     }
+    options = ctx.settings.options_for(spec.method) if spec.method is not None else {}
+    if spec.method is not None and is_elementwise(spec.method):
+        # no weights: the combined gradient of the element-wise method itself
+        combined = fused_op(stacked, method=spec.method, segments=offsets, backend="torch", check_finite=False,
+                            **options)
+        nan = float("nan")
+        return dict(conflict, weight_spread=nan, weight_bucket_std=nan, weights_mean=[nan] * ctx.world,
+                    norm_ratio=float(combined.double().norm() / stacked.double().mean(0).norm()))
+    if spec.method is None:
+        weights = (static_w if static_w is not None
+                   else torch.full((ctx.world,), 1.0 / ctx.world)).expand(gram.shape[0], -1)
+    else:
+        # a stateful weight step (gradvac, pcd, ema) gets a fresh state: its first-step weights
+        if spec.granularity == "global":
+            weights = solve_op(global_gram.float(), spec.method, backend="torch", method_state=MethodState(),
+                               **options)
+            weights = weights.expand(gram.shape[0], -1)
+        else:  # the probe's layout is the bucket one, also for param / chunk runs
+            weights = solve_op(gram.float(), spec.method, backend="torch", method_state=MethodState(), **options)
+    weights = weights.double()
+    return dict(
+        conflict,
+        weight_spread=float((weights.max(-1).values - weights.min(-1).values).mean()),
+        weight_bucket_std=float(weights.std(0, unbiased=False).mean()),
+        weights_mean=weights.mean(0).tolist(),
+        norm_ratio=float(diagnostics.combined_sqnorm(gram, weights).sum().sqrt()
+                         / diagnostics.mean_sqnorm(gram).sum().sqrt()),
+    )
 
 
 def _hook_statistics(state) -> dict:
@@ -367,10 +444,8 @@ def _wrap(model: ByteLM, spec: RunSpec, settings: DemoSettings, hook, device: to
     state = None
     if hook is not None:
         state_cls, _ = hook
-        state = state_cls(method=spec.method, mode="ranks", granularity=spec.granularity,
-                          process_group=None, task_of_rank=None,
-                          bucket_cap_mb=settings.bucket_cap_mb, **dict(settings.hook_options),
-                          **settings.options_for(spec.method))
+        kwargs, _ = hook_settings(spec, settings)
+        state = state_cls(process_group=None, task_of_rank=None, **kwargs)
     if settings.engine == "ddp":
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       bucket_cap_mb=settings.bucket_cap_mb)
@@ -403,6 +478,8 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
     settings, rank, world, device = ctx.settings, ctx.rank, ctx.world, ctx.device
     result = {"name": spec.name, "method": spec.method, "granularity": spec.granularity,
               "tau": spec.tau, "status": "ok"}
+    if spec.uses_hook:
+        result["notes"] = list(hook_settings(spec, settings)[1])
     hook, state, hook_stats = None, None, []
     if spec.uses_hook:
         try:

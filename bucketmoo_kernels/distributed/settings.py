@@ -19,6 +19,7 @@ import torch
 
 from ..dispatch import BACKEND_NAMES
 from ..methods import NORMALIZATIONS, get_method
+from ..methods.elementwise import is_elementwise
 from ..weight_step import WeightStep
 
 def _is_numpy_bool(value) -> bool:
@@ -26,7 +27,7 @@ def _is_numpy_bool(value) -> bool:
 
 
 __all__ = ["MOOSettings", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS", "AGREED",
-           "parse_granularity", "check_bool", "check_int"]
+           "parse_granularity", "check_bool", "check_int", "check_elementwise_support"]
 
 MODES = ("ranks", "stash")
 PROTOCOLS = ("sharded", "allgather")
@@ -84,6 +85,37 @@ def _check_bucket_cap(value: Any) -> float | None:
         raise ValueError(f"bucket_cap_mb must be None (DDP's default, 25) or a positive number of MiB, the "
                          f"same as DistributedDataParallel(bucket_cap_mb=...); got {value!r}")
     return float(value)
+
+
+def check_elementwise_support(method: str, mode: str, protocol: str, granularity: str,
+                              method_options: dict[str, Any]) -> None:
+    """``ValueError`` when element-wise ``method`` (graddrop, trimmed_mean) cannot run with
+    these settings; nothing for the other methods.
+
+    An element-wise method is not a function of the Gram: it needs every task's whole value of
+    each element on the rank that combines it, and it has no per-segment weights. So it runs
+    with ``protocol="allgather"`` (tasks on ranks) or ``mode="stash"``, not with the sharded
+    protocol (whose ranks hold only the all-reduced Gram and their own shards), not with
+    ``granularity="global"`` (one weight vector for the model) and not with ``ema`` (weight
+    smoothing).
+    """
+    if not is_elementwise(method):
+        return
+    if mode == "ranks" and protocol == "sharded":
+        raise ValueError(
+            f"method={method!r} is element-wise (not a function of the Gram matrix) and cannot run with "
+            f"protocol={protocol!r}, whose ranks solve weights from the all-reduced Gram and combine only "
+            "their own shard; use protocol='allgather' (every rank gathers the whole bucket of every task) "
+            "or mode='stash'")
+    if granularity == "global":
+        raise ValueError(
+            f"method={method!r} is element-wise: it has no weight vector to share over the model, so "
+            "granularity='global' does not apply; use granularity='bucket' (the granularity does not change "
+            "an element-wise combine)")
+    ema = method_options.get("ema", 0.0)
+    if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0:
+        raise ValueError(f"option ema smooths per-segment weights; element-wise method={method!r} has none "
+                         f"(got ema={ema!r})")
 
 
 @dataclass(frozen=True)
@@ -154,6 +186,7 @@ class MOOSettings:
         # (TypeError / ValueError naming the option).
         weight_step = WeightStep(method, method_options, normalization=normalization,
                                  normalize_weights=normalize_weights)
+        check_elementwise_support(method, mode, protocol, granularity, method_options)
         if mode == "stash":
             if num_tasks is None:
                 raise ValueError("mode='stash' needs num_tasks (how many backward passes, one per task, "

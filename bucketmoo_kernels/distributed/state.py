@@ -69,7 +69,10 @@ class BucketMOOState:
       Costs T-1 stashed gradient copies per rank.
     * ``protocol`` (ranks mode, ``"sharded"``): ``"sharded"`` moves the bytes of a ring
       all-reduce and holds O(bucket) extra; ``"allgather"`` gathers every rank's bucket
-      (P x bucket memory, (P-1) x bucket received) -- a baseline for small P.
+      (P x bucket memory, (P-1) x bucket received) -- a baseline for small P. The
+      element-wise methods (``graddrop``, ``trimmed_mean``: not functions of the Gram) need
+      ``protocol="allgather"`` or ``mode="stash"``, and not ``granularity="global"`` nor
+      ``ema``; other combinations raise ``ValueError`` here, before a hook is registered.
     * ``compress`` (ranks mode, None): ``"bf16"`` / ``"fp16"`` sends the shards in half
       precision (half the bytes; the Gram is still accumulated in fp32 from the received
       values, and every rank applies the same rounded values, so replicas stay identical).

@@ -6,6 +6,7 @@ import torch
 
 from ..distributed.protocol import TaskLayout
 from ..distributed.state import BucketMOOState
+from ..methods.elementwise import is_elementwise
 
 from .reduce_scatter import BucketMOOReduceScatter, _StepCounter
 
@@ -48,8 +49,9 @@ def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
             several parameter groups per module, no FSDP module found, or parameters outside
             every FSDP group (typically: ``fully_shard`` was not applied to the root module);
             FSDP2 never reduces those, so the replicas would diverge. The error names them.
-        ValueError: an unsupported mode or granularity, or a world size that does not
-            divide into the state's tasks.
+        ValueError: an unsupported mode or granularity, an element-wise method (graddrop,
+            trimmed_mean: they need the DDP hook's all-gather protocol or stash mode), or a
+            world size that does not divide into the state's tasks.
 
     Example::
 
@@ -69,6 +71,12 @@ def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
         raise TypeError(f"state must be a BucketMOOState; got {type(state).__name__}")
     if state.mode != "ranks":
         raise ValueError(f"state.mode must be 'ranks' for FSDP2 (tasks on ranks); got {state.mode!r}")
+    if is_elementwise(state.method):
+        raise ValueError(
+            f"method={state.method!r} is element-wise (not a function of the Gram matrix) and cannot run "
+            f"under FSDP2, whose reduce-scatter runs the sharded protocol (protocol={state.protocol!r} of the "
+            "state is not used by FSDP2): each rank solves weights from the all-reduced Gram and combines "
+            "only its own shard. Use the DDP hook with protocol='allgather' or mode='stash' for this method")
     if state.granularity == "global":
         raise ValueError(
             "granularity='global' is not supported with FSDP2: each group's gradient shard must be written "

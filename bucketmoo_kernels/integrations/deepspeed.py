@@ -63,6 +63,7 @@ from ..distributed.protocol import (finish_scatter_tasks, gather_combined, reduc
                                     start_scatter_tasks)
 from ..ddp.state import BucketMOOState, parse_granularity
 from ..inputs import Segments
+from ..methods.elementwise import is_elementwise
 
 __all__ = ["apply_bucket_moo", "DeepSpeedBucketMOO", "CHECKPOINT_KEY", "MIN_DEEPSPEED_VERSION",
            "TESTED_DEEPSPEED_VERSIONS"]
@@ -135,6 +136,12 @@ def _check_engine(engine, state: BucketMOOState, stage: int) -> None:
     if state.mode != "ranks":
         _refuse(f"mode={state.mode!r}", "use mode='ranks' (one task per rank or group of ranks); stashed tasks "
                 "need the DDP hook (bucketmoo_kernels.ddp)")
+    if is_elementwise(state.method):
+        raise ValueError(
+            f"method={state.method!r} is element-wise (not a function of the Gram matrix) and the DeepSpeed "
+            f"integration runs only protocol='sharded' (the state has protocol={state.protocol!r}), whose ranks "
+            "combine their own shard with weights solved from the Gram; use the DDP hook "
+            "(bucketmoo_kernels.ddp) with protocol='allgather' or mode='stash' for this method")
     if state.protocol != "sharded":
         _refuse(f"protocol={state.protocol!r}", "use protocol='sharded' (the bytes of DeepSpeed's all-reduce)")
     if stage in (1, 2):

@@ -13,21 +13,56 @@
 
 Every loop runs a fixed number of iterations on accelerators (so it can be captured in a CUDA
 graph); on the CPU, where reading a flag costs nothing, it stops as soon as every problem has
-converged.
+converged. :func:`may_stop_early` is the one place that decides; :func:`fixed_iterations`
+makes the CPU take the accelerator path (what the tests use to check that path without a GPU).
+Linear systems go through :func:`solve_systems` (``torch.linalg.solve_ex`` without its error
+check: ``torch.linalg.solve`` reads the LU info on the host, a device sync on accelerators); a
+singular system gives non-finite entries, which every caller replaces or rejects.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
-__all__ = ["nonneg_qp", "nonneg_qp_residual", "damped_newton", "may_stop_early"]
+__all__ = ["nonneg_qp", "nonneg_qp_residual", "damped_newton", "may_stop_early", "fixed_iterations",
+           "solve_systems", "host_reads_free", "jacobi_eigh", "JACOBI_SWEEPS"]
+
+#: True inside :func:`fixed_iterations`: the CPU runs the accelerator path too.
+_FIXED_ITERATIONS = False
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading tensor data on the host costs nothing on ``device``: the CPU, outside
+    :func:`fixed_iterations`. Elsewhere the code takes its sync-free path."""
+    return device.type == "cpu" and not _FIXED_ITERATIONS
 
 
 def may_stop_early(converged: torch.Tensor) -> bool:
-    """True when ``converged`` (a bool tensor) is all true and reading it costs no sync."""
-    return converged.device.type == "cpu" and bool(converged.all())
+    """True when ``converged`` (a bool tensor) is all true and reading it costs no sync: on the
+    CPU, outside :func:`fixed_iterations`. On any other device it is never read (a loop then
+    runs its full iteration count, which is what a CUDA graph can capture)."""
+    return host_reads_free(converged.device) and bool(converged.all())
+
+
+@contextlib.contextmanager
+def fixed_iterations():
+    """Inside this block, the solvers run the accelerator path on the CPU too: fixed iteration
+    counts, no read of a convergence flag (for tests of that path on a machine without GPU)."""
+    global _FIXED_ITERATIONS
+    previous, _FIXED_ITERATIONS = _FIXED_ITERATIONS, True
+    try:
+        yield
+    finally:
+        _FIXED_ITERATIONS = previous
+
+
+def solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve(a, b)`` without the host read of the error flag (no device sync);
+    an exactly singular system gives inf/NaN entries instead of raising."""
+    return torch.linalg.solve_ex(a, b, check_errors=False).result
 
 
 def nonneg_qp_residual(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +83,7 @@ def _active_set_step(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     system = torch.where(pair, a, eye)
     rhs = torch.where(free, -b, torch.zeros_like(b))
-    return torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1)
+    return solve_systems(system, rhs.unsqueeze(-1)).squeeze(-1)
 
 
 def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_steps: int | None = None,
@@ -115,11 +150,12 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
     moves (rounding); else after ``max_iter``.
     """
     x = x0
-    ladder = torch.tensor(_STEP_LADDER, dtype=x.dtype, device=x.device)  # [K]
+    # _STEP_LADDER built on the device (no host-to-device copy); powers of two are exact
+    ladder = torch.pow(0.5, torch.arange(len(_STEP_LADDER), dtype=x.dtype, device=x.device))  # [K]
     num_b, num_t = x.shape
     for _ in range(max_iter):
         grad, hess = grad_hess(x)
-        step = -torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+        step = -solve_systems(hess, grad.unsqueeze(-1)).squeeze(-1)
         step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
         decrement = -(grad * step).sum(-1)  # lambda^2 >= 0
         # Fraction to the boundary: keep every coordinate above 1% of its current value.
@@ -142,3 +178,63 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
         if may_stop_early((decrement / 2 <= tol) | stalled):
             break
     return x
+
+
+#: Sweeps of :func:`jacobi_eigh`. Jacobi converges quadratically once the off-diagonal part is
+#: small; 12 sweeps leave it at rounding level for the T of multi-task training (tested against
+#: ``torch.linalg.eigh`` for T = 1..16, full rank and rank-deficient).
+JACOBI_SWEEPS = 12
+
+
+def jacobi_eigh(sym: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of symmetric ``sym [B, T, T]`` (float64) by parallel Jacobi rotations,
+    a fixed number of sweeps, no host read (``torch.linalg.eigh`` reads its error info on the
+    host on CUDA). Returns ``(evals [B, T] ascending, evecs [B, T, T])`` like ``eigh``.
+
+    A sweep is T' - 1 steps (T' = T rounded up to even; an odd T gets a zero row and column,
+    whose rotations are the identity); each step rotates T'/2 disjoint pairs at once, the
+    round-robin pairing i + j = r (mod T' - 1), index T' - 1 with the i where 2 i = r. A pair
+    (p < q) gets theta = (a_qq - a_pp) / (2 a_pq), t = sign(theta) / (|theta| + sqrt(theta^2 + 1)),
+    c = 1 / sqrt(1 + t^2), s = t c (Golub & Van Loan, Algorithms 8.5.2 and 8.5.3), and
+    A <- J^T A J, V <- V J with the block rotation J. The pairing is built from ``arange`` on
+    the device: no index tensor is copied from the host.
+    """
+    num_b, num_t, _ = sym.shape
+    even = num_t + (num_t % 2)
+    a = sym
+    if even != num_t:
+        a = torch.nn.functional.pad(sym, (0, 1, 0, 1))
+    dev, dt = a.device, a.dtype
+    v = torch.eye(even, dtype=dt, device=dev).expand(num_b, even, even)
+    idx = torch.arange(even, device=dev)
+    m = even - 1
+    # The pairing of every step r, built once: partner[r, i]; index m pairs with the i where
+    # 2 i = r (mod m), found as 2 i = r + m k for the k that makes it even.
+    steps = torch.arange(m, device=dev)[:, None]
+    partner = torch.remainder(steps - idx[None, :], m)
+    partner = torch.where(partner == idx[None, :], torch.full_like(partner, m), partner)
+    partner[:, m] = torch.remainder(torch.where(steps[:, 0] % 2 == 0, steps[:, 0], steps[:, 0] + m) // 2, m)
+    pairs = (idx[None, None, :] == partner[:, :, None]).to(dt)  # [m, T', T'], one partner per row
+    lower = idx[None, :] < partner  # [m, T']: i is the p of its pair (p < q)
+    for _ in range(sweeps if num_t > 1 else 0):
+        for r in range(m):
+            pair_f, is_p = pairs[r], lower[r]
+            diag = a.diagonal(dim1=-2, dim2=-1)
+            off = (a * pair_f).sum(-1)  # a[i, partner(i)]
+            across = diag @ pair_f.T  # a[partner(i), partner(i)]
+            diff = torch.where(is_p, across - diag, diag - across)  # a_qq - a_pp
+            nonzero = off != 0
+            theta = diff / (2 * torch.where(nonzero, off, torch.ones_like(off)))
+            sign = torch.where(theta >= 0, 1.0, -1.0).to(dt)
+            t = sign / (theta.abs() + torch.sqrt(theta * theta + 1))  # theta = inf: t = 0
+            t = torch.where(nonzero & torch.isfinite(t), t, torch.zeros_like(t))
+            c = torch.rsqrt(1 + t * t)
+            s = torch.where(is_p, t * c, -t * c)  # J[p, q] = s, J[q, p] = -s
+            rot = torch.diag_embed(c) + pair_f * s[:, :, None]
+            a = rot.transpose(-1, -2) @ a @ rot
+            a = 0.5 * (a + a.transpose(-1, -2))  # p and q must see the same a_pq: J stays orthogonal
+            v = v @ rot
+    evals = a.diagonal(dim1=-2, dim2=-1)[:, :num_t]
+    v = v[:, :num_t, :num_t]
+    order = evals.argsort(-1)
+    return evals.gather(-1, order), v.gather(-1, order[:, None, :].expand(-1, num_t, -1))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .registry import register_method
-from .batched_solvers import may_stop_early
+from .batched_solvers import may_stop_early, solve_systems
 from .simplex import (FEASIBLE_TOL, MAX_EXACT_TASKS, pick_candidate, project_to_simplex, ridge,
                       subset_masks)
 
@@ -41,7 +41,7 @@ def _face_candidates(m: torch.Tensor, a: torch.Tensor, radius: torch.Tensor,
     systems = torch.where(pair, m[:, None], eye)  # [S, K, T, T]
     mask_f = masks.to(m.dtype)
     rhs = torch.stack([mask_f, mask_f * a[:, None, :]], dim=-1)  # [S, K, T, 2]
-    sol = torch.linalg.solve(systems, rhs)
+    sol = solve_systems(systems, rhs)
     x, y = sol[..., 0] * mask_f, sol[..., 1] * mask_f
     sx, sy = x.sum(-1), y.sum(-1)
     ay = (a[:, None, :] * y).sum(-1)
@@ -100,7 +100,8 @@ def _cagrad_iterative(m: torch.Tensor, a: torch.Tensor, radius: torch.Tensor, *,
     of the face the iterate is on (:func:`_face_candidates`) replaces it where it passes the KKT
     test to ``tol`` (relative). On the CPU it stops once every segment passed."""
     num_seg, num_tasks, _ = m.shape
-    ladder = torch.tensor([2.0 ** k for k in range(8, -31, -1)], dtype=m.dtype, device=m.device)
+    # 2^8 .. 2^-30, built on the device (no host-to-device copy); powers of two are exact
+    ladder = torch.pow(2.0, torch.arange(8, -31, -1, dtype=m.dtype, device=m.device))
     w = torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=m.dtype, device=m.device)
     result = w
     solved = torch.zeros(num_seg, dtype=torch.bool, device=m.device)

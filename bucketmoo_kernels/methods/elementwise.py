@@ -26,6 +26,7 @@ import torch
 
 from .counter_rng import uniform
 from .registry import register_method
+from .task_vectors import device_constant
 
 __all__ = ["ELEMENTWISE_METHODS", "is_elementwise", "combine_elementwise", "graddrop_combine",
            "trimmed_mean_combine"]
@@ -44,7 +45,7 @@ def graddrop_combine(block: torch.Tensor, start: int, *, leak=None, seed: int = 
     if leak is None:
         leak_t = torch.zeros(num_tasks, dtype=block.dtype, device=block.device)
     else:
-        leak_t = torch.as_tensor(leak, dtype=block.dtype).to(block.device)
+        leak_t = device_constant(leak, block.dtype, block.device)  # copied once, then cached
         if leak_t.shape != (num_tasks,):
             raise ValueError(f"graddrop option leak must have T = {num_tasks} values; got shape {tuple(leak_t.shape)}")
     purity = 0.5 * (1 + block.sum(0) / block.abs().sum(0))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .batched_solvers import may_stop_early, solve_systems
 from .registry import register_method
 from .simplex import MAX_EXACT_TASKS, MAX_NATIVE_TASKS, pick_candidate, project_to_simplex, ridge, subset_masks
 
@@ -62,7 +63,7 @@ def mgda_exact(gram: torch.Tensor) -> torch.Tensor:
     # Rows/cols outside the subset become identity rows with a zero right-hand side.
     systems = torch.where(pair, m[:, None], eye)  # [S, K, T, T]
     rhs = masks.to(gram.dtype).expand(num_seg, -1, -1)  # [S, K, T]
-    x = torch.linalg.solve(systems, rhs.unsqueeze(-1)).squeeze(-1)
+    x = solve_systems(systems, rhs.unsqueeze(-1)).squeeze(-1)
     w = x / x.sum(-1, keepdim=True)
     objective = torch.einsum("skt,stu,sku->sk", w, m, w)
     return pick_candidate(w, objective, masks, gram)
@@ -71,9 +72,9 @@ def mgda_exact(gram: torch.Tensor) -> torch.Tensor:
 def mgda_pgd(gram: torch.Tensor, max_iter: int = 500, tol: float = 1e-10) -> torch.Tensor:
     """Accelerated projected gradient, any T: ``[S, T, T]`` f64 -> ``[S, T]`` f64.
 
-    Runs ``max_iter`` iterations at most; stops early once no segment's weights move by
-    more than ``tol`` (max-abs) in an iteration. The early stop costs a host sync every
-    50 iterations; pass ``tol=0`` for a fixed, sync-free iteration count.
+    Runs ``max_iter`` iterations at most; on the CPU it stops early once no segment's weights
+    move by more than ``tol`` (max-abs) in an iteration (checked every 50 iterations; ``tol=0``
+    never stops early). On accelerators it always runs ``max_iter`` iterations: no host sync.
     """
     num_seg, num_tasks, _ = gram.shape
     m = _with_ridge(gram)
@@ -91,7 +92,7 @@ def mgda_pgd(gram: torch.Tensor, max_iter: int = 500, tol: float = 1e-10) -> tor
         y = w_next + momentum[:, None] * (w_next - w)
         moved = (w_next - w).abs().amax()
         w, t_k = w_next, t_next
-        if tol > 0 and it % 50 == 49 and bool(moved <= tol):
+        if tol > 0 and it % 50 == 49 and may_stop_early(moved <= tol):
             break
     return w
 

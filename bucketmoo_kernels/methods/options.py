@@ -7,8 +7,8 @@ str default a str), and the known options have ranges (MGDA's ``max_iter >= 1`` 
 the option, so a bad value fails where the options are given (``BucketMOOState(...)``,
 ``fused_bucket_moo(...)``), not inside a solver in the middle of a backward.
 
-``tol = 0`` stays valid for MGDA: it is the documented way to run PGD for a fixed number of
-iterations without the early-stop host sync.
+``tol = 0`` stays valid for MGDA: it runs PGD for exactly ``max_iter`` iterations on the CPU
+too (accelerators always do: no early-stop host sync there).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _is_numpy_bool(value) -> bool:
     return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
 
 
-__all__ = ["check_option_values", "OPTION_RANGES"]
+__all__ = ["check_option_values", "OPTION_RANGES", "TASK_VECTOR_OPTIONS"]
 
 
 def _at_least(bound: float) -> Callable[[Any], str | None]:
@@ -71,11 +71,42 @@ def _typed(method: str, name: str, default: Any, value: Any) -> Any:
     return value
 
 
+#: Options that hold one number per task (a list, tuple, tensor or array; ``[S, T]`` where
+#: the method allows it): checked here for being finite real numbers; their length is
+#: checked against T when the weight step runs.
+TASK_VECTOR_OPTIONS = {("constant", "weights"), ("upgrad", "pref_vector"), ("dualproj", "pref_vector"),
+                       ("config", "pref_vector"), ("aligned_mtl", "pref_vector"), ("pcd", "tau"),
+                       ("graddrop", "leak")}
+
+
+def _check_task_vector(method: str, name: str, value: Any) -> None:
+    import torch
+
+    where = f"{method} option {name}"
+    if value is None:
+        return
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{where} must be a number or a list of numbers (one per task); got {value!r}")
+    try:
+        vec = torch.as_tensor(value, dtype=torch.float64, device="cpu") if not isinstance(value, torch.Tensor) \
+            else value.detach()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{where} must be a number or a list of numbers (one per task); got {value!r} "
+                        f"({exc})") from None
+    if vec.dim() > 2:
+        raise ValueError(f"{where} must be a number, T values or [S, T] values; got shape {tuple(vec.shape)}")
+    if vec.device.type == "cpu" and not bool(torch.isfinite(vec).all()):
+        raise ValueError(f"{where} must hold finite numbers; got {value!r}")
+
+
 def check_option_values(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the option when a value in ``options`` has the
-    wrong type for its default or is out of range. ``None`` defaults accept anything."""
+    wrong type for its default or is out of range. ``None`` defaults accept anything, except the
+    per-task vectors of :data:`TASK_VECTOR_OPTIONS` (numbers only)."""
     for name, value in options.items():
         default = defaults.get(name)
+        if (method, name) in TASK_VECTOR_OPTIONS:
+            _check_task_vector(method, name, value)
         if default is None:
             continue
         typed = _typed(method, name, default, value)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .batched_solvers import nonneg_qp
+from .task_vectors import device_constant
 from .registry import register_method
 from .state import MethodState
 
@@ -35,9 +36,10 @@ def _taus(tau, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
         vec = vec.expand(num_tasks - 1)
     if vec.shape != (num_tasks - 1,):
         raise ValueError(f"pcd option tau must be a number or T - 1 = {num_tasks - 1} values; got shape {tuple(vec.shape)}")
-    if not bool(((vec >= 0) & (vec <= 1)).all()):
+    if not bool(((vec >= 0) & (vec <= 1)).all()):  # the option's host value: no device read
         raise ValueError(f"pcd option tau must lie in [0, 1]; got {tau}")
-    return vec.to(like.device)
+    on_device = device_constant(tau, torch.float64, like.device)  # copied once, then cached
+    return on_device.expand(num_tasks - 1) if on_device.dim() == 0 else on_device
 
 
 def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=None, beta: float = 0.999,

@@ -55,7 +55,14 @@ def _subset_masks_cpu(num_tasks: int) -> torch.Tensor:
 
 
 def subset_masks(num_tasks: int, device: torch.device | str) -> torch.Tensor:
-    """``[2**T - 1, T]`` bool: row k is the subset with bitmask k + 1 (task t is bit t)."""
+    """``[2**T - 1, T]`` bool: row k is the subset with bitmask k + 1 (task t is bit t). Copied
+    to ``device`` once and cached (no host-to-device copy in later calls, e.g. inside a CUDA
+    graph); shared: do not modify it in place."""
+    return _subset_masks_on(num_tasks, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _subset_masks_on(num_tasks: int, device: str) -> torch.Tensor:
     return _subset_masks_cpu(num_tasks).to(device)
 
 

@@ -6,11 +6,19 @@ largest. The default :data:`RCOND` = 1e-5 sits above the spurious eigenvalues th
 rounding of the public API's Gram leaves in a rank-deficient Gram (about T * 6e-8 of the
 largest) and far below the spread of the eigenvalues of any Gram whose gradients are not
 nearly colinear (a condition number of 1e5 means cosines of about 1 - 5e-6).
+
+On the CPU the decomposition is ``torch.linalg.eigh``; elsewhere (and inside
+:func:`.batched_solvers.fixed_iterations`) it is :func:`.batched_solvers.jacobi_eigh`, a fixed
+number of Jacobi sweeps with no host read, so that the weight step can be captured in a CUDA
+graph. Every use here is a function of the spectral decomposition (not of the basis chosen
+inside a repeated eigenvalue), so both give the same weights to rounding.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .batched_solvers import host_reads_free, jacobi_eigh
 
 __all__ = ["RCOND", "eigh_with_rank", "pinv_psd"]
 
@@ -22,7 +30,10 @@ def eigh_with_rank(gram: torch.Tensor, rcond: float) -> tuple[torch.Tensor, torc
     if not rcond >= 0:
         raise ValueError(f"rcond must be >= 0; got {rcond}")
     sym = 0.5 * (gram + gram.transpose(-1, -2))
-    evals, evecs = torch.linalg.eigh(sym)
+    if host_reads_free(sym.device):
+        evals, evecs = torch.linalg.eigh(sym)
+    else:  # torch.linalg.eigh reads its error info on the host on CUDA: a sync, no CUDA graph
+        evals, evecs = jacobi_eigh(sym)
     top = evals.amax(-1, keepdim=True)
     keep = (evals > rcond * top) & (evals > 0)
     return evals, evecs, keep
