@@ -7,6 +7,8 @@
 # workers (pytest-xdist; every test file stays on one worker, so a file's spawned process
 # group runs once) and the nvcc checks run beside them. BUCKETMOO_TEST_WORKERS sets the
 # number of workers (0: no xdist, one process).
+# tests/conftest.py hands the heaviest files out first and keeps the files that share the
+# HF scenarios on one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The nvcc compile check needs no Python environment: it runs beside the setup (which is
