@@ -180,7 +180,10 @@ def tables(world: int, res: dict) -> tuple[list[dict], dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
-    args = parse_step_args(step_bench_parser(__doc__, "fsdp_step", warmup=2), argv)
+    parser = step_bench_parser(__doc__, "fsdp_step", warmup=2)
+    args = parse_step_args(parser, argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the breakdown reads the groups' sizes from a warm-up step")
     params = args.layers * (args.width * args.width + args.width)
     group_mb = (args.width * args.width + args.width) * 4 / 2**20
     env = environment("cpu")
