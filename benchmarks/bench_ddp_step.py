@@ -29,21 +29,20 @@ to the hook's Python and copies.
 ``extra MB`` is the hook's peak allocation (``state.peak_extra_bytes``) over the timed steps
 and ``extra / bucket`` divides it by the largest bucket.
 
-Usage: python -m benchmarks.bench_ddp_step [--worlds 2] [--samples 20] [--width 1152 --layers 8]
+Usage: python -m benchmarks.bench_ddp_step [--worlds 2 4] [--samples 20] [--width 1152 --layers 8]
+       python -m benchmarks.bench_ddp_step --quick --no-write   (a check that it runs)
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
-import time
+from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-import bucketmoo_kernels as bm
-from benchmarks.harness import (append_results, environment, finish_worker, load_average, run_gloo_workers,
-                                step_bench_parser, summarize)
+from benchmarks.harness import (HookClock, append_results, environment, finish_worker, init_gloo_worker,
+                                load_average, markdown_table, overhead_breakdown, parse_step_args, protocol_parts,
+                                run_gloo_workers, step_bench_parser, step_rows, time_step_rounds)
 from bucketmoo_kernels.ddp import BucketMOOState, bucket_moo_hook
 
 CONFIGS = [
@@ -90,20 +89,6 @@ def _step(ddp, state, kind, data, opt) -> None:
     opt.step()
 
 
-def _timed_hook(clock: list[float]):
-    """``bucket_moo_hook`` that adds the wall time of each of its calls to ``clock[0]``."""
-
-    @functools.wraps(bucket_moo_hook)
-    def hook(state, bucket):
-        t0 = time.perf_counter()
-        try:
-            return bucket_moo_hook(state, bucket)
-        finally:
-            clock[0] += time.perf_counter() - t0
-
-    return hook
-
-
 def _bucket_sizes(args, data) -> list[int]:
     """The bucket lengths plain DDP uses after its first-iteration rebuild (a probe hook)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -123,121 +108,44 @@ def _bucket_sizes(args, data) -> list[int]:
     return [seen[i] for i in sorted(seen)]
 
 
-def _breakdown_calls(sizes: list[int], world: int, rank: int) -> dict:
-    """The isolated parts of the sharded protocol on buckets of ``sizes``."""
-    shards = [-(-n // world) for n in sizes]
-    rows = [torch.randn(world, m) for m in shards]  # [T, n/P]: this rank's shard of every task
-    outs = [torch.zeros(m) for m in shards]
-    buckets = [torch.randn(n) for n in sizes]
-    padded = [torch.zeros(world * m) for m in shards]
-    received = [torch.zeros(world * m) for m in shards]
-    gathered = [torch.zeros(world * m) for m in shards]
-    grams = [torch.zeros(1, world, world) for _ in sizes]
-
-    def kernel():
-        for r, o in zip(rows, outs):
-            bm.fused_bucket_moo(r, method="mgda", out=o, check_finite=False)
-
-    def plain_collectives():
-        for b in buckets:
-            dist.all_reduce(b)
-
-    def sharded_collectives():
-        for p, r, g, o, gm in zip(padded, received, gathered, outs, grams):
-            dist.all_to_all_single(r, p)
-            dist.all_reduce(gm)
-            dist.all_gather_into_tensor(g, o)
-
-    return {"kernel": kernel, "plain collectives": plain_collectives, "sharded collectives": sharded_collectives}
-
-
 def _worker(rank: int, world: int, port: int, outdir: str, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo_worker(rank, world, port)
     gen = torch.Generator().manual_seed(rank)
     data = [torch.randn(args.batch, args.width, generator=gen) for _ in range(2)]
     sizes = _bucket_sizes(args, data)
-    clock = [0.0]
-    runs = []
+    clock = HookClock()
+    runs = {}
     for name, kind, kwargs in CONFIGS:
         ddp = torch.nn.parallel.DistributedDataParallel(_model(args.width, args.layers))
         state = None
         if kwargs is not None:
             state = BucketMOOState(**kwargs)
-            ddp.register_comm_hook(state, _timed_hook(clock))
+            ddp.register_comm_hook(state, clock.wrap(bucket_moo_hook))
         opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
         for _ in range(args.warmup):  # DDP's first iteration uses one bucket, then rebuilds
             _step(ddp, state, kind, data, opt)
         if state is not None:
             state.reset_statistics()
-        runs.append((name, kind, ddp, state, opt))
-    parts = _breakdown_calls(sizes, world, rank)
-    for fn in parts.values():
-        fn()
-    steps = {name: [] for name, *_ in runs}
-    in_hook = {name: [] for name, *_ in runs}
-    part_ms = {name: [] for name in parts}
-    for _ in range(args.samples):
-        for name, kind, ddp, state, opt in runs:
-            clock[0] = 0.0
-            dist.barrier()
-            t0 = time.perf_counter()
-            _step(ddp, state, kind, data, opt)
-            dist.barrier()
-            steps[name].append((time.perf_counter() - t0) * 1e3)
-            in_hook[name].append(clock[0] * 1e3)
-        for name, fn in parts.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            dist.barrier()
-            part_ms[name].append((time.perf_counter() - t0) * 1e3)
-    out = {"sizes": sizes, "steps": steps, "in_hook": in_hook, "parts": part_ms, "extra": {}}
-    for name, _, _, state, _ in runs:
-        if state is not None:
-            out["extra"][name] = (state.peak_extra_bytes, state.largest_bucket_bytes)
+        runs[name] = (kind, ddp, state, opt)
+    steps = {name: functools.partial(_step, ddp, state, kind, data, opt)
+             for name, (kind, ddp, state, opt) in runs.items()}
+    parts = protocol_parts(sizes, world, plain="all_reduce", all_gather=True)
+    out = time_step_rounds(steps, parts, clock, args.samples)
+    out["sizes"] = sizes
+    out["extra"] = {name: (state.peak_extra_bytes, state.largest_bucket_bytes)
+                    for name, (_, _, state, _) in runs.items() if state is not None}
     runs.clear()
+    steps.clear()
     finish_worker(out, rank, outdir)
 
 
-def _paired(config: list[float], base: list[float], op) -> dict[str, float]:
-    """Median and quartiles of ``op(config_r, base_r)`` over the rounds r."""
-    return summarize([op(a, b) for a, b in zip(config, base)])
-
-
 def tables(world: int, res: dict) -> tuple[list[dict], dict]:
-    rows = []
-    for name, kind, _ in CONFIGS:
-        t = summarize(res["steps"][name])
-        base = res["steps"][BASELINE[kind]]
-        ratio = _paired(res["steps"][name], base, lambda a, b: a / b)
-        extra, bucket = res["extra"].get(name, (0, 0))
-        rows.append({"P": world, "configuration": name, "step ms": t["median_ms"], "IQR ms": t["iqr_ms"],
-                     "x plain": ratio["median_ms"], "x plain p25": ratio["p25_ms"], "x plain p75": ratio["p75_ms"],
-                     "in hook ms": statistics.median(res["in_hook"][name]),
-                     "extra MB": extra / 2**20, "extra / bucket": extra / bucket if bucket else 0.0})
-    parts = {name: summarize(xs) for name, xs in res["parts"].items()}
-    overhead = _paired(res["steps"][BREAKDOWN_OF], res["steps"]["plain DDP"], lambda a, b: a - b)
-    kernel = parts["kernel"]["median_ms"]
-    extra_coll = _paired(res["parts"]["sharded collectives"], res["parts"]["plain collectives"], lambda a, b: a - b)
-    breakdown = {
-        "P": world, "buckets": len(res["sizes"]), "bucket elements": "+".join(str(n) for n in res["sizes"]),
-        "overhead ms": overhead["median_ms"], "overhead IQR ms": overhead["iqr_ms"],
-        "kernel ms": kernel, "kernel IQR ms": parts["kernel"]["iqr_ms"],
-        "plain collectives ms": parts["plain collectives"]["median_ms"],
-        "sharded collectives ms": parts["sharded collectives"]["median_ms"],
-        "extra collectives ms": extra_coll["median_ms"], "extra collectives IQR ms": extra_coll["iqr_ms"],
-        "waiting and the rest ms": overhead["median_ms"] - kernel - extra_coll["median_ms"],
-        "in hook ms": statistics.median(res["in_hook"][BREAKDOWN_OF]),
-    }
-    return rows, breakdown
+    rows = step_rows(world, res, CONFIGS, BASELINE, vs="plain", hook="hook", per="bucket")
+    return rows, overhead_breakdown(world, res, BREAKDOWN_OF, "plain DDP", hook="hook")
 
 
-def main() -> None:
-    parser = step_bench_parser(__doc__, "ddp_step", warmup=3)
-    parser.set_defaults(worlds=[2])
-    parser.add_argument("--samples", type=int, default=20, help="round-robin rounds (samples per configuration)")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
+    args = parse_step_args(step_bench_parser(__doc__, "ddp_step", warmup=3), argv)
     params = args.layers * (args.width * args.width + args.width)
     env = environment("cpu")
     all_rows, breakdowns = [], []
@@ -271,11 +179,12 @@ def main() -> None:
         "cores, other jobs running; see the load averages): read the ratios and the breakdown, not "
         "absolute times."
     )
-    from benchmarks.harness import markdown_table
-
+    if args.no_write:
+        return all_rows, breakdowns
     path = append_results(args.name, all_rows, env, title="DDP step time: plain DDP vs bucket_moo_hook", notes=notes,
                           extra_md="Breakdown of the hook's own cost:\n\n" + markdown_table(breakdowns))
     print(f"appended to {path}")
+    return all_rows, breakdowns
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ Every table of ``benchmarks/`` is produced with these, so their numbers compare:
   shared machine hits them alike; median, quartiles (IQR) and min per configuration. CUDA
   samples are bracketed by CUDA events, CPU samples by ``time.perf_counter``; a sample
   repeats the call until it lasts ``min_sample_ms`` (short ops) and reports the per-call time.
+  :func:`round_robin_samples` is the same timer returning the samples of every round
+  (:func:`paired` compares two configurations round by round); with ``barrier`` it times
+  one call between two barriers on every rank of a process group (the step benchmarks).
 * :func:`copy_baseline` -- **the copy baseline**: ``dst.copy_(src)`` that moves the bytes of one
   ideal pass of the fused op, T*N elements read + N written, i.e. a copy of (T+1)*N/2
   elements (read and written); ``src`` holds random values and ``dst`` is initialised before
@@ -19,6 +22,11 @@ Every table of ``benchmarks/`` is produced with these, so their numbers compare:
 * :func:`append_results` -- appends the run to ``results/<name>.md`` (a section per run,
   newest last) and ``results/<name>.json`` (``{"title", "runs": [...]}``): earlier runs are
   kept, never overwritten.
+* The end-to-end step benchmarks (``bench_ddp_step``, ``bench_fsdp_step``) share their
+  options (:func:`step_bench_parser`, ``--quick``, ``--no-write``), their gloo workers
+  (:func:`run_gloo_workers`), their rounds (:func:`time_step_rounds`), the isolated protocol
+  parts of the overhead breakdown (:func:`protocol_parts`) and their tables
+  (:func:`step_rows`, :func:`overhead_breakdown`).
 """
 
 from __future__ import annotations
@@ -68,8 +76,19 @@ def _one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _sample_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float:
-    """Mean time of ``calls`` back-to-back calls (one sample)."""
+def _sample_ms(fn: Callable[[], object], device: torch.device, calls: int,
+               barrier: Callable[[], object] | None = None) -> float:
+    """Mean time of ``calls`` back-to-back calls (one sample); between two ``barrier()`` calls
+    when one is given."""
+    if barrier is not None:
+        barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        barrier()
+        return (time.perf_counter() - t0) * 1e3 / calls
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -82,6 +101,35 @@ def _sample_ms(fn: Callable[[], object], device: torch.device, calls: int) -> fl
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def round_robin_samples(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
+                        samples: int = 20, warmup: int = 2, min_sample_ms: float = 1.0,
+                        barrier: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """The samples (ms per call) behind :func:`time_round_robin`, in round order.
+
+    Sample ``i`` of every configuration comes from round ``i``, so two configurations can be
+    compared round by round (:func:`paired`). With ``barrier`` (``dist.barrier`` in a process
+    group) every sample is one call timed between two barriers on every rank, and ``warmup``
+    may be 0: all ranks must make the same calls, so nothing is calibrated from a local clock.
+    """
+    device = torch.device(device)
+    calls = {}
+    for name, fn in fns.items():
+        if barrier is not None:
+            for _ in range(warmup):
+                fn()
+            calls[name] = 1
+            continue
+        for _ in range(max(1, warmup)):
+            one = _one_call_ms(fn, device)
+        calls[name] = max(1, math.ceil(min_sample_ms / max(one, 1e-6)))
+    collected: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            collected[name].append(_sample_ms(fn, device, calls[name], barrier))
+    _sync(device)
+    return collected
 
 
 def time_round_robin(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
@@ -97,18 +145,13 @@ def time_round_robin(fns: Mapping[str, Callable[[], object]], device: torch.devi
     Returns:
         name -> :func:`summarize` of its samples (per call, in ms).
     """
-    device = torch.device(device)
-    calls = {}
-    for name, fn in fns.items():
-        for _ in range(max(1, warmup)):
-            one = _one_call_ms(fn, device)
-        calls[name] = max(1, math.ceil(min_sample_ms / max(one, 1e-6)))
-    collected: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(samples):
-        for name, fn in fns.items():
-            collected[name].append(_sample_ms(fn, device, calls[name]))
-    _sync(device)
+    collected = round_robin_samples(fns, device, samples=samples, warmup=warmup, min_sample_ms=min_sample_ms)
     return {name: summarize(xs) for name, xs in collected.items()}
+
+
+def paired(config: Sequence[float], base: Sequence[float], op: Callable[[float, float], float]) -> dict[str, float]:
+    """:func:`summarize` of ``op(config_r, base_r)`` over the rounds r (samples of the same round)."""
+    return summarize([op(a, b) for a, b in zip(config, base)])
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2,
@@ -255,19 +298,182 @@ def write_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title
 # ---- multi-process (gloo) step benchmarks -------------------------------------------------
 
 def step_bench_parser(doc: str, name: str, warmup: int):
-    """Command-line options shared by the end-to-end step benchmarks (DDP, FSDP2)."""
+    """Command-line options shared by the end-to-end step benchmarks (DDP, FSDP2); read them
+    with :func:`parse_step_args`."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2], help="process counts (4 optional)")
     parser.add_argument("--width", type=int, default=1152, help="MLP width")
     parser.add_argument("--layers", type=int, default=8, help="MLP depth")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and configuration")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the configurations")
-    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--samples", type=int, default=20, help="round-robin rounds (timed steps per configuration)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps per configuration before the rounds")
     parser.add_argument("--name", default=name, help="results file name")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a check that the benchmark runs: P=2, MLP {QUICK['layers']} x {QUICK['width']}, "
+                             f"{QUICK['samples']} rounds (its numbers mean nothing)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, append nothing to results/")
     return parser
+
+
+#: What ``--quick`` sets (a few seconds per process group).
+QUICK = {"worlds": [2], "width": 128, "layers": 2, "batch": 4, "samples": 3}
+
+
+def parse_step_args(parser, argv: Sequence[str] | None = None):
+    """Parse the options of :func:`step_bench_parser`, applying ``--quick``."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.warmup = min(args.warmup, 2)
+    return args
+
+
+def init_gloo_worker(rank: int, world: int, port: int) -> None:
+    """One thread per process, a gloo process group on localhost."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+class HookClock:
+    """Wall time spent inside calls wrapped by :meth:`wrap` (a DDP hook, an FSDP reduce-scatter),
+    summed until :meth:`take_ms`."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+    def take_ms(self) -> float:
+        ms, self.seconds = self.seconds * 1e3, 0.0
+        return ms
+
+
+def protocol_parts(sizes: Sequence[int], world: int, *, plain: str, all_gather: bool) -> dict[str, Callable[[], None]]:
+    """The isolated parts of the sharded tasks-on-ranks protocol on buckets of ``sizes`` elements.
+
+    * ``kernel``: Gram + solve + combine of this rank's ``[T, n/P]`` shard of every bucket
+      (``fused_bucket_moo``, mgda, T = P tasks);
+    * ``plain collectives``: what the stock reduction sends per bucket, one ``all_reduce``
+      (DDP) or one ``reduce_scatter`` (FSDP2) of n elements;
+    * ``sharded collectives``: per bucket an all-to-all of n elements, an all-reduce of the
+      ``[1, T, T]`` Gram and, when ``all_gather`` (DDP), an all-gather of the n/P shard.
+    """
+    import torch.distributed as dist
+
+    import bucketmoo_kernels as bm
+
+    if plain not in ("all_reduce", "reduce_scatter"):
+        raise ValueError(f"plain must be 'all_reduce' or 'reduce_scatter'; got {plain!r}")
+    shards = [-(-n // world) for n in sizes]
+    rows = [torch.randn(world, m) for m in shards]  # [T, n/P]: this rank's shard of every task
+    outs = [torch.zeros(m) for m in shards]
+    buckets = [torch.randn(n if plain == "all_reduce" else world * m) for n, m in zip(sizes, shards)]
+    padded = [torch.zeros(world * m) for m in shards]
+    received = [torch.zeros(world * m) for m in shards]
+    gathered = [torch.zeros(world * m) for m in shards]
+    grams = [torch.zeros(1, world, world) for _ in sizes]
+
+    def kernel():
+        for r, o in zip(rows, outs):
+            bm.fused_bucket_moo(r, method="mgda", out=o, check_finite=False)
+
+    def plain_collectives():
+        for b, o in zip(buckets, outs):
+            if plain == "all_reduce":
+                dist.all_reduce(b)
+            else:
+                dist.reduce_scatter_tensor(o, b)
+
+    def sharded_collectives():
+        for p, r, g, o, gm in zip(padded, received, gathered, outs, grams):
+            dist.all_to_all_single(r, p)
+            dist.all_reduce(gm)
+            if all_gather:
+                dist.all_gather_into_tensor(g, o)
+
+    return {"kernel": kernel, "plain collectives": plain_collectives, "sharded collectives": sharded_collectives}
+
+
+def time_step_rounds(steps: Mapping[str, Callable[[], None]], parts: Mapping[str, Callable[[], None]],
+                     clock: HookClock, samples: int) -> dict[str, dict[str, list[float]]]:
+    """Every configuration's step and every breakdown part, round-robin between barriers
+    (:func:`round_robin_samples`), after one untimed call of each part.
+
+    Returns ``{"steps": ..., "in_hook": ..., "parts": ...}``, each name -> ms per round;
+    ``in_hook`` is ``clock``'s time inside the hook during that step.
+    """
+    import torch.distributed as dist
+
+    in_hook: dict[str, list[float]] = {name: [] for name in steps}
+
+    def timed(name, step):
+        def call():
+            clock.take_ms()
+            step()
+            in_hook[name].append(clock.take_ms())
+        return call
+
+    fns = {f"step {name}": timed(name, step) for name, step in steps.items()}
+    fns.update({f"part {name}": fn for name, fn in parts.items()})
+    for fn in parts.values():
+        fn()
+    got = round_robin_samples(fns, samples=samples, warmup=0, barrier=dist.barrier)
+    return {"steps": {name: got[f"step {name}"] for name in steps}, "in_hook": in_hook,
+            "parts": {name: got[f"part {name}"] for name in parts}}
+
+
+def step_rows(world: int, res: dict, configs: Sequence[tuple], baseline: Mapping[str, str], *, vs: str,
+              hook: str, per: str) -> list[dict]:
+    """One row per configuration ``(name, kind, ...)`` of a step benchmark's results ``res``
+    (:func:`time_step_rounds` plus ``res["extra"][name] = (peak bytes, bucket bytes)``):
+    median step and IQR, the per-round ratio to ``baseline[kind]`` (column ``x <vs>``) with
+    its quartiles, the median time in the hook, the extra memory and its ratio to a bucket."""
+    rows = []
+    for name, kind, *_ in configs:
+        t = summarize(res["steps"][name])
+        ratio = paired(res["steps"][name], res["steps"][baseline[kind]], lambda a, b: a / b)
+        extra, bucket = res["extra"].get(name, (0, 0))
+        rows.append({"P": world, "configuration": name, "step ms": t["median_ms"], "IQR ms": t["iqr_ms"],
+                     f"x {vs}": ratio["median_ms"], f"x {vs} p25": ratio["p25_ms"], f"x {vs} p75": ratio["p75_ms"],
+                     f"in {hook} ms": statistics.median(res["in_hook"][name]),
+                     "extra MB": extra / 2**20, f"extra / {per}": extra / bucket if bucket else 0.0})
+    return rows
+
+
+def overhead_breakdown(world: int, res: dict, config: str, baseline: str, *, hook: str) -> dict:
+    """The overhead of ``config`` over ``baseline`` (median per-round difference) split into the
+    :func:`protocol_parts`: kernel, extra collectives (sharded - plain, per round) and the
+    rest (overhead - kernel - extra collectives: waiting, lost overlap, Python and copies)."""
+    parts = {name: summarize(xs) for name, xs in res["parts"].items()}
+    overhead = paired(res["steps"][config], res["steps"][baseline], lambda a, b: a - b)
+    kernel = parts["kernel"]["median_ms"]
+    extra_coll = paired(res["parts"]["sharded collectives"], res["parts"]["plain collectives"], lambda a, b: a - b)
+    return {
+        "P": world, "buckets": len(res["sizes"]), "bucket elements": "+".join(str(n) for n in res["sizes"]),
+        "overhead ms": overhead["median_ms"], "overhead IQR ms": overhead["iqr_ms"],
+        "kernel ms": kernel, "kernel IQR ms": parts["kernel"]["iqr_ms"],
+        "plain collectives ms": parts["plain collectives"]["median_ms"],
+        "sharded collectives ms": parts["sharded collectives"]["median_ms"],
+        "extra collectives ms": extra_coll["median_ms"], "extra collectives IQR ms": extra_coll["iqr_ms"],
+        "waiting and the rest ms": overhead["median_ms"] - kernel - extra_coll["median_ms"],
+        f"in {hook} ms": statistics.median(res["in_hook"][config]),
+    }
 
 
 def _free_port() -> int:

@@ -41,8 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bucketmoo_kernels.demo.data import DATA_SOURCE, heldout_windows, load_cldr_strings, sample_batch, static_weights
+from bucketmoo_kernels.demo.data import (DATA_SOURCE, heldout_windows, load_cldr_strings, sample_batch, static_weights,
+                                         to_bytes)
 from bucketmoo_kernels.demo.model import ByteLM, ModelConfig
+from bucketmoo_kernels.demo.train import evaluate, lr_at
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -97,11 +99,6 @@ QUICK = dict(pretrain_steps=20, pretrain_batch=8, steps=6, batch=4, eval_every=3
 # data
 
 
-def _to_bytes(strings: list[str]) -> torch.Tensor:
-    raw = ("\n".join(strings) + "\n").encode("utf-8")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
-
-
 def split_language(code: str, fraction_of_train: float = 1.0) -> dict[str, torch.Tensor]:
     """80/10/10 split of ``code``'s distinct strings (fixed, seed-independent), as bytes.
 
@@ -113,9 +110,9 @@ def split_language(code: str, fraction_of_train: float = 1.0) -> dict[str, torch
     n_valid = n_test = max(1, round(0.1 * len(strings)))
     train = strings[: len(strings) - n_valid - n_test]
     train = train[: max(1, round(fraction_of_train * len(train)))]
-    return {"train": _to_bytes(train),
-            "valid": _to_bytes(strings[len(strings) - n_valid - n_test: len(strings) - n_test]),
-            "test": _to_bytes(strings[len(strings) - n_test:])}
+    return {"train": to_bytes(train),
+            "valid": to_bytes(strings[len(strings) - n_valid - n_test: len(strings) - n_test]),
+            "test": to_bytes(strings[len(strings) - n_test:])}
 
 
 def load_data(settings: StudySettings) -> dict[str, dict[str, torch.Tensor]]:
@@ -125,14 +122,6 @@ def load_data(settings: StudySettings) -> dict[str, dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------
 # training pieces
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def pretrain(settings: StudySettings, data, cache: Path) -> tuple[dict, dict]:
@@ -152,7 +141,7 @@ def pretrain(settings: StudySettings, data, cache: Path) -> tuple[dict, dict]:
     losses = []
     for step in range(settings.pretrain_steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings.pretrain_steps, settings.pretrain_lr, settings.warmup)
+            group["lr"] = lr_at(step, warmup=settings.warmup, steps=settings.pretrain_steps, peak=settings.pretrain_lr)
         # uniform by language: each step draws the same number of windows from a random subset
         chosen = torch.randperm(len(langs), generator=gen)[: max(1, settings.pretrain_batch // per_lang)]
         xs, ys = zip(*(sample_batch(data[langs[i]]["train"], per_lang, settings.model.context, gen)
@@ -189,22 +178,6 @@ def phase1_runs(settings: StudySettings, methods: set[str]) -> list[Run]:
     return runs
 
 
-def _evaluate(model, sets: dict, codes: list[str], rank: int, world: int) -> dict[str, float]:
-    mine = {}
-    with torch.no_grad():
-        for code in codes[rank::world]:
-            inputs, targets = sets[code]
-            total = 0.0
-            for start in range(0, inputs.shape[0], 16):
-                total += float(model.loss(inputs[start:start + 16], targets[start:start + 16])) \
-                    * inputs[start:start + 16].shape[0]
-            mine[code] = total / inputs.shape[0]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, mine)
-    merged = {k: v for part in gathered for k, v in part.items()}
-    return {code: merged[code] for code in codes}
-
-
 def _train(run: Run, seed: int, settings: StudySettings, base: dict, data, sets, rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -231,11 +204,11 @@ def _train(run: Run, seed: int, settings: StudySettings, base: dict, data, sets,
     for step in range(settings.steps + 1):
         if step % settings.eval_every == 0 or step == settings.steps:
             curve_steps.append(step)
-            curve.append(_evaluate(model, sets["valid"], seen, rank, world))
+            curve.append(evaluate(model, sets["valid"], seen, rank, world))
         if step == settings.steps:
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings.steps, settings.lr, settings.warmup)
+            group["lr"] = lr_at(step, warmup=settings.warmup, steps=settings.steps, peak=settings.lr)
         x, y = sample_batch(train, settings.batch, settings.model.context, gen)
         t0 = time.perf_counter()
         loss = F.cross_entropy(net(x).reshape(-1, settings.model.vocab), y.reshape(-1))
@@ -246,8 +219,8 @@ def _train(run: Run, seed: int, settings: StudySettings, base: dict, data, sets,
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t0)
-    final = {"valid": _evaluate(model, sets["valid"], every, rank, world),
-             "test": _evaluate(model, sets["test"], every, rank, world)}
+    final = {"valid": evaluate(model, sets["valid"], every, rank, world),
+             "test": evaluate(model, sets["test"], every, rank, world)}
     times = [None] * world
     dist.all_gather_object(times, step_s)
     per_step = torch.tensor(times).max(0).values[2:]

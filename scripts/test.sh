@@ -7,6 +7,8 @@
 # workers (pytest-xdist; every test file stays on one worker, so a file's spawned process
 # group runs once) and the nvcc checks run beside them. BUCKETMOO_TEST_WORKERS sets the
 # number of workers (0: no xdist, one process).
+# tests/conftest.py hands the heaviest files out first and keeps the files that share the
+# HF scenarios on one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The nvcc compile check needs no Python environment: it runs beside the setup (which is
@@ -44,25 +46,23 @@ echo "[test] pytest ${xdist[*]}"
 status=0
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -m pytest -q --durations=15 "${xdist[@]}" tests "$@" || status=$?
 
-if [ -n "$nvcc_pid" ]; then
-  nvcc_status=0
-  wait "$nvcc_pid" || nvcc_status=$?
-  echo "[test] nvcc compile check:"
-  cat "$nvcc_log"
-  if [ "$nvcc_status" -ne 0 ]; then
-    echo "[test] FAILED: the nvcc compile check (exit status $nvcc_status)" >&2
+# report_job NAME PID LOG: wait for a background check, print its log, and fail the run
+# (status=1) when it failed.
+report_job() {
+  local job_status=0
+  wait "$2" || job_status=$?
+  echo "[test] $1:"
+  cat "$3"
+  if [ "$job_status" -ne 0 ]; then
+    echo "[test] FAILED: the $1 (exit status $job_status)" >&2
     status=1
   fi
+}
+if [ -n "$nvcc_pid" ]; then
+  report_job "nvcc compile check" "$nvcc_pid" "$nvcc_log"
 fi
 if [ -n "${glue_pid:-}" ]; then
-  glue_status=0
-  wait "$glue_pid" || glue_status=$?
-  echo "[test] CUDA glue check:"
-  cat "$nvcc_log.glue"
-  if [ "$glue_status" -ne 0 ]; then
-    echo "[test] FAILED: the CUDA glue check (exit status $glue_status)" >&2
-    status=1
-  fi
+  report_job "CUDA glue check" "$glue_pid" "$nvcc_log.glue"
 fi
 rm -f "$nvcc_log" "$nvcc_log.glue"
 exit "$status"

@@ -28,6 +28,51 @@ def pytest_collection_modifyitems(config, items):
         fast = getattr(getattr(item, "module", None), "FAST_UNDER_INTERPRETER", None)
         if fast is not None and not HAS_CUDA and item.name not in fast and item.originalname not in fast:
             item.add_marker(pytest.mark.slow)
+    # The heaviest files first (each file's tests stay together and in order): with
+    # ``-n 2 --dist loadfile`` the last file to start bounds the run, so it must be a short one.
+    rank = {path: i for i, path in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+#: The slowest test files (seconds of one worker in CI, 2 workers on 2 cores, from
+#: ``--durations``), slowest first: they are collected, hence started, before the others.
+HEAVY_FILES = (
+    "tests/test_demo.py",  # ~90 s: the demo's process groups and its HF engine
+    "tests/integrations/test_transformers.py",  # the HF scenarios (~50 s), shared with the next two
+    "tests/integrations/test_accelerate.py",
+    "tests/integrations/test_transformers_deepspeed.py",
+    "tests/test_native_cpu.py",  # ISA-variant subprocesses
+    "tests/methods/test_methods_fsdp.py",
+    "tests/fsdp/test_fsdp.py",
+    "tests/integrations/test_lightning.py",
+    "tests/integrations/test_deepspeed.py",
+    "tests/methods/test_methods_distributed.py",
+    "tests/ddp/test_ddp_ranks.py",
+    "tests/test_compile.py",
+    "tests/ddp/test_ddp_loss_normalization.py",
+)
+
+#: Files that share a session fixture (the HF scenarios of ``tests/integrations/conftest.py``)
+#: run on one xdist worker, so that the fixture runs once, not once per worker.
+SAME_WORKER = {path: "HF scenarios" for path in HEAVY_FILES[1:4]}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the files of :data:`SAME_WORKER` as one unit and the units in
+    collection order (heaviest first, see :data:`HEAVY_FILES`) instead of xdist's default
+    order by test count, which starts the heavy files with few tests last."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return SAME_WORKER.get(path, path)
+
+    config.option.loadscopereorder = False
+    return Scheduling(config, log)
 
 
 @pytest.fixture(autouse=True)

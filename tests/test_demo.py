@@ -14,7 +14,7 @@ from bucketmoo_kernels.demo.data import (heldout_windows, load_cldr_strings, loa
                                          sample_batch, static_weights)
 from bucketmoo_kernels.demo.model import ByteLM, ModelConfig  # noqa: E402
 from bucketmoo_kernels.demo.train import (DemoSettings, _load_hook, bucket_lengths, hook_settings,  # noqa: E402
-                                          parse_run, run_demo)
+                                          lr_at, parse_run, run_demo)
 from bucketmoo_kernels.methods import available_methods  # noqa: E402
 
 # ----------------------------------------------------------------------------------- data
@@ -69,6 +69,16 @@ def test_static_weights_follow_temperature_formula(tau):
     assert static_weights(sizes, 1e9) == pytest.approx([1 / 3] * 3, abs=1e-6)
     with pytest.raises(ValueError, match="tau"):
         static_weights(sizes, 0)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_to_a_tenth():
+    lrs = [lr_at(s, warmup=4, steps=20, peak=2.0) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    # cosine from the peak (step = warmup) towards 10% of it (reached at step = steps)
+    expected = [2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 4) / 16))) for s in range(4, 20)]
+    assert lrs[4:] == pytest.approx(expected) and lrs[4] == pytest.approx(2.0)
+    assert lr_at(20, warmup=4, steps=20, peak=2.0) == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
 # ---------------------------------------------------------------------------------- model

@@ -163,21 +163,48 @@ torch.save((native.cpu_isa(), out), sys.argv[1])
 ISA_VARIANTS = ("avx2", "avx512")  # each compared with the baseline loops
 
 
+# Runs every script of ISA_SCRIPTS (the list at the end of this module) in the one process of
+# an ISA: each script saves ``(native.cpu_isa(), outputs)`` to ``sys.argv[1]``; a script that
+# raises leaves its traceback in a ``.err`` file instead.
+_ISA_DRIVER = """
+import pathlib, sys, traceback
+args = sys.argv[1:]
+for script, out in zip(args[0::2], args[1::2]):
+    sys.argv = ["-c", out]
+    try:
+        exec(compile(pathlib.Path(script).read_text(), script, "exec"), {"__name__": "__main__"})
+    except BaseException:
+        pathlib.Path(out + ".err").write_text(traceback.format_exc())
+"""
+
+
 @pytest.fixture(scope="module")
 def isa_run(tmp_path_factory):
-    """isa_run(script, isa) -> (the variant that ran, the script's outputs), run once in a
-    subprocess with BUCKETMOO_CPU_ISA=isa (a variant this CPU lacks gives the best one it has)."""
+    """isa_run(script, isa) -> (the variant that ran, the script's outputs), with
+    BUCKETMOO_CPU_ISA=isa (a variant this CPU lacks gives the best one it has). One subprocess
+    per isa runs every script of ISA_SCRIPTS, in the same order for every isa (importing torch
+    and the package costs more than most scripts)."""
     tmp = tmp_path_factory.mktemp("isa")
     cache = {}
 
     def run(script, isa):
         key = (script, isa)
         if key not in cache:
-            path = tmp / f"{len(cache)}-{isa}.pt"
+            scripts = list(dict.fromkeys([*ISA_SCRIPTS, script]))
+            args = []
+            for i, text in enumerate(scripts):
+                source = tmp / f"script{i}.py"
+                source.write_text(text)
+                args += [str(source), str(tmp / f"{i}-{isa}.pt")]
             env = dict(os.environ, BUCKETMOO_CPU_ISA=isa)
-            subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=ROOT)
-            cache[key] = torch.load(path)
-        return cache[key]
+            subprocess.run([sys.executable, "-c", _ISA_DRIVER, *args], check=True, env=env, cwd=ROOT)
+            for i, text in enumerate(scripts):
+                err = tmp / f"{i}-{isa}.pt.err"
+                cache[(text, isa)] = ("error", err.read_text()) if err.exists() else torch.load(tmp / f"{i}-{isa}.pt")
+        ran, result = cache[key]
+        if ran == "error":
+            pytest.fail(f"the script failed with BUCKETMOO_CPU_ISA={isa}:\n{result}")
+        return ran, result
     return run
 
 
@@ -193,11 +220,11 @@ def _assert_same_bits_as_baseline(isa_run, script, isa):
 
 
 @pytest.mark.slow  # a subprocess per case (or a long sweep): seconds each
-def test_isa_env_falls_back_to_the_best_variant():
+def test_isa_env_falls_back_to_the_best_variant(isa_run):
     """An unknown BUCKETMOO_CPU_ISA value runs the variant that no value picks."""
     code = "from bucketmoo_kernels import native; print(native.cpu_isa())"
-    picked = {}
-    for value in (None, "bogus", "baseline"):
+    picked = {"baseline": isa_run(_ISA_SCRIPT, "baseline")[0]}  # the process isa_run starts anyway
+    for value in (None, "bogus"):
         env = dict(os.environ)
         env.pop("BUCKETMOO_CPU_ISA", None)
         if value is not None:
@@ -903,3 +930,7 @@ def test_missing_extension_never_breaks_import():
     result = subprocess.run([sys.executable, "-c", _MISSING_SCRIPT], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+#: The scripts :func:`isa_run` runs in one process per ISA.
+ISA_SCRIPTS = (_ISA_SCRIPT, _ISA_HALF_BITS_SCRIPT, _ISA_SWEEP_SCRIPT, _FLUSH_SCRIPT)

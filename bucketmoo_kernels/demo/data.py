@@ -85,7 +85,8 @@ def _english_name(code: str) -> str:
         return code
 
 
-def _to_bytes(strings: list[str]) -> torch.Tensor:
+def to_bytes(strings: list[str]) -> torch.Tensor:
+    """``strings`` as one uint8 tensor of UTF-8 bytes, each string ended by a newline."""
     raw = "\n".join(strings).encode("utf-8") + b"\n"
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
@@ -113,8 +114,8 @@ def load_languages(codes, heldout_share: float = 0.1, seed: int = 0,
         strings = load_cldr_strings(code)
         random.Random(f"{seed}-{code}").shuffle(strings)
         n_heldout = max(1, round(heldout_share * len(strings)))
-        lang = LanguageData(code, _english_name(code), _to_bytes(strings[:-n_heldout]),
-                            _to_bytes(strings[-n_heldout:]), len(strings))
+        lang = LanguageData(code, _english_name(code), to_bytes(strings[:-n_heldout]),
+                            to_bytes(strings[-n_heldout:]), len(strings))
         for part in ("train", "heldout"):
             if getattr(lang, part).numel() < min_bytes:
                 raise ValueError(f"language {code!r}: {part} split has {getattr(lang, part).numel()} "

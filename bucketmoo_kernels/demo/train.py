@@ -314,12 +314,13 @@ class _PeakMemory:
         self.peak = None if grown is None else max(self.peak, grown)
 
 
-def _lr_at(step: int, settings: DemoSettings) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, *, warmup: int, steps: int, peak: float) -> float:
+    """The learning rate of ``step`` (0-based) of ``steps``: linear warm-up over ``warmup``
+    steps to ``peak``, then cosine decay to 10% of ``peak`` (the demo's and the study's)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -334,25 +335,34 @@ class _Context:
     static_sizes: list
 
 
-def _evaluate(model: ByteLM, ctx: _Context) -> dict[str, float]:
-    """Held-out loss of every language; each rank scores every world-th language."""
-    codes = list(ctx.settings.languages) + list(ctx.settings.unseen)
+def evaluate(model: ByteLM, sets: dict, codes: list[str], rank: int, world: int,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Held-out loss of every language of ``codes`` (``sets[code]`` = ``(inputs, targets)``
+    windows), in batches of 16: rank r scores every world-th language from the r-th, and
+    every rank gets all the losses (``all_gather_object``), in the order of ``codes``."""
     mine = {}
     with torch.no_grad():
-        for code in codes[ctx.rank::ctx.world]:
-            inputs, targets = ctx.eval_sets[code]
+        for code in codes[rank::world]:
+            inputs, targets = sets[code]
             total = 0.0
             for start in range(0, inputs.shape[0], 16):
-                x = inputs[start: start + 16].to(ctx.device)
-                y = targets[start: start + 16].to(ctx.device)
+                x, y = inputs[start: start + 16], targets[start: start + 16]
+                if device is not None:
+                    x, y = x.to(device), y.to(device)
                 total += float(model.loss(x, y)) * x.shape[0]
             mine[code] = total / inputs.shape[0]
-    gathered = [None] * ctx.world
+    gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     merged = {}
     for part in gathered:
         merged.update(part)
     return {code: merged[code] for code in codes}
+
+
+def _evaluate(model: ByteLM, ctx: _Context) -> dict[str, float]:
+    """Held-out loss of every language of the run (seen and unseen)."""
+    codes = list(ctx.settings.languages) + list(ctx.settings.unseen)
+    return evaluate(model, ctx.eval_sets, codes, ctx.rank, ctx.world, ctx.device)
 
 
 def _probe(model: ByteLM, ctx: _Context, spec: RunSpec, static_w: torch.Tensor | None) -> dict | None:
@@ -523,7 +533,7 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
     memory.start()
     for step in range(settings.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, settings)
+            group["lr"] = lr_at(step, warmup=settings.warmup, steps=settings.steps, peak=settings.lr)
         x, y = sample_batch(train, settings.batch, settings.model.context, generator)
         x, y = x.to(device), y.to(device)
         recording = state is not None and step + 1 in eval_steps and hasattr(state, "record_diagnostics")

@@ -31,14 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple, init_group: bool,
+           timeout_s: float) -> None:
     # An abort in a worker (a C++ std::terminate) prints every thread's Python stack.
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
-    # A short timeout: a collective mismatch fails the test in minutes, not gloo's default 30.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=180))
+    # torchrun's variables, for engines that set up the group themselves (HF, Lightning, DeepSpeed).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
+        if init_group:
+            # A short timeout: a collective mismatch fails the test in minutes, not gloo's default 30.
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         result = {"ok": fn(rank, world, *args)}
     except BaseException:  # noqa: BLE001  (reported to the parent)
         result = {"error": traceback.format_exc()}
@@ -47,7 +52,7 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
         # Every rank's last sends must land before any rank tears gloo down: destroying a
         # group while a peer still streams into it aborts the process. A failed rank skips
         # the barrier (its peers then fail fast).
-        if "ok" in result:
+        if "ok" in result and dist.is_initialized():
             try:
                 dist.barrier()
             except RuntimeError:
@@ -57,7 +62,8 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
         # now, in the main thread with the interpreter fully alive, not during finalization.
         gc.collect()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     # The result is on disk and the group is gone: leave without interpreter finalization,
     # where C++ threads or destructors that still reach for Python can std::terminate
     # ("terminate called without an active exception", seen rarely under load). The parent
@@ -67,20 +73,35 @@ def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple) -> No
     os._exit(0)
 
 
-def run_distributed(fn, world: int, *args) -> list:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results.
+def run_distributed(fn, world: int, *args, init_group: bool = True, timeout_s: float = 180) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned processes; return the per-rank results.
 
-    ``fn`` must be importable (a module-level function). A worker's exception is re-raised
-    here with its traceback.
+    ``fn`` must be importable (a module-level function). Every process has torchrun's
+    environment variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...) and, with ``init_group``,
+    a gloo process group (collective timeout ``timeout_s``); without it the engine under test
+    sets the group up from the environment. A worker's exception is re-raised here with its
+    traceback.
     """
     with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(_entry, args=(fn, world, free_port(), outdir, args), nprocs=world,
+        mp.start_processes(_entry, args=(fn, world, free_port(), outdir, args, init_group, timeout_s), nprocs=world,
                            start_method="spawn")
         results = [torch.load(Path(outdir) / f"{r}.pt", weights_only=False) for r in range(world)]
     for r, res in enumerate(results):
         if "error" in res:
             raise AssertionError(f"rank {r} failed:\n{res['error']}")
     return [res["ok"] for res in results]
+
+
+def case_results(results: list, name: str) -> list:
+    """Case ``name``'s result on every rank, from workers that return ``{name: result}`` and
+    record a failing case as ``{"error": traceback}``: the test fails with that traceback."""
+    import pytest
+
+    per_rank = [res[name] for res in results]
+    for rank, res in enumerate(per_rank):
+        if isinstance(res, dict) and "error" in res:
+            pytest.fail(f"case {name!r} failed on rank {rank}:\n{res['error']}")
+    return per_rank
 
 
 def run_scenarios(world: int, scenarios: dict) -> list:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from bucketmoo_kernels.ddp import BucketMOOState, bucket_moo_hook
-from ddp_helpers import batch, loss_of, make_model, relative_tolerance, run_distributed, run_scenarios
+from ddp_helpers import batch, case_results, loss_of, make_model, relative_tolerance, run_distributed, run_scenarios
 
 pytestmark = pytest.mark.distributed
 
@@ -30,10 +30,7 @@ def results():
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_stash_replicas_identical_and_match_reference(results, name):
-    for rank, res in enumerate(results):
-        if "error" in res[name]:
-            pytest.fail(f"{name} failed on rank {rank}:\n{res[name]['error']}")
-    a, b = results[0][name], results[1][name]
+    a, b = case_results(results, name)
     assert torch.equal(a["params"], b["params"])
     assert all(e <= relative_tolerance(2, SCENARIOS[name]) for e in a["errs"]), a["errs"]
     assert a["step"] == 3

@@ -3,6 +3,8 @@
 
 import pytest
 
+from tests.ddp.ddp_helpers import case_results
+
 
 @pytest.fixture(scope="session")
 def hf_results():
@@ -19,8 +21,4 @@ def hf_results():
 
 def get(results, name):
     """The scenario's per-rank results; fails with the worker's traceback if it raised."""
-    per_rank = [r[name] for r in results]
-    for rank, res in enumerate(per_rank):
-        if isinstance(res, dict) and "error" in res:
-            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{res['error']}")
-    return per_rank
+    return case_results(results, name)

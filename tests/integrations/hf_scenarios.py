@@ -11,16 +11,15 @@ reference update is ``p -= lr * d``.
 
 from __future__ import annotations
 
-import faulthandler
 import importlib.util
 import os
 import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
-
 import torch
+
+from tests.ddp.ddp_helpers import run_distributed
 
 TASKS = ("a", "b")
 SIZES = (6, 5)
@@ -306,42 +305,13 @@ def scenarios(rank: int, workdir: str) -> dict:
     return out
 
 
-def _entry(rank: int, world: int, port: int, outdir: str, workdir: str) -> None:
-    faulthandler.enable(all_threads=True)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, workdir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
-    try:
-        result = {"ok": scenarios(rank, workdir)}
-    except BaseException:  # noqa: BLE001
-        result = {"error": traceback.format_exc()}
-    torch.save(result, Path(outdir) / f"{rank}.pt")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        except RuntimeError:
-            pass
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return scenarios(rank, workdir)
 
 
 def run_all(world: int = 2) -> list[dict]:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as outdir, tempfile.TemporaryDirectory() as workdir:
-        mp.start_processes(_entry, args=(world, port, outdir, workdir), nprocs=world, start_method="spawn")
-        results = [torch.load(Path(outdir) / f"{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        if "error" in res:
-            raise AssertionError(f"rank {r} failed:\n{res['error']}")
-    return [res["ok"] for res in results]
+    """Every scenario on ``world`` spawned processes (the Trainer sets up the process group
+    from torchrun's variables); per rank ``{name: result}``."""
+    with tempfile.TemporaryDirectory() as workdir:
+        return run_distributed(_worker, world, workdir, init_group=False)

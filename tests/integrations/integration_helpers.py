@@ -1,65 +1,22 @@
-"""Shared pieces of the integration tests: a spawn harness for 2 gloo processes, the tiny
+"""Shared pieces of the integration tests: 2 spawned gloo processes (``ddp_helpers``), the tiny
 model and per-task data every engine trains on, and the independent float64 reference
 (per-parameter MGDA with two tasks, closed form, plain SGD)."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import sys
-import tempfile
-import traceback
-from pathlib import Path
-
 import torch
-import torch.multiprocessing as mp
+
+from tests.ddp.ddp_helpers import run_distributed
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 6, 8, 3, 4
 LR = 0.1
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world: int, port: int, outdir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        result = {"ok": fn(rank, world)}
-    except BaseException:  # noqa: BLE001  (reported to the parent)
-        result = {"error": traceback.format_exc()}
-    torch.save(result, Path(outdir) / f"{rank}.pt")
-    if "ok" in result:
-        try:
-            dist.barrier()
-        except RuntimeError:
-            pass
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def run_two_ranks(fn, world: int = 2) -> list:
     """Run ``fn(rank, world)`` (a module-level function) on ``world`` spawned gloo processes
-    and return every rank's return value; a worker's exception is re-raised here."""
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(_entry, args=(fn, world, free_port(), outdir), nprocs=world, start_method="spawn")
-        results = [torch.load(Path(outdir) / f"{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        if "error" in res:
-            raise RuntimeError(f"rank {r} failed:\n{res['error']}")
-    return [res["ok"] for res in results]
+    and return every rank's return value; a worker's exception is re-raised here
+    (``ddp_helpers.run_distributed``, with the engines' longer collective timeout)."""
+    return run_distributed(fn, world, timeout_s=300)
 
 
 # --------------------------------------------------------------------------- model and data

@@ -95,11 +95,7 @@ def world2():
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_method_through_the_ddp_hook(world2, name):
-    for rank, res in enumerate(world2):
-        if "error" in res[name]:
-            pytest.fail(f"{name} failed on rank {rank}:\n{res[name]['error']}")
-    ref = world2[0][name]
-    other = world2[1][name]
+    ref, other = ddp_helpers.case_results(world2, name)
     assert torch.equal(other["params"], ref["params"]), f"{name}: replicas differ"
     assert len(ref["errs"]) == 3
     assert all(e <= 1e-4 for e in ref["errs"]), f"{name}: relative error per step {ref['errs']}"

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fsdp"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddp"))
 
 import test_fsdp as fsdp_cases  # noqa: E402
-from ddp_helpers import run_distributed  # noqa: E402
+from ddp_helpers import case_results, run_distributed  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -67,10 +67,8 @@ def world2():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_method_through_fsdp(world2, name):
-    for rank, res in enumerate(world2):
-        if "error" in res[name]:
-            pytest.fail(f"{name} failed on rank {rank}:\n{res[name]['error']}")
-        errs = res[name]["errors"]
+    for rank, res in enumerate(case_results(world2, name)):
+        errs = res["errors"]
         assert len(errs) == 3 and max(errs) < 1e-4, f"{name} rank {rank}: relative errors {errs}"
     for a, b in zip(world2[0][name]["params"], world2[1][name]["params"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
