@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .inputs import Segments, TaskGrads
+from .tracing import assume_constant_result
 
 if TYPE_CHECKING:  # pragma: no cover
     from .weight_step import WeightStep
@@ -142,7 +143,7 @@ def get_backend(name: str, device: torch.device | str) -> Backend:
     return _backends[_backend_name(name, str(torch.device(device)))]
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _backend_name(name: str, device_name: str) -> str:
     """The name of the backend :func:`get_backend` returns (run eagerly, even when traced)."""
     device = torch.device(device_name)

@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from ..tracing import assume_constant_result
 from .registry import register_method
 from .simplex import MAX_NATIVE_TASKS
 
@@ -35,7 +36,7 @@ def pcgrad_orders(num_tasks: int, seed: int) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def pcgrad_order_lists(num_tasks: int, seed: int) -> tuple[tuple[int, ...], ...]:
     """:func:`pcgrad_orders` as nested tuples; under ``torch.compile`` it runs at trace time
     and the orders become constants of the graph (its generator cannot be traced)."""
