@@ -27,7 +27,7 @@ HAS_CUDA = torch.cuda.is_available()
 #: backend -> the device its tensors live on in this run
 DEVICES = {"torch": "cpu", "cpu": "cpu", "triton": "cuda" if HAS_CUDA else "cpu", "cuda": "cuda"}
 INTERPRETED = {"triton"} if not HAS_CUDA else set()
-METHODS = ["mean", "mgda", "pcgrad", "cagrad"]
+METHODS = ["mean", "mgda", "pcgrad", "cagrad", "upgrad", "dualproj"]
 NORMALIZATIONS = ["none", "l2", "loss", "loss+"]
 
 
