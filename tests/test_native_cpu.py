@@ -292,6 +292,8 @@ def _assert_same_bits(a, b):
 def test_fused_sweep_is_bit_identical_to_the_two_passes(method, opts, normalization, num_tasks):
     if method == "cagrad" and num_tasks > 8:
         pytest.skip("cagrad is exact for T <= 8")
+    if method in ("upgrad", "dualproj") and (num_tasks != 3 or normalization in ("l2", "loss")):
+        pytest.skip("the dual-cone methods: T = 3 with none and loss+ (CI time; same op call)")
     n = 2 * CHUNK + 999
     gen = torch.Generator().manual_seed(num_tasks)
     for dtype in DTYPES:
