@@ -17,6 +17,11 @@ at most ``norm_eps``) and ``reg_eps`` I is added, which makes the QP strictly co
 uses an absolute ``norm_eps = 1e-4``; ours defaults to 0 so that the result does not depend on
 the gradients' scale (bucket Grams are often far below 1e-4). Pass ``norm_eps=1e-4`` to get
 torchjd's behaviour for tiny Grams as well.
+
+The ``cpu`` and ``cuda`` backends run both natively (``solver::upgrad_solve`` /
+``dualproj_solve`` in ``csrc/common/bucketmoo_solvers.h``) for T <= 16 with the default
+preference and ``reg_eps > 0``; a ``pref_vector``, ``reg_eps = 0`` or more tasks run the
+functions below on every backend.
 """
 
 from __future__ import annotations
