@@ -2,11 +2,15 @@
 segments, float64 inside) against torchjd 0.18's implementation of the same method applied to
 each segment in a Python loop (torchjd has no batch dimension).
 
-T in {2, 4, 8, 16}, S in {1, 1000}, one run. torchjd at S = 1000 is timed on ``--jd-sample``
+T in {2, 4, 8, 16}, S in {1, 1000}, one run. Ours runs on each backend of ``--backends``
+(default ``torch cpu``: the batched torch function and the native CPU weight step; a method
+without a native solver for that T runs its torch function on ``cpu`` too, so only the
+methods with ``native_code`` get a ``cpu`` row). torchjd at S = 1000 is timed on ``--jd-sample``
 segments and scaled to S (its per-segment cost does not depend on the other segments); the
 table says so in the ``torchjd_note`` column. Usage::
 
-    PYTHONPATH=. python benchmarks/bench_methods.py [--tasks 2 4 8 16] [--segments 1 1000]
+    PYTHONPATH=. python benchmarks/bench_methods.py [--tasks 2 4 8 16] [--segments 1 1000] \
+        [--backends torch cpu]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--segments", type=int, nargs="+", default=[1, 1000])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--backends", nargs="+", default=["torch", "cpu"])
     parser.add_argument("--jd-sample", type=int, default=5)
     parser.add_argument("--name", default="methods_weight_step")
     args = parser.parse_args()
@@ -74,9 +79,14 @@ def main() -> None:
             for num_seg in args.segments:
                 grams, jacs = _grams(num_seg, num_tasks)
                 gram32 = grams.float()
-                state = bm.MethodState() if name in ("gradvac", "pcd") else None
-                ours = time_ms(lambda: bm.solve(gram32, name, method_state=state, normalize_weights=False,
-                                                **options), warmup=1, repeats=3)
+                step = bm.WeightStep(name, options, normalize_weights=False)
+                ours = {}
+                for backend in args.backends:
+                    if backend != "torch" and step.native_codes(num_tasks) is None:
+                        continue  # no native weight step here: the same torch function runs
+                    state = bm.MethodState() if name in ("gradvac", "pcd") else None
+                    ours[backend] = time_ms(lambda: bm.solve(gram32, backend=backend, weight_step=step,
+                                                             method_state=state), warmup=1, repeats=3)
                 sample = min(num_seg, args.jd_sample)
                 jd = make_jd(num_tasks, A)
                 sub_g, sub_j = grams[:sample], jacs[:sample]
@@ -93,13 +103,16 @@ def main() -> None:
                     note = "" if sample == num_seg else f"{sample} segments timed, x{num_seg // sample}"
                 except Exception as exc:  # noqa: BLE001  (a torchjd solver failure is reported)
                     theirs, note = float("nan"), f"torchjd failed: {type(exc).__name__}"
-                rows.append({"method": name, "T": num_tasks, "S": num_seg, "ours_ms": ours["median_ms"],
-                             "torchjd_ms": theirs, "speedup": theirs / ours["median_ms"], "torchjd_note": note})
-                print(rows[-1], flush=True)
+                for backend, timing in ours.items():
+                    rows.append({"method": name, "backend": backend, "T": num_tasks, "S": num_seg,
+                                 "ours_ms": timing["median_ms"], "torchjd_ms": theirs,
+                                 "speedup": theirs / timing["median_ms"], "torchjd_note": note})
+                    print(rows[-1], flush=True)
     write_results(args.name, rows, environment("cpu"), title="Weight step per method: bucketmoo vs torchjd",
                   notes=("`ours_ms`: `bm.solve(gram [S,T,T] f32, method, normalize_weights=False)` on the "
-                         "auto backend (native weight step for mean/mgda/pcgrad/cagrad T<=8, batched torch "
-                         "float64 for the others; stateful methods with a MethodState). `torchjd_ms`: torchjd "
+                         "row's backend: `torch` runs the method's batched float64 torch function, `cpu` the "
+                         "native weight step (rows only where the method has one for this T: mgda, pcgrad, "
+                         "cagrad T<=8, upgrad/dualproj T<=16); stateful methods with a MethodState. `torchjd_ms`: torchjd "
                          "0.18's weighting of the same method on each segment's float64 Gram (or its matrix "
                          "for the matrix-based ones), a Python loop over segments. Median of 3 runs after "
                          "1 warm-up (torchjd at S = 1000: one run of 5 segments after a warm-up, scaled to "

@@ -8,6 +8,8 @@ Both compiled modules register the same ``torch.ops.bucketmoo`` operators (schem
 * ``solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor``: ``[S, T]`` f64
 * ``solve_pcgrad(Tensor gram, Tensor orders) -> Tensor``: ``[S, T]`` f64
 * ``solve_cagrad(Tensor gram, float c, int rescale) -> Tensor``: ``[S, T]`` f64
+* ``solve_dual_cone(Tensor gram, int method, float norm_eps, float reg_eps, int max_iter) ->
+  Tensor``: upgrad (4) / dualproj (5) weights, ``[S, T]`` f64
 * ``combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()``
 * ``weights(Tensor gram, Tensor? orders, Tensor? losses, <method>) -> Tensor``: the whole
   weight step (normalisation, method, rescale), ``[S, T]`` float32 from a float32 Gram
@@ -37,7 +39,7 @@ __all__ = ["SCHEMAS", "NativeBackend", "cpu_isa", "load_errors"]
 logger = logging.getLogger("bucketmoo_kernels")
 
 #: The operator schemas, identical to python/bucketmoo_ops.h (a test compares them).
-#: ``solve_mgda``, ``solve_pcgrad`` and ``solve_cagrad`` are not used by the backends (the
+#: ``solve_mgda``, ``solve_pcgrad``, ``solve_cagrad`` and ``solve_dual_cone`` are not used by the backends (the
 #: ``weights`` op runs the whole step); they stay as the tests' float64-in, float64-out handle
 #: on the shared native solvers, which are checked against the methods' torch functions at
 #: 1e-12 (the ``weights`` op rounds to float32 and could not resolve that).
@@ -46,6 +48,8 @@ SCHEMAS = {
     "solve_mgda": "solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor",
     "solve_pcgrad": "solve_pcgrad(Tensor gram, Tensor orders) -> Tensor",
     "solve_cagrad": "solve_cagrad(Tensor gram, float c, int rescale) -> Tensor",
+    "solve_dual_cone": "solve_dual_cone(Tensor gram, int method, float norm_eps, float reg_eps, "
+                       "int max_iter) -> Tensor",
     "combine_": "combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()",
     "weights": "weights(Tensor gram, Tensor? orders, Tensor? losses, int method, int solver, "
                "int max_iter, float tol, float c, int rescale, int normalization, "
@@ -116,6 +120,10 @@ def _register_fakes() -> None:
     def _solve_cagrad_fake(gram, c, rescale):
         return gram.new_empty(gram.shape[:2], dtype=torch.float64)
 
+    @torch.library.register_fake("bucketmoo::solve_dual_cone")
+    def _solve_dual_cone_fake(gram, method, norm_eps, reg_eps, max_iter):
+        return gram.new_empty(gram.shape[:2], dtype=torch.float64)
+
     @torch.library.register_fake("bucketmoo::combine_")
     def _combine_fake(out, grads, weights, offsets):
         return None
@@ -148,9 +156,10 @@ class NativeBackend(Backend):
     the torch reference above it (logged once). :meth:`weights` runs the whole weight step
     natively (``weights`` op) and :meth:`fused` the CPU's one-sweep gram + weights + combine
     (``fused_`` op) wherever :meth:`WeightStep.native_codes` gives codes for this T (mean,
-    mgda, pcgrad up to T = 32, cagrad up to T = 8, options the native solvers take); else
+    mgda, pcgrad up to T = 32, cagrad up to T = 8, upgrad and dualproj up to T = 16 without
+    a ``pref_vector``, options the native solvers take); else
     both return None and the API runs the method's torch function. There is no separate
-    float64 :meth:`solve`: the ``solve_mgda``/``solve_pcgrad``/``solve_cagrad`` ops stay
+    float64 :meth:`solve`: the ``solve_*`` ops stay
     registered only as the tests' float64 handle on the native solvers (see SCHEMAS).
     """
 

@@ -47,7 +47,10 @@ class NativeCodes(NamedTuple):
 
     ``method``: solver::Method code (registry ``native_code``); ``solver``: the MGDA solver
     that runs for this T, already resolved (never 0 = auto); ``normalization``: its index in
-    :data:`~bucketmoo_kernels.methods.normalization.NORMALIZATIONS`.
+    :data:`~bucketmoo_kernels.methods.normalization.NORMALIZATIONS`. ``max_iter``, ``tol``,
+    ``c`` and ``rescale`` are the method's option slots: MGDA's ``max_iter``/``tol``, CAGrad's
+    ``c``/``rescale``; UPGrad and DualProj pass ``max_iter``, ``norm_eps`` as ``tol`` and
+    ``reg_eps`` as ``c``.
     """
 
     method: int

@@ -13,7 +13,9 @@
 //   solve_pcgrad(Tensor gram, Tensor orders) -> Tensor
 //       orders int64 [T, T-1] (methods.pcgrad.pcgrad_orders) on the gram's device -> [S, T] f64.
 //   solve_cagrad(Tensor gram, float c, int rescale) -> Tensor      (T <= 8) -> [S, T] f64.
-//       The three solve_* ops are not used by the backends (weights runs the whole step);
+//   solve_dual_cone(Tensor gram, int method, float norm_eps, float reg_eps, int max_iter) -> Tensor
+//       method 4 (upgrad) or 5 (dualproj), default preference, T <= 16 -> [S, T] f64.
+//       The four solve_* ops are not used by the backends (weights runs the whole step);
 //       they stay as the tests' float64-in/float64-out handle on the shared solvers, checked
 //       against the methods' torch functions at 1e-12 (the float32 weights op cannot be).
 //   combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()
@@ -27,7 +29,8 @@
 //       weights [S, T] f32). CPU only.
 //   <method> = int method, int solver, int max_iter, float tol, float c, int rescale,
 //       int normalization, bool normalize_weights   (codes: solver::Method, ::Normalization;
-//       made by bucketmoo_kernels.weight_step.WeightStep.native_codes, solver resolved for T)
+//       made by bucketmoo_kernels.weight_step.WeightStep.native_codes, solver resolved for T;
+//       upgrad/dualproj take norm_eps as `tol` and reg_eps as `c`, max_iter as theirs)
 //       orders: int64 [T, T-1] (pcgrad) or None; losses: float64 [S, T] (loss, loss+) or None.
 //
 // Every check throws (TORCH_CHECK -> RuntimeError in Python) before anything is written,
@@ -52,6 +55,8 @@ constexpr const char* kSolveMgdaSchema =
     "solve_mgda(Tensor gram, int solver, int max_iter, float tol) -> Tensor";
 constexpr const char* kSolvePcgradSchema = "solve_pcgrad(Tensor gram, Tensor orders) -> Tensor";
 constexpr const char* kSolveCagradSchema = "solve_cagrad(Tensor gram, float c, int rescale) -> Tensor";
+constexpr const char* kSolveDualConeSchema =
+    "solve_dual_cone(Tensor gram, int method, float norm_eps, float reg_eps, int max_iter) -> Tensor";
 constexpr const char* kCombineSchema =
     "combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, Tensor offsets) -> ()";
 
@@ -70,6 +75,7 @@ inline void define_ops(torch::Library& m) {
   m.def(kSolveMgdaSchema);
   m.def(kSolvePcgradSchema);
   m.def(kSolveCagradSchema);
+  m.def(kSolveDualConeSchema);
   m.def(kCombineSchema);
   m.def(kWeightsSchema);
   m.def(kFusedSchema);
@@ -201,6 +207,10 @@ inline solver::WeightStep weight_step(const std::optional<at::Tensor>& orders,
   spec.rescale = int(rescale);
   spec.normalization = int(normalization);
   spec.normalize_weights = normalize_weights;
+  if (spec.method == solver::kMethodUpgrad || spec.method == solver::kMethodDualproj) {
+    spec.norm_eps = tol;  // the schema's two float slots carry the dual-cone options
+    spec.reg_eps = c;
+  }
   check_solver_message(solver::method_check(spec, int(T)), op);
   if (spec.method == solver::kMethodPcgrad) {
     TORCH_CHECK(orders.has_value(), op, ": method 2 (pcgrad) needs orders [T, T-1]; got None");
@@ -229,6 +239,22 @@ inline const double* losses_ptr(const std::optional<at::Tensor>& losses,
 
 inline void check_solver_message(const char* message, const char* op) {
   TORCH_CHECK(message == nullptr, op, ": ", message ? message : "");
+}
+
+// The arguments of solve_dual_cone as a solver::WeightStep (upgrad or dualproj), checked
+// against T; throws naming the bad one.
+inline solver::WeightStep dual_cone_spec(int64_t T, int64_t method, double norm_eps,
+                                         double reg_eps, int64_t max_iter, const char* op) {
+  TORCH_CHECK(method == solver::kMethodUpgrad || method == solver::kMethodDualproj, op,
+              ": method must be 4 (upgrad) or 5 (dualproj); got ", method);
+  TORCH_CHECK(max_iter >= 0, op, ": max_iter must be >= 0; got ", max_iter);
+  solver::WeightStep spec;
+  spec.method = int(method);
+  spec.max_iter = int(max_iter < INT32_MAX ? max_iter : INT32_MAX);
+  spec.norm_eps = norm_eps;
+  spec.reg_eps = reg_eps;
+  check_solver_message(solver::dual_cone_check(int(T), spec.max_iter, norm_eps, reg_eps), op);
+  return spec;
 }
 
 }  // namespace ops

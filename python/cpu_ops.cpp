@@ -116,6 +116,19 @@ at::Tensor solve_cagrad_cpu(at::Tensor gram, double c, int64_t rescale) {
   return w;
 }
 
+at::Tensor solve_dual_cone_cpu(at::Tensor gram, int64_t method, double norm_eps, double reg_eps,
+                               int64_t max_iter) {
+  const char* op = "bucketmoo::solve_dual_cone";
+  check_cpu(gram, "gram", op);
+  const int64_t T = ops::check_gram64(gram, op);
+  const solver::WeightStep spec = ops::dual_cone_spec(T, method, norm_eps, reg_eps, max_iter, op);
+  const int64_t S = gram.size(0);
+  at::Tensor w = at::empty({S, T}, gram.options());
+  cpu::solve_dual_cone(gram.data_ptr<double>(), S, int(T), spec, w.data_ptr<double>(),
+                       at::get_num_threads());
+  return w;
+}
+
 // ops::weight_step, and on the CPU also the values of PCGrad's orders.
 solver::WeightStep cpu_weight_step(const std::optional<at::Tensor>& orders,
                                    const std::optional<at::Tensor>& losses, int64_t S, int64_t T,
@@ -175,6 +188,7 @@ TORCH_LIBRARY_IMPL(bucketmoo, CPU, m) {
   m.impl("solve_mgda", &bucketmoo::solve_mgda_cpu);
   m.impl("solve_pcgrad", &bucketmoo::solve_pcgrad_cpu);
   m.impl("solve_cagrad", &bucketmoo::solve_cagrad_cpu);
+  m.impl("solve_dual_cone", &bucketmoo::solve_dual_cone_cpu);
   m.impl("combine_", &bucketmoo::combine_cpu);
   m.impl("weights", &bucketmoo::weights_cpu);
   m.impl("fused_", &bucketmoo::fused_cpu);

@@ -169,6 +169,21 @@ Tensor solve_cagrad_cuda(Tensor gram, double c, int64_t rescale) {
   return weights;
 }
 
+Tensor solve_dual_cone_cuda(Tensor gram, int64_t method, double norm_eps, double reg_eps,
+                            int64_t max_iter) {
+  const char* op = "bucketmoo::solve_dual_cone";
+  check_cuda(gram, "gram", op);
+  const int64_t num_tasks = ops::check_gram64(gram, op);
+  checked_int(max_iter, "max_iter", op);
+  const solver::WeightStep spec = ops::dual_cone_spec(num_tasks, method, norm_eps, reg_eps, max_iter, op);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  Tensor weights = at::empty({gram.size(0), num_tasks}, gram.options());
+  check_launch(bc::solve_dual_cone_cuda(gram.data_ptr<double>(), gram.size(0), static_cast<int>(num_tasks),
+                                        spec, weights.data_ptr<double>(), current_stream(gram.device())),
+               op);
+  return weights;
+}
+
 // The whole weight step in one launch (solver::segment_weights on the device). orders and
 // losses stay on the device unread, like solve_pcgrad's orders.
 Tensor weights_cuda(Tensor gram, std::optional<Tensor> orders, std::optional<Tensor> losses,
@@ -198,6 +213,7 @@ TORCH_LIBRARY_IMPL(bucketmoo, CUDA, m) {
   m.impl("solve_mgda", &bucketmoo::solve_mgda_cuda);
   m.impl("solve_pcgrad", &bucketmoo::solve_pcgrad_cuda);
   m.impl("solve_cagrad", &bucketmoo::solve_cagrad_cuda);
+  m.impl("solve_dual_cone", &bucketmoo::solve_dual_cone_cuda);
   m.impl("combine_", &bucketmoo::combine_cuda);
   m.impl("weights", &bucketmoo::weights_cuda);
 }

@@ -14,12 +14,17 @@ weight rescaling, segment bookkeeping) shows up as a mismatch:
   coefficients over the g_t;
 * ``cagrad``: Liu et al. 2021, the dual solved with scipy's SLSQP from several starts, as in
   the authors' code;
+* ``upgrad`` / ``dualproj``: Quinton & Rey 2024 in torchjd's scale, on the vectors: each
+  preference u (DualProj: the preference vector; UPGrad: pref_i e_i for every i) is moved
+  to v = argmin |B v|^2 s.t. v >= u, B = [J^T / sqrt(trace); sqrt(reg_eps) I] (so that
+  B^T B = J J^T / trace + reg_eps I, torchjd's regularised Gram), by scipy's NNLS
+  (Lawson-Hanson) on v - u; weights v, or sum_i v_i;
 * normalisations (Sener & Koltun 2018, §3.3): every g_t is divided by n_t (``l2``: |g_t|,
   ``loss``: L_t, ``loss+``: L_t |g_t|; a zero scale counts as 1) before the method runs;
   the result is the same combination of the divided vectors; ``normalize_weights`` divides
   it by the sum of the weights on the raw g_t.
 
-The other methods of the library (UPGrad, Nash-MTL, GradVac, ... and any method with the
+The other methods of the library (Nash-MTL, GradVac, ... and any method with the
 ``ema`` option) have no oracle here: :func:`combined_per_segment` hands them to the library's
 ``fused_bucket_moo`` (their float64 torch functions, themselves checked against torchjd 0.18
 and scipy in ``tests/methods``), so the distributed tests of those methods check the hook's
@@ -36,7 +41,8 @@ import torch
 
 from bucketmoo_kernels.methods.pcgrad import pcgrad_orders
 
-__all__ = ["UNIT_ROUNDOFF", "mgda_weights", "pcgrad_weights", "cagrad_weights", "method_weights",
+__all__ = ["UNIT_ROUNDOFF", "mgda_weights", "pcgrad_weights", "cagrad_weights", "dual_cone_weights",
+           "method_weights",
            "normalization_scales", "combined", "combined_per_segment"]
 
 #: Half an ulp at 1 of each storage dtype: the relative error of one rounding.
@@ -130,6 +136,27 @@ def cagrad_weights(vectors: torch.Tensor, c: float = 0.4, rescale: int = 1) -> t
     return torch.from_numpy(w / {0: 1.0, 1: 1 + c * c, 2: 1 + c}[rescale])
 
 
+def dual_cone_weights(vectors: torch.Tensor, method: str, pref_vector=None, norm_eps: float = 0.0,
+                      reg_eps: float = 1e-4, max_iter: int = 200) -> torch.Tensor:
+    """UPGrad (``method="upgrad"``) or DualProj weights of the rows ``[T, n]`` (module docstring);
+    ``max_iter`` belongs to the library's solver and is ignored here."""
+    from scipy.optimize import nnls
+
+    jac = vectors.numpy()
+    num_tasks = jac.shape[0]
+    pref = (np.full(num_tasks, 1.0 / num_tasks) if pref_vector is None
+            else np.asarray(pref_vector, dtype=np.float64).reshape(num_tasks))
+    trace = float((jac * jac).sum())
+    scaled = jac.T / np.sqrt(trace) if trace > norm_eps else np.zeros_like(jac.T)
+    b = np.vstack([scaled, np.sqrt(reg_eps) * np.eye(num_tasks)])
+    prefs = [pref] if method == "dualproj" else [pref[i] * np.eye(num_tasks)[i] for i in range(num_tasks)]
+    total = np.zeros(num_tasks)
+    for u in prefs:
+        x, _ = nnls(b, -b @ u, maxiter=50 * num_tasks)
+        total += u + x
+    return torch.from_numpy(total)
+
+
 def method_weights(vectors: torch.Tensor, method: str, **options) -> torch.Tensor:
     """The method's weights on explicit vectors ``[T, n]`` float64 (paper scale)."""
     if method == "mean":
@@ -140,6 +167,8 @@ def method_weights(vectors: torch.Tensor, method: str, **options) -> torch.Tenso
         return pcgrad_weights(vectors, options.get("seed", 0))
     if method == "cagrad":
         return cagrad_weights(vectors, options.get("c", 0.4), options.get("rescale", 1))
+    if method in ("upgrad", "dualproj"):
+        return dual_cone_weights(vectors, method, **options)
     raise ValueError(f"no oracle for method {method!r}")
 
 
@@ -164,7 +193,7 @@ def combined(rows, method: str = "mgda", *, normalization: str = "none", losses=
 
 
 #: Methods with an oracle of their own in this module.
-ORACLE_METHODS = ("mean", "mgda", "pcgrad", "cagrad")
+ORACLE_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "upgrad", "dualproj")
 
 
 def has_oracle(method: str, options: dict) -> bool:

@@ -19,7 +19,8 @@ import torch
 
 import bucketmoo_kernels as bm
 from bucketmoo_kernels.inputs import Segments, as_task_grads
-from bucketmoo_kernels.methods import cagrad, mgda, pcgrad, simplex
+from bucketmoo_kernels.methods import cagrad, dual_cone, mgda, pcgrad, simplex
+from bucketmoo_kernels.methods.batched_solvers import nonneg_qp_residual
 from bucketmoo_kernels.reference import combine_reference, gram_reference
 
 from tests.utils import DTYPES, LAYOUTS, assert_close, offsets, random_grads
@@ -282,7 +283,8 @@ def test_isa_variants_round_every_half_value_to_the_same_bits(isa_run, isa):
 
 # ---------------------------------------------------------------- the fused sweep
 METHOD_CASES = [("mean", {}), ("mgda", {}), ("mgda", {"solver": "pgd", "max_iter": 60, "tol": 0.0}),
-                ("pcgrad", {"seed": 3}), ("cagrad", {"c": 0.5, "rescale": 2})]
+                ("pcgrad", {"seed": 3}), ("cagrad", {"c": 0.5, "rescale": 2}), ("upgrad", {}),
+                ("dualproj", {"reg_eps": 1e-3})]
 LOSSES = [0.5, 2.0, 0.0, 3.0, 1.0, 0.25, 4.0, 1.5, 0.75, 2.5, 1.25, 0.125]
 
 
@@ -317,6 +319,8 @@ def _assert_same_bits(a, b):
 def test_fused_sweep_is_bit_identical_to_the_two_passes(method, opts, normalization, num_tasks):
     if method == "cagrad" and num_tasks > 8:
         pytest.skip("cagrad is exact for T <= 8")
+    if method in ("upgrad", "dualproj") and (num_tasks != 3 or normalization in ("l2", "loss")):
+        pytest.skip("the dual-cone methods: T = 3 with none and loss+ (CI time; same op call)")
     n = 2 * CHUNK + 999
     gen = torch.Generator().manual_seed(num_tasks)
     for dtype in DTYPES:
@@ -689,9 +693,92 @@ def test_cagrad_matches_torch(num_tasks, c, rescale):
     assert (_d_distance(w, w_ref, degenerate) <= 1e-8).all()
 
 
+DUAL_CONE = {"upgrad": (4, dual_cone.upgrad_weights), "dualproj": (5, dual_cone.dualproj_weights)}
+
+
+def _dual_cone_cases(num_tasks):
+    """[S, T, T] f64: full rank, rank 1..3 (below T), the degenerate set, and a random batch
+    at scales 1e-12..1e8 with zero segments among them."""
+    scales = torch.tensor([1e-12, 1e-6, 1.0, 1e3, 1e8], dtype=torch.float64)
+    scaled = _random_grams(10, num_tasks, num_tasks) * scales.repeat(2)[:, None, None]
+    scaled[[2, 7]] = 0.0
+    return torch.cat([_random_grams(20, num_tasks, num_tasks + 1),
+                      _random_grams(12, num_tasks, num_tasks + 2, rank=max(1, min(3, num_tasks - 1))),
+                      _degenerate_grams(num_tasks), scaled])
+
+
+def _dual_cone_converged(gram, weights_fn, **opts):
+    """The torch function's weights, and whether every one of its QPs met the 1e-12 KKT
+    residual (then its answer is the exact minimiser up to rounding)."""
+    a = dual_cone.regularised_gram(gram, opts.get("norm_eps", 0.0), opts.get("reg_eps", 1e-4))
+    num_tasks = gram.shape[-1]
+    prefs = (torch.eye(num_tasks, dtype=gram.dtype) / num_tasks if weights_fn is dual_cone.upgrad_weights
+             else torch.full((1, num_tasks), 1.0 / num_tasks, dtype=gram.dtype))
+    u = prefs.expand(gram.shape[0], -1, -1)
+    v = dual_cone.dual_cone_weights(gram, u, norm_eps=opts.get("norm_eps", 0.0),
+                                    reg_eps=opts.get("reg_eps", 1e-4), max_iter=200)
+    a_k = a[:, None].expand(-1, u.shape[1], -1, -1).reshape(-1, num_tasks, num_tasks)
+    b = torch.einsum("btu,bu->bt", a_k, u.reshape(-1, num_tasks))
+    res = nonneg_qp_residual(a_k, b, (v - u).reshape(-1, num_tasks)).reshape(gram.shape[0], -1)
+    weights = v.sum(1) if weights_fn is dual_cone.upgrad_weights else v[:, 0]  # as weights_fn
+    return weights, (res <= 1e-12).all(-1)
+
+
+@pytest.mark.parametrize("method", list(DUAL_CONE))
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 10, 16])
+def test_dual_cone_matches_torch(method, num_tasks):
+    """UPGrad / DualProj (float64 op) against the torch function where that solved every QP
+    to its 1e-12 KKT residual: the minimiser is unique (reg_eps > 0), so both agree to
+    rounding times the condition number of A = G / trace + reg_eps I (at most (1 + reg_eps) /
+    reg_eps): 1e-10 relative at the default reg_eps = 1e-4, 1e-7 at 1e-7. The native solver
+    itself always meets the 1e-12 residual here. The answer does not depend on the scale."""
+    code, fn = DUAL_CONE[method]
+    every = _dual_cone_cases(num_tasks)
+    # The ill-conditioned variant on every 4th case (the torch solver needs all its 200
+    # iterations there, which costs seconds at T = 16 on the whole set).
+    for grams, opts in ((every, {}), (every[::4].contiguous(), {"reg_eps": 1e-7, "norm_eps": 1e-4})):
+        reg = opts.get("reg_eps", 1e-4)
+        w = ops.solve_dual_cone(grams, code, opts.get("norm_eps", 0.0), reg, 200)
+        w_ref, exact = _dual_cone_converged(grams, fn, **opts)
+        assert exact.float().mean() >= 0.85, "the torch solver should converge on almost every case"
+        tol = 1e-14 * (1 + reg) / reg
+        assert_close(w[exact], w_ref[exact], atol=tol * float(w_ref.abs().max()), rtol=tol,
+                     what=f"{method} T={num_tasks} {opts}")
+        assert torch.isfinite(w).all() and (w >= 0).all()
+        if method == "dualproj":  # w = u + x: the native x meets the KKT stop on every case
+            a = dual_cone.regularised_gram(grams, opts.get("norm_eps", 0.0), reg)
+            u = torch.full_like(w, 1.0 / num_tasks)
+            res = nonneg_qp_residual(a, torch.einsum("stu,su->st", a, u), w - u)
+            assert (res <= 1e-12).all(), f"native KKT residual {float(res.max()):.1e}"
+    grams = every
+    zero = grams[-8]  # a zero segment: the preference itself (1/T each, for both methods)
+    assert torch.equal(ops.solve_dual_cone(zero[None], code, 0.0, 1e-4, 200)[0],
+                       torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64))
+    ten = ops.solve_dual_cone(grams[:10], code, 0.0, 1e-4, 200)
+    assert_close(ops.solve_dual_cone(grams[:10] * 1e6, code, 0.0, 1e-4, 200), ten, atol=1e-12, rtol=1e-12,
+                 what="scaled by 1e6")
+
+
+def test_dual_cone_weight_step_and_fallbacks():
+    """The weights op runs the dual-cone methods natively up to T = 16 (the API's cpu backend
+    then equals the op); a pref_vector, reg_eps = 0 or T = 17 go to the torch function."""
+    for method in DUAL_CONE:
+        step = bm.WeightStep(method)
+        assert step.native_codes(16) is not None and step.native_codes(17) is None
+        assert bm.WeightStep(method, {"pref_vector": [0.5, 0.5]}).native_codes(2) is None
+        assert bm.WeightStep(method, {"reg_eps": 0.0}).native_codes(2) is None
+        grams = _random_grams(9, 6, 3).float()
+        native_w = ops.weights(grams, None, None, *step.native_codes(6))
+        assert torch.equal(bm.solve(grams, method, backend="cpu"), native_w)
+        assert_close(native_w, bm.solve(grams, method, backend="torch"), atol=1e-6, rtol=1e-6, what=method)
+        pref = [0.2, 0.1, 0.3, 0.1, 0.2, 0.1]
+        assert torch.equal(bm.solve(grams, method, backend="cpu", pref_vector=pref),
+                           bm.solve(grams, method, backend="torch", pref_vector=pref))
+
+
 def test_native_solve_through_the_api_matches_torch():
     grams = bm.gram(random_grads(5, 300, generator=torch.Generator().manual_seed(0)), 37, backend="torch")
-    for method in ("mgda", "pcgrad", "cagrad", "mean"):
+    for method in ("mgda", "pcgrad", "cagrad", "mean", "upgrad", "dualproj"):
         assert_close(bm.solve(grams, method, backend="cpu"), bm.solve(grams, method, backend="torch"),
                      atol=1e-6, rtol=0, what=method)
 
@@ -728,8 +815,8 @@ _PCGRAD_LOSS_ARGS = (pcgrad.pcgrad_orders(3, 0), torch.rand(3, 3, dtype=torch.fl
                      2, 0, 0, 0.0, 0.0, 0, 3, True)
 
 
-@pytest.mark.parametrize("op", ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_",
-                                "weights", "fused_"])
+@pytest.mark.parametrize("op", ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "solve_dual_cone",
+                                "combine_", "weights", "fused_"])
 def test_opcheck(op):
     grads, off, gram = _small_args()
     args = {
@@ -737,6 +824,7 @@ def test_opcheck(op):
         "solve_mgda": (gram, 0, 100, 1e-10),
         "solve_pcgrad": (gram, pcgrad.pcgrad_orders(3, 0)),
         "solve_cagrad": (gram, 0.4, 1),
+        "solve_dual_cone": (gram, 4, 0.0, 1e-4, 200),
         "combine_": (torch.empty(50), grads, torch.rand(3, 3), off),
         "weights": (gram.float(), *_PCGRAD_LOSS_ARGS),
         "fused_": (torch.empty(50), grads, off, *_PCGRAD_LOSS_ARGS),
@@ -830,6 +918,11 @@ def test_bad_inputs_raise_clear_errors_before_writing():
     _raises("cagrad: the native solver handles 1 <= T <= 8", ops.solve_cagrad, _random_grams(1, 9, 0), 0.4, 1)
     _raises("c must be >= 0", ops.solve_cagrad, gram, -1.0, 1)
     _raises("rescale must be 0, 1 or 2", ops.solve_cagrad, gram, 0.4, 3)
+    _raises("method must be 4 \\(upgrad\\) or 5", ops.solve_dual_cone, gram, 1, 0.0, 1e-4, 10)
+    _raises("1 <= T <= 16", ops.solve_dual_cone, _random_grams(1, 17, 0), 4, 0.0, 1e-4, 10)
+    _raises("needs reg_eps > 0", ops.solve_dual_cone, gram, 5, 0.0, 0.0, 10)
+    _raises("norm_eps must be >= 0", ops.solve_dual_cone, gram, 5, -1.0, 1e-4, 10)
+    _raises("max_iter must be >= 0", ops.solve_dual_cone, gram, 5, 0.0, 1e-4, -1)
     _raises("orders must have shape", ops.solve_pcgrad, gram, torch.zeros(3, 3, dtype=torch.int64))
     _raises("another task index", ops.solve_pcgrad, gram, torch.tensor([[0, 1], [0, 2], [0, 1]]))
     # the weight step and the fused sweep
@@ -842,7 +935,7 @@ def test_bad_inputs_raise_clear_errors_before_writing():
         return tuple(kw.get(k, v) for k, v in zip(names, mgda_args))
 
     _raises("gram must be float32", ops.weights, gram, None, None, *mgda_args)
-    _raises(r"method must be 0 \(mean\)", ops.weights, g32, None, None, *with_(method=4))
+    _raises(r"method must be 0 \(mean\)", ops.weights, g32, None, None, *with_(method=6))
     _raises(r"normalization must be 0 \(none\)", ops.weights, g32, None, None, *with_(normalization=4))
     _raises("max_iter must be >= 0", ops.weights, g32, None, None, *with_(max_iter=-1))
     _raises("needs orders", ops.weights, g32, None, None, *with_(method=2))

@@ -21,6 +21,7 @@ import torch
 
 import bucketmoo_kernels as bm
 from bucketmoo_kernels.inputs import Segments, as_segments, as_task_grads
+from bucketmoo_kernels.methods import get_method
 from bucketmoo_kernels.methods.cagrad import cagrad_weights
 from bucketmoo_kernels.methods.mgda import mgda_weights
 from bucketmoo_kernels.methods.pcgrad import pcgrad_orders, pcgrad_weights
@@ -215,10 +216,24 @@ def test_cagrad_solver_matches_torch(num_tasks, c, rescale):
     assert_close(got, cagrad_weights(gram, c=c, rescale=rescale), atol=1e-7, rtol=1e-6, what="cagrad")
 
 
+@pytest.mark.parametrize("num_tasks", [1, 2, 5, 16])
+@pytest.mark.parametrize("method,code", [("upgrad", 4), ("dualproj", 5)])
+def test_dual_cone_solver_matches_torch_and_cpu(num_tasks, method, code):
+    """solve_dual_cone on the GPU against the torch function (the minimiser is unique: 1e-10
+    relative at reg_eps = 1e-4) and against the same header code on the CPU."""
+    gram = _random_gram(num_tasks, 31)
+    gram[3] = 0.0  # a zero segment
+    got = torch.ops.bucketmoo.solve_dual_cone(gram.to(DEVICE), code, 0.0, 1e-4, 200)
+    expected = get_method(method)(gram)
+    assert_close(got, expected, atol=1e-10 * float(expected.abs().max()), rtol=1e-10, what=method)
+    assert_close(got, torch.ops.bucketmoo.solve_dual_cone(gram, code, 0.0, 1e-4, 200), atol=1e-12,
+                 rtol=1e-12, what=f"{method} cuda vs cpu")
+
+
 # ---------------------------------------------------------------------------------- weight step
 WEIGHT_CASES = [("mean", {}), ("mgda", {}), ("mgda", {"solver": "exact"}),
                 ("mgda", {"solver": "pgd", "max_iter": 80, "tol": 0.0}), ("pcgrad", {"seed": 4}),
-                ("cagrad", {"c": 0.5, "rescale": 2})]
+                ("cagrad", {"c": 0.5, "rescale": 2}), ("upgrad", {}), ("dualproj", {})]
 LOSSES = [0.5, 2.0, 0.0, 3.0, 1.0, 0.25, 4.0, 1.5, 0.75, 2.5, 1.25, 0.125]
 
 
@@ -317,6 +332,7 @@ def test_opcheck_cuda_ops():
     torch.library.opcheck(torch.ops.bucketmoo.gram.default, (grads, offs))
     torch.library.opcheck(torch.ops.bucketmoo.solve_mgda.default, (gram64, 0, 100, 0.0))
     torch.library.opcheck(torch.ops.bucketmoo.solve_cagrad.default, (gram64, 0.4, 1))
+    torch.library.opcheck(torch.ops.bucketmoo.solve_dual_cone.default, (gram64, 4, 0.0, 1e-4, 200))
     orders = pcgrad_orders(3, 0).to(DEVICE)
     torch.library.opcheck(torch.ops.bucketmoo.solve_pcgrad.default, (gram64, orders))
     out = torch.empty(1000, device=DEVICE)

@@ -52,7 +52,7 @@ import torch
 import bucketmoo_kernels.native  # noqa: F401  (defines the bucketmoo schemas)
 
 torch.ops.load_library(sys.argv[1])
-ops = ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "combine_", "weights"]
+ops = ["gram", "solve_mgda", "solve_pcgrad", "solve_cagrad", "solve_dual_cone", "combine_", "weights"]
 for op in ops:
     keys = [line.split(":")[0] for line in torch._C._dispatch_dump(f"bucketmoo::{op}").splitlines()]
     assert "CUDA" in keys, f"bucketmoo::{op} has no CUDA kernel: {keys}"
@@ -60,7 +60,7 @@ ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 g, off, m = [torch.randn(10), torch.randn(10)], torch.tensor([0, 10]), torch.eye(2, dtype=torch.float64)[None]
 calls = {
     "gram": (g, off), "solve_mgda": (m, 0, 10, 0.0), "solve_pcgrad": (m, torch.tensor([[1], [0]])),
-    "solve_cagrad": (m, 0.4, 1), "combine_": (torch.empty(10), g, torch.ones(1, 2), off),
+    "solve_cagrad": (m, 0.4, 1), "solve_dual_cone": (m, 4, 0.0, 1e-4, 10), "combine_": (torch.empty(10), g, torch.ones(1, 2), off),
     "weights": (m.float(), None, None, 1, 0, 10, 0.0, 0.0, 0, 0, True),
 }
 for op, args in calls.items():

@@ -238,8 +238,19 @@ static void check_bad_arguments() {
         "weights pcgrad without orders");
   spec.method = sv::kMethodCagrad;
   CHECK(bc::weights_cuda(&dummy_f, 1, 9, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights cagrad T = 9");
-  spec.method = 4;
-  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights method 4");
+  spec.method = 6;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights method 6");
+  spec.method = sv::kMethodUpgrad;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 17, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue, "weights upgrad T = 17");
+  spec.reg_eps = 0.0;
+  CHECK(bc::weights_cuda(&dummy_f, 1, 3, spec, nullptr, &dummy_f, nullptr) == cudaErrorInvalidValue,
+        "weights upgrad reg_eps = 0");
+  spec = sv::WeightStep{};
+  spec.method = sv::kMethodDualproj;
+  CHECK(bc::solve_dual_cone_cuda(&dummy_d, 0, 3, spec, &dummy_d, nullptr) == cudaSuccess, "dual cone S = 0 is a no-op");
+  CHECK(bc::solve_dual_cone_cuda(&dummy_d, 1, 17, spec, &dummy_d, nullptr) == cudaErrorInvalidValue, "dual cone T = 17");
+  spec.method = sv::kMethodMgda;
+  CHECK(bc::solve_dual_cone_cuda(&dummy_d, 1, 3, spec, &dummy_d, nullptr) == cudaErrorInvalidValue, "dual cone method mgda");
 }
 
 int main() {

@@ -17,6 +17,11 @@ at most ``norm_eps``) and ``reg_eps`` I is added, which makes the QP strictly co
 uses an absolute ``norm_eps = 1e-4``; ours defaults to 0 so that the result does not depend on
 the gradients' scale (bucket Grams are often far below 1e-4). Pass ``norm_eps=1e-4`` to get
 torchjd's behaviour for tiny Grams as well.
+
+The ``cpu`` and ``cuda`` backends run both natively (``solver::upgrad_solve`` /
+``dualproj_solve`` in ``csrc/common/bucketmoo_solvers.h``) for T <= 16 with the default
+preference and ``reg_eps > 0``; a ``pref_vector``, ``reg_eps = 0`` or more tasks run the
+functions below on every backend.
 """
 
 from __future__ import annotations
@@ -70,6 +75,29 @@ def dualproj_weights(gram: torch.Tensor, *, pref_vector=None, norm_eps: float = 
                              max_iter=max_iter)[:, 0]
 
 
+#: The most tasks of the native solver (``solver::kMaxDualConeTasks``: its packed Cholesky
+#: factor and T-vectors are fixed-size arrays in one thread).
+MAX_NATIVE_DUAL_CONE_TASKS = 16
+
+
+def _dual_cone_native_args(num_tasks: int, options) -> dict | None:
+    """The native codes (``solver::upgrad_solve`` / ``dualproj_solve``): the default preference
+    only, ``reg_eps > 0`` (a strictly convex QP) and ``max_iter >= 0``; else None and the torch
+    function runs (and raises its own errors). The schema's float slots carry the options:
+    ``tol`` is ``norm_eps``, ``c`` is ``reg_eps``. ``max_iter`` bounds the projected Gauss-Seidel
+    sweeps there (here: FISTA iterations); both then polish to the same exact minimiser."""
+    if options["pref_vector"] is not None:
+        return None
+    norm_eps, reg_eps, max_iter = float(options["norm_eps"]), float(options["reg_eps"]), int(options["max_iter"])
+    if not (norm_eps >= 0 and reg_eps > 0 and max_iter >= 0):
+        return None
+    return {"max_iter": max_iter, "tol": norm_eps, "c": reg_eps}
+
+
 _DEFAULTS = {"pref_vector": None, "norm_eps": 0.0, "reg_eps": 1e-4, "max_iter": 200}
-register_method("upgrad", defaults=dict(_DEFAULTS))(upgrad_weights)
-register_method("dualproj", defaults=dict(_DEFAULTS))(dualproj_weights)
+register_method("upgrad", defaults=dict(_DEFAULTS), native_code=4,
+                native_max_tasks=MAX_NATIVE_DUAL_CONE_TASKS,
+                native_args=_dual_cone_native_args)(upgrad_weights)
+register_method("dualproj", defaults=dict(_DEFAULTS), native_code=5,
+                native_max_tasks=MAX_NATIVE_DUAL_CONE_TASKS,
+                native_args=_dual_cone_native_args)(dualproj_weights)

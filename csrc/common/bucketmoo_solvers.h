@@ -20,7 +20,9 @@
 //       mgda_pgd(gram, T, max_iter, tol, w)          T <= 32, FISTA + adaptive restart
 //   pcgrad_solve(gram, T, orders, w)                 orders: int64 [T, T-1] row-major
 //   cagrad_solve(gram, T, c, rescale, w)             T <= 8
-//   mgda_check(T, solver) / pcgrad_check(T) / cagrad_check(T, c, rescale) -> const char*
+//   upgrad_solve / dualproj_solve(gram, T, norm_eps, reg_eps, max_iter, w)   T <= 16
+//   mgda_check(T, solver) / pcgrad_check(T) / cagrad_check(T, c, rescale) /
+//   dual_cone_check(T, max_iter, norm_eps, reg_eps) -> const char*
 //
 //   segment_weights(gram32, T, spec, losses, w32)    the whole weight step of one segment,
 //       as bucketmoo_kernels/weight_step.py::compute_weights does it: float32 Gram -> float64, optional
@@ -32,7 +34,9 @@
 // RIDGE_ABS on the diagonal; a face candidate is feasible when all weights are finite and
 // >= -FEASIBLE_TOL; among candidates whose objective is <= best + TIE_REL*max(diag M, 0)
 // the one with the most tasks wins, then the lowest subset bitmask; the pick is clamped at
-// 0 and renormalised. Subset k (0-based) is the bitmask k+1, task t is bit t.
+// 0 and renormalised. Subset k (0-based) is the bitmask k+1, task t is bit t. UPGrad and
+// DualProj follow methods/dual_cone.py instead (their own ridge reg_eps on the trace-normalised
+// Gram, a strictly convex QP with one minimiser: no ties to break; a zero segment gets u).
 //
 // Differences from the torch reference that are within rounding only: the face systems are
 // solved by Gaussian elimination with partial pivoting on the |A| x |A| subsystem (torch:
@@ -407,11 +411,295 @@ BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale,
   for (int t = 0; t < T; ++t) w[t] = (mean_w + lam * w[t]) / divisor;
 }
 
+// ---------------------------------------------------------------- UPGrad / DualProj
+// Projections onto the dual cone of the task gradients (methods/dual_cone.py): for each
+// preference vector u, v = u + x with x = argmin 1/2 x^T A x + b^T x, x >= 0, where
+// A = G / trace(G) + reg_eps I (the G part zero when trace(G) <= norm_eps, NaN included) and
+// b = A u. DualProj: one projection, u = 1/T; weights v. UPGrad: T projections, u = e_i / T;
+// weights sum_i v_i. The default preference (1/T) only: a caller's pref_vector runs in torch.
+//
+// The QP (dual_cone_qp) is solved as batched_solvers.nonneg_qp solves it, with the same
+// residual, stopping tolerance and candidate rule, so both land on the same unique minimiser
+// (A is positive definite for reg_eps > 0, which the Python side requires before it runs this
+// natively): primal-dual active-set steps (Hintermueller, Ito & Kunisch 2002) from x = 0, each
+// an equality solve on the free set by Cholesky of A_FF (packed, no pivoting: A_FF is SPD;
+// a non-positive pivot makes the candidate infeasible), then rounds of kDualConeChunk projected
+// Gauss-Seidel sweeps (the torch function runs FISTA iterations there) followed by T + 2
+// active-set steps from the iterate. Per segment the candidate of least natural KKT residual
+// is kept; it stops once that residual is <= kDualConeTol or after max_iter sweeps (a bound
+// on the work, fixed for given T and max_iter; no allocation, no host sync).
+constexpr int kMaxDualConeTasks = 16;   // packed Cholesky factor: T (T + 1) / 2 doubles
+constexpr double kDualConeTol = 1e-12;  // batched_solvers.nonneg_qp: tol
+constexpr int kDualConeChunk = 25;      // sweeps per round (nonneg_qp: chunk)
+
+BUCKETMOO_HD const char* dual_cone_check(int T, int max_iter, double norm_eps, double reg_eps) {
+  if (T < 1 || T > kMaxDualConeTasks)
+    return "upgrad/dualproj: the native solver handles 1 <= T <= 16 tasks";
+  if (max_iter < 0) return "upgrad/dualproj: max_iter must be >= 0";
+  if (!(norm_eps >= 0)) return "upgrad/dualproj: norm_eps must be >= 0";
+  if (!(reg_eps > 0)) return "upgrad/dualproj: the native solver needs reg_eps > 0";
+  return nullptr;
+}
+
+// The QP's matrix A, formed entry by entry where it is read (no T x T copy): the same
+// operations as dual_cone.regularised_gram, (G_tu / trace) + reg_eps [t == u].
+struct DualConeMatrix {
+  const double* g;
+  int T;
+  double trace;  // 1 when the G part is dropped (keep == false)
+  bool keep;
+  double reg;
+  BUCKETMOO_HD double operator()(int t, int u) const {
+    const double normed = keep ? g[t * T + u] / trace : 0.0;
+    return normed + (t == u ? reg : 0.0);
+  }
+};
+
+BUCKETMOO_HD DualConeMatrix dual_cone_matrix(const double* g, int T, double norm_eps, double reg_eps) {
+  double trace = 0.0;
+  for (int t = 0; t < T; ++t) trace += g[t * T + t];
+  const bool keep = trace > norm_eps;
+  return DualConeMatrix{g, T, keep ? trace : 1.0, keep, reg_eps};
+}
+
+// grad = A x + b
+BUCKETMOO_HD void dual_cone_gradient(const DualConeMatrix& a, const double* b, const double* x,
+                                     double* grad) {
+  for (int t = 0; t < a.T; ++t) {
+    double s = 0.0;
+    for (int u = 0; u < a.T; ++u) s += a(t, u) * x[u];
+    grad[t] = s + b[t];
+  }
+}
+
+// nonneg_qp_residual: max_i |x_i - max(0, x_i - grad_i / A_ii)| / max(1, max_i |x_i|), at x
+// clamped at 0 (x is finite and >= 0 where this is called).
+BUCKETMOO_HD double dual_cone_residual(const DualConeMatrix& a, const double* b, const double* x) {
+  double grad[kMaxDualConeTasks];
+  dual_cone_gradient(a, b, x, grad);
+  double res = 0.0, big = 1.0;
+  for (int t = 0; t < a.T; ++t) {
+    double d = a(t, t);
+    d = d > kTinyF64 ? d : kTinyF64;  // clamp_min(tiny); NaN stays NaN
+    const double stepped = x[t] - grad[t] / d;
+    const double r = fabs(x[t] - (stepped > 0.0 ? stepped : (stepped != stepped ? stepped : 0.0)));
+    res = (r > res || r != r) ? r : res;
+    const double ax = fabs(x[t]);
+    big = ax > big ? ax : big;
+  }
+  return res / big;
+}
+
+// y solves A_FF y_F = -b_F on the free set F (free[t]), y = 0 elsewhere, by a packed
+// Cholesky factor of A_FF; a non-positive or NaN pivot gives y_F = NaN. Returns |F|.
+BUCKETMOO_HD int dual_cone_free_solve(const DualConeMatrix& a, const double* b, const bool* free,
+                                      double* y) {
+  const int T = a.T;
+  double chol[kMaxDualConeTasks * (kMaxDualConeTasks + 1) / 2];
+  double z[kMaxDualConeTasks];
+  int idx[kMaxDualConeTasks];
+  int n = 0;
+  for (int t = 0; t < T; ++t) {
+    y[t] = 0.0;
+    if (free[t]) idx[n++] = t;
+  }
+  // A_FF = L L^T, L packed by rows: L[i][j] = chol[i (i + 1) / 2 + j], j <= i.
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j <= i; ++j) {
+      double v = a(idx[i], idx[j]);
+      for (int k = 0; k < j; ++k) v -= chol[i * (i + 1) / 2 + k] * chol[j * (j + 1) / 2 + k];
+      if (j < i) {
+        chol[i * (i + 1) / 2 + j] = v / chol[j * (j + 1) / 2 + j];
+      } else if (v > 0.0 && is_finite(v)) {
+        chol[i * (i + 1) / 2 + i] = sqrt(v);
+      } else {
+        for (int k = 0; k < n; ++k) y[idx[k]] = NAN;
+        return n;
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) {  // L z = -b_F
+    double v = -b[idx[i]];
+    for (int k = 0; k < i; ++k) v -= chol[i * (i + 1) / 2 + k] * z[k];
+    z[i] = v / chol[i * (i + 1) / 2 + i];
+  }
+  for (int i = n - 1; i >= 0; --i) {  // L^T y_F = z
+    double v = z[i];
+    for (int k = i + 1; k < n; ++k) v -= chol[k * (k + 1) / 2 + i] * z[k];
+    z[i] = v / chol[i * (i + 1) / 2 + i];
+  }
+  for (int i = 0; i < n; ++i) y[idx[i]] = z[i];
+  return n;
+}
+
+// One primal-dual active-set step from x (nonneg_qp's _active_set_step): free set
+// F = {x_i A_ii > (A x + b)_i}, y = the free-set solve on F.
+BUCKETMOO_HD void dual_cone_active_set_step(const DualConeMatrix& a, const double* b,
+                                            const double* x, double* y) {
+  double mu[kMaxDualConeTasks];
+  bool free[kMaxDualConeTasks];
+  dual_cone_gradient(a, b, x, mu);
+  for (int t = 0; t < a.T; ++t) free[t] = x[t] * a(t, t) > mu[t];
+  dual_cone_free_solve(a, b, free, y);
+}
+
+// Primal active-set steps (Lawson & Hanson's NNLS order, for a QP) from a feasible x >= 0,
+// in place: solve on the free set; if that point is feasible, move there and free the bound
+// coordinate whose KKT violation -grad_j / A_jj is largest (above kDualConeTol times
+// max(1, max x): below it the point already meets the stop rule); else step towards it up to
+// the first bound that blocks and fix that coordinate at 0. The objective never increases,
+// so where the primal-dual steps cycle (ill-conditioned, rank-deficient Grams) this still
+// gets to the minimiser; `steps` bounds it.
+BUCKETMOO_HD void dual_cone_primal_active_set(const DualConeMatrix& a, const double* b, int steps,
+                                              double* x) {
+  const int T = a.T;
+  bool free[kMaxDualConeTasks];
+  double y[kMaxDualConeTasks], grad[kMaxDualConeTasks];
+  for (int t = 0; t < T; ++t) free[t] = x[t] > 0.0;
+  for (int step = 0; step < steps; ++step) {
+    dual_cone_free_solve(a, b, free, y);
+    bool finite = true, inside = true;
+    for (int t = 0; t < T; ++t) {
+      finite = finite && is_finite(y[t]);
+      inside = inside && !(free[t] && y[t] <= 0.0);
+    }
+    if (!finite) return;
+    if (inside) {
+      double big = 1.0;
+      for (int t = 0; t < T; ++t) {
+        x[t] = y[t];
+        big = x[t] > big ? x[t] : big;
+      }
+      dual_cone_gradient(a, b, x, grad);
+      int enter = -1;
+      double worst = kDualConeTol * big;
+      for (int t = 0; t < T; ++t) {
+        const double violation = free[t] ? 0.0 : -grad[t] / a(t, t);
+        if (violation > worst) { worst = violation; enter = t; }
+      }
+      if (enter < 0) return;  // KKT point
+      free[enter] = true;
+    } else {
+      double alpha = 1.0;
+      int leave = -1;
+      for (int t = 0; t < T; ++t) {
+        if (free[t] && y[t] <= 0.0) {
+          const double r = x[t] / (x[t] - y[t]);
+          if (r < alpha || leave < 0) { alpha = r < alpha ? r : alpha; leave = t; }
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        if (!free[t]) continue;
+        x[t] = x[t] + alpha * (y[t] - x[t]);
+        if (t == leave || !(x[t] > 0.0)) { x[t] = 0.0; free[t] = false; }
+      }
+    }
+  }
+}
+
+// x = argmin 1/2 x^T A x + b^T x, x >= 0 (see above). x: [T] output.
+BUCKETMOO_HD void dual_cone_qp(const DualConeMatrix& a, const double* b, int max_iter, double* x) {
+  const int T = a.T;
+  double it[kMaxDualConeTasks];    // the Gauss-Seidel iterate
+  double grad[kMaxDualConeTasks];  // A it + b during a round of sweeps
+  double cand[kMaxDualConeTasks], next[kMaxDualConeTasks];
+  for (int t = 0; t < T; ++t) { it[t] = 0.0; x[t] = 0.0; }
+  double best_res = dual_cone_residual(a, b, x);  // x holds the best candidate so far
+  const int polish_steps = T + 2;
+  int done = 0;
+  for (;;) {  // at most ceil(max_iter / kDualConeChunk) + 1 rounds
+    for (int t = 0; t < T; ++t) cand[t] = it[t];
+    for (int k = 0; k <= polish_steps + 1; ++k) {
+      if (k > 0 && k <= polish_steps) {
+        dual_cone_active_set_step(a, b, cand, next);
+        for (int t = 0; t < T; ++t) cand[t] = next[t];
+      } else if (k > polish_steps) {  // the primal-dual steps did not settle it
+        for (int t = 0; t < T; ++t) cand[t] = x[t];
+        dual_cone_primal_active_set(a, b, 3 * T + 8, cand);
+      }
+      bool feasible = true;
+      for (int t = 0; t < T; ++t) feasible = feasible && is_finite(cand[t]) && cand[t] >= 0.0;
+      if (feasible) {
+        const double res = dual_cone_residual(a, b, cand);
+        if (res < best_res) {
+          best_res = res;
+          for (int t = 0; t < T; ++t) x[t] = cand[t];
+        }
+      }
+      for (int t = 0; t < T; ++t)
+        if (!is_finite(cand[t])) cand[t] = x[t];
+      if (best_res <= kDualConeTol) return;
+    }
+    if (done >= max_iter) return;
+    const int sweeps = max_iter - done < kDualConeChunk ? max_iter - done : kDualConeChunk;
+    dual_cone_gradient(a, b, it, grad);
+    for (int sweep = 0; sweep < sweeps; ++sweep) {
+      for (int i = 0; i < T; ++i) {  // projected Gauss-Seidel: exact minimisation in x_i
+        const double d = a(i, i);
+        double xi = it[i] - grad[i] / d;
+        xi = xi > 0.0 ? xi : 0.0;
+        const double delta = xi - it[i];
+        if (delta != 0.0 && is_finite(delta)) {
+          it[i] = xi;
+          for (int t = 0; t < T; ++t) grad[t] += a(t, i) * delta;
+        }
+      }
+    }
+    done += sweeps;
+  }
+}
+
+// v = u + argmin over the dual cone (see above) for the preference u: [T]. v: [T] output.
+BUCKETMOO_HD void dual_cone_project(const DualConeMatrix& a, const double* u, int max_iter, double* v) {
+  const int T = a.T;
+  double b[kMaxDualConeTasks] = {};
+  for (int t = 0; t < T; ++t) {
+    double s = 0.0;
+    for (int k = 0; k < T; ++k) s += a(t, k) * u[k];
+    b[t] = s;
+  }
+  dual_cone_qp(a, b, max_iter, v);
+  for (int t = 0; t < T; ++t) v[t] = u[t] + v[t];
+}
+
+// DualProj weights (default preference 1/T): the projection of the mean direction.
+BUCKETMOO_HD void dualproj_solve(const double* gram, int T, double norm_eps, double reg_eps,
+                                 int max_iter, double* w) {
+  const DualConeMatrix a = dual_cone_matrix(gram, T, norm_eps, reg_eps);
+  double u[kMaxDualConeTasks];
+  for (int t = 0; t < T; ++t) u[t] = 1.0 / T;
+  dual_cone_project(a, u, max_iter, w);
+}
+
+// UPGrad's projection i: v = u + x for u = e_i / T. (The CUDA weight step runs projection i
+// on lane i of a warp and sums them on lane 0 in the order below.)
+BUCKETMOO_HD void upgrad_projection(const DualConeMatrix& a, int i, int max_iter, double* v) {
+  double u[kMaxDualConeTasks];
+  for (int t = 0; t < a.T; ++t) u[t] = t == i ? 1.0 / a.T : 0.0;
+  dual_cone_project(a, u, max_iter, v);
+}
+
+// UPGrad weights (default preference 1/T): the sum of the T projections, in task order
+// (w_t = ((0 + v_0t) + v_1t) + ...).
+BUCKETMOO_HD void upgrad_solve(const double* gram, int T, double norm_eps, double reg_eps,
+                               int max_iter, double* w) {
+  const DualConeMatrix a = dual_cone_matrix(gram, T, norm_eps, reg_eps);
+  double v[kMaxDualConeTasks];
+  for (int t = 0; t < T; ++t) w[t] = 0.0;
+  for (int i = 0; i < T; ++i) {
+    upgrad_projection(a, i, max_iter, v);
+    for (int t = 0; t < T; ++t) w[t] += v[t];
+  }
+}
+
 // ---------------------------------------------------------------- the weight step
 // Methods and normalisations the native weight step runs (bucketmoo_kernels/weight_step.py,
 // WeightStep.native_codes, makes these codes from the method registry; the MGDA solver comes
 // already resolved for T, never kAuto, though kAuto is still accepted).
-enum Method : int { kMethodMean = 0, kMethodMgda = 1, kMethodPcgrad = 2, kMethodCagrad = 3 };
+enum Method : int {
+  kMethodMean = 0, kMethodMgda = 1, kMethodPcgrad = 2, kMethodCagrad = 3, kMethodUpgrad = 4,
+  kMethodDualproj = 5
+};
 enum Normalization : int { kNormNone = 0, kNormL2 = 1, kNormLoss = 2, kNormLossL2 = 3 };
 
 struct WeightStep {
@@ -422,6 +710,8 @@ struct WeightStep {
   const int64_t* orders = nullptr;   // pcgrad: [T, T-1], validated by the caller
   double c = 0.4;                    // cagrad
   int rescale = 1;                   // cagrad
+  double norm_eps = 0.0;             // upgrad, dualproj (the ops pass it as `tol`)
+  double reg_eps = 1e-4;             // upgrad, dualproj (the ops pass it as `c`)
   int normalization = kNormNone;
   bool normalize_weights = true;     // rescale the weights to sum to 1 (when the sum is > 0)
 };
@@ -444,8 +734,11 @@ BUCKETMOO_HD const char* method_check(const WeightStep& m, int T) {
       return pcgrad_check(T);
     case kMethodCagrad:
       return cagrad_check(T, m.c, m.rescale);
+    case kMethodUpgrad:
+    case kMethodDualproj:
+      return dual_cone_check(T, m.max_iter, m.norm_eps, m.reg_eps);
     default:
-      return "method must be 0 (mean), 1 (mgda), 2 (pcgrad) or 3 (cagrad)";
+      return "method must be 0 (mean), 1 (mgda), 2 (pcgrad), 3 (cagrad), 4 (upgrad) or 5 (dualproj)";
   }
 }
 
@@ -483,6 +776,8 @@ BUCKETMOO_HD void weight_step_method(const double* g, int T, const WeightStep& m
       break;
     case kMethodMgda: mgda_solve(g, T, m.solver, m.max_iter, m.tol, w); break;
     case kMethodPcgrad: pcgrad_solve(g, T, m.orders, w); break;
+    case kMethodUpgrad: upgrad_solve(g, T, m.norm_eps, m.reg_eps, m.max_iter, w); break;
+    case kMethodDualproj: dualproj_solve(g, T, m.norm_eps, m.reg_eps, m.max_iter, w); break;
     default: cagrad_solve(g, T, m.c, m.rescale, w); break;
   }
 }

@@ -49,6 +49,9 @@ void solve_pcgrad(const double* gram64, int64_t num_segments, int num_tasks,
                   const int64_t* orders, double* weights, int num_threads);
 void solve_cagrad(const double* gram64, int64_t num_segments, int num_tasks, double c,
                   int rescale, double* weights, int num_threads);
+// UPGrad or DualProj (spec.method, .norm_eps, .reg_eps, .max_iter; checked by method_check).
+void solve_dual_cone(const double* gram64, int64_t num_segments, int num_tasks,
+                     const solver::WeightStep& spec, double* weights, int num_threads);
 
 // gram: [S, T, T] float32 -> weights [S, T] float32. losses: [S, T] float64 when
 // solver::uses_losses(spec.normalization), else unused. spec checked with method_check().

@@ -352,5 +352,13 @@ void solve_cagrad(const double* gram64, int64_t S, int T, double c, int rescale,
     solver::cagrad_solve(gram64 + s * T * T, T, c, rescale, weights + s * T);
 }
 
+void solve_dual_cone(const double* gram64, int64_t S, int T, const solver::WeightStep& spec,
+                     double* weights, int num_threads) {
+  const int nt = threads_for(num_threads);
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (S >= 64 && nt > 1)
+  for (int64_t s = 0; s < S; ++s)
+    solver::weight_step_method(gram64 + s * T * T, T, spec, weights + s * T);
+}
+
 }  // namespace cpu
 }  // namespace bucketmoo

@@ -69,6 +69,11 @@ cudaError_t solve_pcgrad_cuda(const double* gram, int64_t num_segments, int num_
 cudaError_t solve_cagrad_cuda(const double* gram, int64_t num_segments, int num_tasks, double c,
                               int rescale, double* weights, cudaStream_t stream);
 
+// UPGrad or DualProj weights (spec.method 4 or 5 with norm_eps, reg_eps, max_iter; default
+// preference), T <= 16; one thread per segment. spec checked with method_check.
+cudaError_t solve_dual_cone_cuda(const double* gram, int64_t num_segments, int num_tasks,
+                                 const solver::WeightStep& spec, double* weights, cudaStream_t stream);
+
 // The whole weight step of every segment (solver::segment_weights: normalisation, method,
 // unscale, rescale to sum 1) from float32 Grams [S, T, T] into float32 weights [S, T]; one
 // warp per segment. spec.orders (pcgrad) is a device int64 [T, T-1]; losses a device float64

@@ -100,6 +100,37 @@ solve_pcgrad_kernel(const double* __restrict__ gram, int64_t num_segments, int n
   }
 }
 
+// UPGrad / DualProj (T <= 16, default preference): one thread per segment.
+__global__ void __launch_bounds__(kSolveThreads)
+solve_dual_cone_kernel(const double* __restrict__ gram, int64_t num_segments, int num_tasks,
+                       solver::WeightStep spec, double* __restrict__ weights) {
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < num_segments;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double w[solver::kMaxDualConeTasks];
+    const double* g = gram + s * num_tasks * num_tasks;
+    if (spec.method == solver::kMethodUpgrad)
+      solver::upgrad_solve(g, num_tasks, spec.norm_eps, spec.reg_eps, spec.max_iter, w);
+    else
+      solver::dualproj_solve(g, num_tasks, spec.norm_eps, spec.reg_eps, spec.max_iter, w);
+    for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w[t];
+  }
+}
+
+// UPGrad on one warp: lane i < T solves projection i (solver::upgrad_projection) on the
+// segment's Gram `g` (shared memory), and lane 0 adds them up in task order, as
+// solver::upgrad_solve does, into its `w`. All lanes of the warp must call it.
+__device__ void upgrad_on_warp(const double* g, int num_tasks, const solver::WeightStep& spec,
+                               int lane, double* w) {
+  const solver::DualConeMatrix a = solver::dual_cone_matrix(g, num_tasks, spec.norm_eps, spec.reg_eps);
+  double v[solver::kMaxDualConeTasks];
+  if (lane < num_tasks) solver::upgrad_projection(a, lane, spec.max_iter, v);
+  for (int t = 0; t < num_tasks; ++t) {
+    double total = 0.0;
+    for (int i = 0; i < num_tasks; ++i) total += __shfl_sync(0xffffffffu, lane < num_tasks ? v[t] : 0.0, i);
+    if (lane == 0) w[t] = total;
+  }
+}
+
 __global__ void __launch_bounds__(kSolveThreads)
 solve_cagrad_kernel(const double* __restrict__ gram, int64_t num_segments, int num_tasks, double c,
                     int rescale, double* __restrict__ weights) {
@@ -122,9 +153,11 @@ solve_cagrad_kernel(const double* __restrict__ gram, int64_t num_segments, int n
 // life of the context), so no thread keeps a T x T matrix: the normalised Gram lives in shared
 // memory (kCap^2 doubles a warp: 16 KiB a block at kCap = 32), and PGD reads it in place
 // (solver::mgda_pgd forms the ridged entries where it reads them). kCap bounds T and the
-// per-thread T-vectors; kCagrad: only the CAGrad kernel carries CAGrad's face tables. The
-// stack frame of every kernel is checked against a budget by tools/check_cuda_local_memory.sh.
-template <int kCap, bool kCagrad>
+// per-thread T-vectors; kCagrad: only the CAGrad kernel carries CAGrad's face tables;
+// kDualCone: the UPGrad/DualProj kernel (kCap = 16), which runs only those two (UPGrad's T
+// projections on T lanes, upgrad_on_warp; DualProj on lane 0). The stack frame of every
+// kernel is checked against a budget by tools/check_cuda_local_memory.sh.
+template <int kCap, bool kCagrad, bool kDualCone>
 __global__ void __launch_bounds__(kSolveThreads)
 weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tasks,
                solver::WeightStep spec, const double* __restrict__ losses,
@@ -148,7 +181,13 @@ weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tas
                                            per_task_losses ? losses + s * num_tasks : nullptr, g, scale);
     }
     __syncwarp();  // the normalised Gram is in s_gram[warp] for every lane
-    if (exact_on_warp) {
+    if constexpr (kDualCone) {
+      if (spec.method == solver::kMethodUpgrad) {
+        upgrad_on_warp(g, num_tasks, spec, lane, w);
+      } else if (lane == 0) {
+        solver::dualproj_solve(g, num_tasks, spec.norm_eps, spec.reg_eps, spec.max_iter, w);
+      }
+    } else if (exact_on_warp) {
       mgda_exact_on_warp(g, num_tasks, s_objective[warp], lane, w);
     } else if (lane == 0) {
       // solver::weight_step_method, written out so that kCap = 8 never calls mgda_pgd.
@@ -228,6 +267,19 @@ cudaError_t solve_cagrad_cuda(const double* gram, int64_t num_segments, int num_
   return cudaGetLastError();
 }
 
+cudaError_t solve_dual_cone_cuda(const double* gram, int64_t num_segments, int num_tasks,
+                                 const solver::WeightStep& spec, double* weights, cudaStream_t stream) {
+  if ((spec.method != solver::kMethodUpgrad && spec.method != solver::kMethodDualproj) ||
+      solver::method_check(spec, num_tasks) != nullptr || num_segments < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_segments == 0) return cudaSuccess;
+  if (gram == nullptr || weights == nullptr) return cudaErrorInvalidValue;
+  detail::solve_dual_cone_kernel<<<detail::solve_blocks(num_segments), detail::kSolveThreads, 0, stream>>>(
+      gram, num_segments, num_tasks, spec, weights);
+  return cudaGetLastError();
+}
+
 cudaError_t weights_cuda(const float* gram, int64_t num_segments, int num_tasks,
                          const solver::WeightStep& spec, const double* losses, float* weights,
                          cudaStream_t stream) {
@@ -242,15 +294,19 @@ cudaError_t weights_cuda(const float* gram, int64_t num_segments, int num_tasks,
                    solver::mgda_resolve_solver(spec.solver, num_tasks) == solver::kPgd && num_tasks > 1;
   const unsigned blocks = detail::warp_blocks(num_segments);
   constexpr int kSmall = solver::kMaxExactTasks, kBig = solver::kMaxTasks, kThreads = detail::kSolveThreads;
+  constexpr int kDual = solver::kMaxDualConeTasks;
   if (spec.method == solver::kMethodCagrad) {  // T <= 8 (method_check)
-    detail::weights_kernel<kSmall, true><<<blocks, kThreads, 0, stream>>>(gram, num_segments, num_tasks,
-                                                                        spec, losses, weights);
+    detail::weights_kernel<kSmall, true, false><<<blocks, kThreads, 0, stream>>>(
+        gram, num_segments, num_tasks, spec, losses, weights);
+  } else if (spec.method == solver::kMethodUpgrad || spec.method == solver::kMethodDualproj) {
+    detail::weights_kernel<kDual, false, true><<<blocks, kThreads, 0, stream>>>(  // T <= 16
+        gram, num_segments, num_tasks, spec, losses, weights);
   } else if (num_tasks <= kSmall && !pgd) {
-    detail::weights_kernel<kSmall, false><<<blocks, kThreads, 0, stream>>>(gram, num_segments, num_tasks,
-                                                                         spec, losses, weights);
+    detail::weights_kernel<kSmall, false, false><<<blocks, kThreads, 0, stream>>>(
+        gram, num_segments, num_tasks, spec, losses, weights);
   } else {
-    detail::weights_kernel<kBig, false><<<blocks, kThreads, 0, stream>>>(gram, num_segments, num_tasks,
-                                                                       spec, losses, weights);
+    detail::weights_kernel<kBig, false, false><<<blocks, kThreads, 0, stream>>>(
+        gram, num_segments, num_tasks, spec, losses, weights);
   }
   return cudaGetLastError();
 }

@@ -31,7 +31,22 @@ TASKS = (2, 3, 5, 10)  # the fast lane; test_every_task_count runs 2..10
 RTOL = 1e-4
 
 
-def _ours(name: str, jac: torch.Tensor, **options) -> torch.Tensor:
+#: Where our side of a comparison runs: ``torch`` (the method's float64 torch function) or
+#: ``cpu`` (the native float64 solver, ``solve_dual_cone``, for the methods that have one
+#: without a ``pref_vector``; skipped when the extension is not built).
+BACKENDS = ("torch", "cpu")
+_NATIVE_CODES = {"upgrad": 4, "dualproj": 5}
+
+
+def _ours(name: str, jac: torch.Tensor, backend: str = "torch", **options) -> torch.Tensor:
+    if backend == "cpu":
+        native = pytest.importorskip("bucketmoo_kernels.native")
+        if native._cpu is None:
+            pytest.skip("the CPU extension is not built")
+        opts = {"norm_eps": 0.0, "reg_eps": 1e-4, "max_iter": 200, **options}
+        weights = torch.ops.bucketmoo.solve_dual_cone(gram_of(jac), _NATIVE_CODES[name], opts["norm_eps"],
+                                                      opts["reg_eps"], opts["max_iter"])
+        return weights[0] @ jac
     return get_method(name)(gram_of(jac), **options)[0] @ jac
 
 
@@ -42,7 +57,7 @@ def _rel(ours: torch.Tensor, theirs: torch.Tensor, jac: torch.Tensor | None = No
     return float((ours - theirs).norm() / theirs.norm().clamp_min(floor))
 
 
-def _check_all(name, make_aggregator, options=None, kinds=KINDS, tasks=TASKS, min_tasks=2):
+def _check_all(name, make_aggregator, options=None, kinds=KINDS, tasks=TASKS, min_tasks=2, backend="torch"):
     bad = []
     for kind in kinds:
         for num_tasks in tasks:
@@ -50,11 +65,11 @@ def _check_all(name, make_aggregator, options=None, kinds=KINDS, tasks=TASKS, mi
                 continue
             jac = task_matrix(num_tasks, kind, seed=0)
             theirs = make_aggregator(num_tasks)(jac).to(torch.float64)
-            ours = _ours(name, jac, **(options or {}))
+            ours = _ours(name, jac, backend, **(options or {}))
             rel = _rel(ours, theirs, jac)
             if not rel <= RTOL:
                 bad.append(f"{kind} T={num_tasks}: rel {rel:.2e}")
-    assert not bad, f"{name} differs from torchjd: " + "; ".join(bad)
+    assert not bad, f"{name} ({backend}) differs from torchjd: " + "; ".join(bad)
 
 
 @pytest.mark.slow
@@ -64,12 +79,14 @@ def _check_all(name, make_aggregator, options=None, kinds=KINDS, tasks=TASKS, mi
     ("imtl_g", lambda t: aggregation.IMTLG()), ("aligned_mtl", lambda t: aggregation.AlignedMTL()),
     ("config", lambda t: aggregation.ConFIG())], ids=lambda v: v if isinstance(v, str) else "")
 def test_every_task_count(name, make):
-    _check_all(name, make, tasks=range(2, 11))
+    for backend in BACKENDS if name in _NATIVE_CODES else ("torch",):
+        _check_all(name, make, tasks=range(2, 11), backend=backend)
 
 
 @QP
-def test_upgrad():
-    _check_all("upgrad", lambda t: aggregation.UPGrad())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upgrad(backend):
+    _check_all("upgrad", lambda t: aggregation.UPGrad(), tasks=TASKS + (16,), backend=backend)
 
 
 @QP
@@ -80,8 +97,9 @@ def test_upgrad_pref_vector():
 
 
 @QP
-def test_dualproj():
-    _check_all("dualproj", lambda t: aggregation.DualProj())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dualproj(backend):
+    _check_all("dualproj", lambda t: aggregation.DualProj(), tasks=TASKS + (16,), backend=backend)
 
 
 def test_imtl_g():
