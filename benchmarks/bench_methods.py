@@ -2,7 +2,7 @@
 segments, float64 inside) against torchjd 0.18's implementation of the same method applied to
 each segment in a Python loop (torchjd has no batch dimension).
 
-T in {2, 4, 8, 16}, S in {1, 1000}, one run. Ours runs on each backend of ``--backends``
+T in {2, 4, 8, 16}, S in {1, 1000}, ours and torchjd's timed round-robin in one run. Ours runs on each backend of ``--backends``
 (default ``torch cpu``: the batched torch function and the native CPU weight step; a method
 without a native solver for that T runs its torch function on ``cpu`` too, so only the
 methods with ``native_code`` get a ``cpu`` row). torchjd at S = 1000 is timed on ``--jd-sample``
@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import bucketmoo_kernels as bm
-from benchmarks.harness import environment, time_ms, write_results
+from benchmarks.harness import append_results, environment, time_round_robin
 
 METHODS = {  # name: (our options, torchjd factory(T) -> callable on (gram, jac))
     "upgrad": ({}, lambda t, A: _gramian(A.UPGradWeighting())),
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--backends", nargs="+", default=["torch", "cpu"])
     parser.add_argument("--jd-sample", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=7, help="round-robin samples per configuration")
     parser.add_argument("--name", default="methods_weight_step")
     args = parser.parse_args()
     from torchjd import aggregation as A
@@ -80,13 +81,13 @@ def main() -> None:
                 grams, jacs = _grams(num_seg, num_tasks)
                 gram32 = grams.float()
                 step = bm.WeightStep(name, options, normalize_weights=False)
-                ours = {}
+                calls = {}
                 for backend in args.backends:
                     if backend != "torch" and step.native_codes(num_tasks) is None:
                         continue  # no native weight step here: the same torch function runs
                     state = bm.MethodState() if name in ("gradvac", "pcd") else None
-                    ours[backend] = time_ms(lambda: bm.solve(gram32, backend=backend, weight_step=step,
-                                                             method_state=state), warmup=1, repeats=3)
+                    calls[backend] = (lambda b=backend, st=state:
+                                      bm.solve(gram32, backend=b, weight_step=step, method_state=st))
                 sample = min(num_seg, args.jd_sample)
                 jd = make_jd(num_tasks, A)
                 sub_g, sub_j = grams[:sample], jacs[:sample]
@@ -96,28 +97,35 @@ def main() -> None:
                         warnings.simplefilter("ignore")
                         for s in range(sample):
                             jd(sub_g[s], sub_j[s])
+                note = "" if sample == num_seg else f"{sample} segments timed, x{num_seg // sample}"
                 try:
-                    # extrapolated runs are long: one timed run after the warm-up
-                    repeats = 3 if sample == num_seg else 1
-                    theirs = time_ms(run_jd, warmup=1, repeats=repeats)["median_ms"] * num_seg / sample
-                    note = "" if sample == num_seg else f"{sample} segments timed, x{num_seg // sample}"
+                    run_jd()
+                    calls["torchjd"] = run_jd
                 except Exception as exc:  # noqa: BLE001  (a torchjd solver failure is reported)
-                    theirs, note = float("nan"), f"torchjd failed: {type(exc).__name__}"
-                for backend, timing in ours.items():
+                    note = f"torchjd failed: {type(exc).__name__}"
+                # ours and torchjd's round-robin in the same run (one call of each per round)
+                times = time_round_robin(calls, "cpu", samples=args.samples, warmup=1)
+                theirs = (times["torchjd"]["median_ms"] * num_seg / sample if "torchjd" in times
+                          else float("nan"))
+                for backend, timing in times.items():
+                    if backend == "torchjd":
+                        continue
                     rows.append({"method": name, "backend": backend, "T": num_tasks, "S": num_seg,
-                                 "ours_ms": timing["median_ms"], "torchjd_ms": theirs,
-                                 "speedup": theirs / timing["median_ms"], "torchjd_note": note})
+                                 "ours_ms": timing["median_ms"], "ours_iqr_ms": timing["iqr_ms"],
+                                 "torchjd_ms": theirs, "speedup": theirs / timing["median_ms"],
+                                 "torchjd_note": note})
                     print(rows[-1], flush=True)
-    write_results(args.name, rows, environment("cpu"), title="Weight step per method: bucketmoo vs torchjd",
+    append_results(args.name, rows, environment("cpu"), title="Weight step per method: bucketmoo vs torchjd",
                   notes=("`ours_ms`: `bm.solve(gram [S,T,T] f32, method, normalize_weights=False)` on the "
                          "row's backend: `torch` runs the method's batched float64 torch function, `cpu` the "
                          "native weight step (rows only where the method has one for this T: mgda, pcgrad, "
                          "cagrad T<=8, upgrad/dualproj T<=16); stateful methods with a MethodState. `torchjd_ms`: torchjd "
                          "0.18's weighting of the same method on each segment's float64 Gram (or its matrix "
-                         "for the matrix-based ones), a Python loop over segments. Median of 3 runs after "
-                         "1 warm-up (torchjd at S = 1000: one run of 5 segments after a warm-up, scaled to "
-                         "S; one torchjd NashMTL per segment); one run of the script on a shared 2-core machine (other jobs running), "
-                         "so small numbers are noisy."))
+                         "for the matrix-based ones), a Python loop over segments. Ours and torchjd's timed "
+                         "round-robin in the same run (`harness.time_round_robin`, " + str(args.samples) + " samples "
+                         "after 1 warm-up; median, and IQR of ours); torchjd at S = 1000 runs 5 segments per "
+                         "sample, scaled to S (one torchjd NashMTL per segment). Read the load average above: "
+                         "the machine is a shared 2-core one."))
 
 
 if __name__ == "__main__":
