@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "check_cuda_local_memory.sh"
 
-_PGD32 = "_ZN9bucketmoo4cuda6detail14weights_kernelILi32ELb0EEEvPKfliNS_6solver10MethodSpecEPKdPf"
+_PGD32 = "_ZN9bucketmoo4cuda6detail14weights_kernelILi32ELb0ELb0EEEvPKfliNS_6solver10MethodSpecEPKdPf"
 _COMBINE = "_ZN9bucketmoo4cuda6detail14combine_kernelI13__nv_bfloat16Li1ELb0EEEvPvNS1_8GradPtrsElPKfPKll"
 _UNKNOWN = "_ZN9bucketmoo4cuda6detail13mystery_kernelEv"
 
@@ -38,7 +38,7 @@ def _run(tmp_path, entries):
 def test_local_memory_budget_check_passes_and_fails(tmp_path):
     ok = _run(tmp_path, [(_PGD32, 2208), (_COMBINE, 0)])
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "weights_kernel<32, false>" in ok.stdout and "2208" in ok.stdout
+    assert "weights_kernel<32, false, false>" in ok.stdout and "2208" in ok.stdout
     # The 18 KiB frame the PGD weight step used to have is over its budget.
     over = _run(tmp_path, [(_PGD32, 18384), (_COMBINE, 0)])
     assert over.returncode == 1 and "OVER BUDGET" in over.stdout
