@@ -261,7 +261,7 @@ def write_report(results: dict, out_dir: str) -> list[str]:
         "",
         f"Environment: {env['device']}, {env['dist_backend']}, {env['threads_per_rank']} thread(s) per rank, "
         f"{env['cpu_count']} CPU(s), torch {env['torch']}, Python {env['python']}, {env['date']}"
-        + (f", commit {env['commit']}, load average {env['load_average']} at the start" if "commit" in env else "")
+        + (f", commit {env['commit']}, load average {env['load_average']} when the runs ended" if "commit" in env else "")
         + f"; all runs took {results['wall_s']:.0f} s.",
         "",
         "## Results",

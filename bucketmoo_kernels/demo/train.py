@@ -689,8 +689,8 @@ def _settings_dict(settings: DemoSettings) -> dict:
 
 def environment(device: torch.device, backend: str, threads: int, **extra: str) -> dict:
     """What a results file says about where it was produced: versions, device, threads,
-    the package's git commit (when run from a checkout), the load average when the runs
-    began, and the date."""
+    the package's git commit (when run from a checkout), and the load average and
+    date when it is called (rank 0, after the runs)."""
     from .. import __version__
     try:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
