@@ -33,3 +33,14 @@ def test_a_stale_block_is_detected(tmp_path, monkeypatch):
     assert text != new and "| 1 |" in new and "load average 0.1 0.2 0.3" in new
     doc.write_text(new)
     assert readme_results.regenerate("doc.md")[0] == readme_results.regenerate("doc.md")[1]
+
+
+def test_the_table_number_picks_a_table_of_the_newest_run(tmp_path, monkeypatch):
+    (tmp_path / "r.md").write_text("# t\n\n## Run 1\n\n| old |\n|---|\n\n## Run 2\n\n| a |\n|---|\n\ntext\n\n| b |\n|---|\n")
+    (tmp_path / "doc.md").write_text("<!-- results: last-table r.md 2 -->\n<!-- end results -->\n")
+    monkeypatch.setattr(readme_results, "ROOT", tmp_path)
+    new = readme_results.regenerate("doc.md")[1]
+    assert "Run 2" in new and "| b |" in new and "| a |" not in new and "old" not in new
+    (tmp_path / "doc.md").write_text("<!-- results: last-table r.md 3 -->\n<!-- end results -->\n")
+    with pytest.raises(ValueError, match="has 2 table"):
+        readme_results.regenerate("doc.md")

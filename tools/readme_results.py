@@ -12,8 +12,8 @@ Kinds:
   ``DIR/results.json`` with the demo's own report functions;
 - ``demo-seeds DIR [DIR ...]``: one markdown table over several demo runs (one per seed),
   ``a / b`` per cell;
-- ``last-table FILE.md``: the table of the newest run section of a benchmark results file,
-  with the section's heading and load average as a caption line.
+- ``last-table FILE.md [N]``: table N (default 1) of the newest run section of a benchmark
+  results file, with the section's heading and load average as a caption line.
 
     python tools/readme_results.py            # check: exit 1 and a diff when a block is stale
     python tools/readme_results.py --write    # rewrite the blocks in place
@@ -75,18 +75,24 @@ def demo_seeds_block(*directories: str) -> str:
     return f"Cells: {seeds} (one value where they agree).\n\n" + "\n".join(lines) + "\n"
 
 
-def last_table_block(path: str) -> str:
+def last_table_block(path: str, which: str = "1") -> str:
+    """Table number ``which`` (1-based) of the newest run section of ``path``."""
     text = (ROOT / path).read_text()
-    sections = re.split(r"^## ", text, flags=re.M)
-    last = sections[-1]
+    last = re.split(r"^## ", text, flags=re.M)[-1]
     heading = last.splitlines()[0].strip()
     load = re.search(r"^- load average[^:]*: (.*)$", last, flags=re.M)
-    table = [ln for ln in last.splitlines() if ln.startswith("|")]
-    if not table:
-        raise ValueError(f"{path}: the newest run section ({heading}) has no table")
+    tables, current = [], []
+    for line in last.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if len(tables) < int(which):
+        raise ValueError(f"{path}: the newest run section ({heading}) has {len(tables)} table(s), not {which}")
     caption = f"From [{Path(path).name}]({path}), {heading}"
     caption += f" (load average {load.group(1)} at the start)" if load else ""
-    return caption + ":\n\n" + "\n".join(table) + "\n"
+    return caption + ":\n\n" + "\n".join(tables[int(which) - 1]) + "\n"
 
 
 KINDS = {"demo": demo_block, "demo-seeds": demo_seeds_block, "last-table": last_table_block}
