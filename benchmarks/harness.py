@@ -38,13 +38,14 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+
+from bucketmoo_kernels.provenance import git_commit, load_average  # noqa: F401  (load_average: the benches' too)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -191,21 +192,6 @@ def copy_ratio(op_bytes: float, op_ms: float, copy_bytes: float, copy_ms: float)
     return gbps(op_bytes, op_ms) / gbps(copy_bytes, copy_ms)
 
 
-def _git(*args: str) -> str:
-    return subprocess.check_output(["git", *args], cwd=Path(__file__).parent, stderr=subprocess.DEVNULL,
-                                   text=True).strip()
-
-
-def _git_commit() -> str:
-    try:
-        commit = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "bucketmoo_kernels", "csrc",
-                     "python", "benchmarks/*.py")
-        return commit + (" (with local changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -216,13 +202,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     """Device, versions, commit, UTC date and time, load average: stamped on every run."""
     device = torch.device(device)
@@ -231,7 +210,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     else:
         dev = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     info = {"device": dev, "torch": torch.__version__, "python": platform.python_version(),
-            "commit": _git_commit(),
+            "commit": git_commit("bucketmoo_kernels", "csrc", "python", "benchmarks/*.py"),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load average (1, 5, 15 min) at start": load_average()}
     try:

@@ -692,29 +692,12 @@ def environment(device: torch.device, backend: str, threads: int, **extra: str) 
     the package's git commit (when run from a checkout), and the load average and
     date when it is called (rank 0, after the runs)."""
     from .. import __version__
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "n/a"
+    from ..provenance import git_commit, load_average
     return {"torch": torch.__version__, **extra, "python": platform.python_version(),
-            "bucketmoo_kernels": __version__, "commit": _git_commit(),
+            "bucketmoo_kernels": __version__, "commit": git_commit(),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "dist_backend": backend, "threads_per_rank": threads, "cpu_count": os.cpu_count(),
-            "load_average": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def _git_commit() -> str:
-    """The checkout's short commit (+ " (with local changes)"), or "unknown" outside one."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        run = lambda *a: subprocess.check_output(["git", "-C", root, *a], stderr=subprocess.DEVNULL,  # noqa: E731
-                                                 text=True, timeout=10).strip()
-        commit = run("rev-parse", "--short", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "bucketmoo_kernels")
-        return commit + (" (with local changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+            "load_average": load_average(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def _free_port() -> int:
