@@ -37,7 +37,8 @@ BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- en
 
 
 def _report():
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from bucketmoo_kernels.demo import report
     return report
 
@@ -46,10 +47,7 @@ def demo_block(directory: str) -> str:
     report = _report()
     results = json.loads((ROOT / directory / "results.json").read_text())
     s = results["settings"]
-    runs = s["runs"]
-    line = (f"training {s['steps']} steps x {len(runs)} runs ({', '.join(runs)}) on "
-            f"{len(s['languages'])} ranks: {', '.join(s['languages'])}"
-            + (f"; unseen: {', '.join(s['unseen'])}" if s["unseen"] else ""))
+    line = report.run_line(s["steps"], s["runs"], s["languages"], s["unseen"])
     summary = "\n".join(f"* {x}" for x in report.summary_lines(results))
     return f"```text\n{line}\n\n{report.format_table(results)}\n\n{summary}\n```\n"
 

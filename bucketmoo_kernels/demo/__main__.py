@@ -190,10 +190,7 @@ def main(argv=None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        runs = ", ".join(settings.runs)
-        print(f"training {settings.steps} steps x {len(settings.runs)} runs ({runs}) on "
-              f"{settings.world_size} ranks: {', '.join(settings.languages)}"
-              + (f"; unseen: {', '.join(settings.unseen)}" if settings.unseen else ""), flush=True)
+        print(report.run_line(settings.steps, settings.runs, settings.languages, settings.unseen), flush=True)
         started = time.perf_counter()
         results = run_demo(settings)
         results["total_s"] = time.perf_counter() - started

@@ -77,6 +77,12 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def run_line(steps: int, runs, languages, unseen) -> str:
+    """The line the demo prints before training (and the README's copy of its output)."""
+    return (f"training {steps} steps x {len(runs)} runs ({', '.join(runs)}) on {len(languages)} ranks: "
+            f"{', '.join(languages)}" + (f"; unseen: {', '.join(unseen)}" if unseen else ""))
+
+
 def format_table(results: dict) -> str:
     """Fixed-width text table for the terminal."""
     header, rows = table_rows(results)
