@@ -46,6 +46,11 @@ start=$SECONDS
 CONSTRAINT="$WORK/constraints.txt"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINT"
 [ -n "$TRITON_VERSION" ] && echo "triton==$TRITON_VERSION" >> "$CONSTRAINT"
+# Triton's interpreter before 3.7 converts one-element arrays with int(), which numpy 2.4 refuses
+# ("only 0-dimensional arrays can be converted to Python scalars"): pin numpy below it there.
+# BUCKETMOO_COMPAT_NUMPY overrides the numpy requirement.
+NUMPY_SPEC="${BUCKETMOO_COMPAT_NUMPY:-numpy}"
+case "$TRITON_VERSION" in 3.[0-6]|3.[0-6].*) NUMPY_SPEC="${BUCKETMOO_COMPAT_NUMPY:-numpy<2.4}" ;; esac
 # Our constraints replace any machine-wide one (which may cap torch below the version asked).
 export PIP_CONSTRAINT="$CONSTRAINT"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -57,11 +62,11 @@ fi
 PY="$VENV/bin/python"
 pipi() { "$PY" -m pip install --quiet "$@" >>"$LOG" 2>&1 || die "pip install $* failed (see $LOG)"; }
 say "installing torch==$TORCH_VERSION ${TRITON_VERSION:+triton==$TRITON_VERSION} and the test dependencies"
-pipi numpy
+pipi "$NUMPY_SPEC"
 pipi "torch==$TORCH_VERSION" ${TRITON_VERSION:+"triton==$TRITON_VERSION"}
 "$PY" -c "import triton" 2>/dev/null || pipi triton
-pipi scipy pytest pytest-xdist hypothesis ninja pybind11 setuptools wheel
-versions=$("$PY" -c "import torch, triton, sys; print(f'torch {torch.__version__} triton {triton.__version__} python {sys.version.split()[0]}')")
+pipi "$NUMPY_SPEC" scipy pytest pytest-xdist hypothesis ninja pybind11 setuptools wheel babel torchjd
+versions=$("$PY" -c "import torch, triton, numpy, sys; print(f'torch {torch.__version__} triton {triton.__version__} numpy {numpy.__version__} python {sys.version.split()[0]}')")
 say "$versions"
 
 say "building the CPU extension in a copy of HEAD ($(git rev-parse --short HEAD))"
