@@ -4,7 +4,7 @@
 #   bash scripts/gpu_session.sh             the one call (ends by itself within 480 s)
 #   bash scripts/gpu_session.sh --plan      print its steps, their time limits and the total; run nothing
 #   bash scripts/gpu_session.sh rerun ID... build, then rerun these pytest ids (what summary.txt prints)
-#   bash scripts/gpu_session.sh STAGE...    longer opt-in stages (one per device call, each in the budget):
+#   bash scripts/gpu_session.sh STAGE...    longer opt-in stages (one per device call, a 560 s deadline each):
 #       gpu-suite  every test marked gpu (not distributed) in tests/, the compute-sanitizer tests included
 #       sanitize   compute-sanitizer memcheck / racecheck / initcheck / synccheck over test_native_cuda.py
 #       bench      bench_cuda with the Gram and combine passes, bench_kernel_paths, bench_kernels --device cuda
@@ -136,7 +136,7 @@ RERUN_IDS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) PLAN_ONLY=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     first|gpu-suite|sanitize|bench) STAGES+=("$1") ;;
     rerun) STAGES+=(rerun); shift; RERUN_IDS=("$@"); break ;;
     *) echo "gpu_session.sh: unknown argument '$1' (--plan, rerun ID..., gpu-suite, sanitize, bench)" >&2; exit 2 ;;

@@ -174,3 +174,9 @@ def test_hanging_commands_time_out_and_the_deadline_holds(skeleton):
     assert not any(status[name] == "ok" for name in FIRST_STEPS)
     assert list((repo / "bucketmoo_kernels").iterdir()) == []  # a build cut off moves nothing in
     assert (out / "gpu_session.tgz").exists()
+
+
+@pytest.mark.parametrize("doc", ["docs/cuda.md", "docs/triton.md"])
+def test_the_docs_show_the_current_plan(doc):
+    plan = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True, timeout=30).stdout
+    assert f"```\n{plan}```" in (ROOT / doc).read_text(), f"{doc}: paste the output of `bash scripts/gpu_session.sh --plan`"
