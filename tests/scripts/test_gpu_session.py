@@ -148,7 +148,7 @@ def test_without_a_gpu_every_step_fails_the_summary_names_the_ids_and_the_build_
         assert status[name].startswith("FAILED"), (name, summary)
     assert status["cuda"] == "SKIPPED"
     # the failing ids, as the command that reruns them
-    assert "bash scripts/gpu_session.sh rerun tests/test_stub.py::test_gpu[cuda-2] tests/test_stub.py::test_setup" \
+    assert "bash scripts/gpu_session.sh rerun 'tests/test_stub.py::test_gpu[cuda-2]' 'tests/test_stub.py::test_setup'" \
         in summary
     assert summary == result.stdout[-len(summary):]  # the summary is the last thing printed
     with tarfile.open(out / "gpu_session.tgz") as tar:
