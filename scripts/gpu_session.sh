@@ -457,3 +457,5 @@ for s in "${STAGES[@]}"; do
     bench) stage_bench ;;
   esac
 done
+# exit status: 1 when a step failed or timed out (a SKIPPED one alone does not count)
+! grep -qE '^[a-z_]+ +(FAILED|TIMED OUT)' "$SUMMARY"

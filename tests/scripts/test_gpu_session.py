@@ -136,7 +136,7 @@ def test_unknown_argument_is_refused():
 def test_without_a_gpu_every_step_fails_the_summary_names_the_ids_and_the_build_is_moved_in(skeleton):
     repo, _, _, out = skeleton
     result, elapsed = _run(skeleton, timeout=120, STUB_MODE="fail")
-    assert elapsed < 60, result.stdout[-3000:]
+    assert elapsed < 60 and result.returncode == 1, result.stdout[-3000:]
     summary = (out / "summary.txt").read_text()
     status = _statuses(summary)
     assert sorted(status) == sorted(FIRST_STEPS), summary
