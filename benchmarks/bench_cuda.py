@@ -177,7 +177,8 @@ def run_point(backend: str, size: str, num_tasks: int, dtype: torch.dtype, n: in
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: the same code on the CPU backend (with --quick: a smoke run)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="default: cuda triton on a GPU, cpu on CPU (triton is not timed on CPU: the interpreter)")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
