@@ -102,3 +102,14 @@ def test_run_recorder_rewrites_its_own_run_and_keeps_earlier_ones(tmp_path):
     md = (tmp_path / "t.md").read_text()
     assert md.count("# T\n") == 1 and md.count("## Run d2") == 1 and md.index("## Run d1") < md.index("## Run d2")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_documented_cpu_smoke_run_writes_nothing(native_cpu, monkeypatch, capsys):
+    """``python -m benchmarks.bench_cuda --quick --device cpu --no-write`` (docs/cuda.md)."""
+    def no_saving(*args, **kwargs):
+        raise AssertionError("--no-write must not create a results file")
+
+    monkeypatch.setattr(bench_cuda, "RunRecorder", no_saving)
+    assert bench_cuda.main(["--quick", "--device", "cpu", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "torch reference" in out and out.rstrip().endswith("every output matches the torch reference")
