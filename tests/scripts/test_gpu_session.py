@@ -180,3 +180,21 @@ def test_hanging_commands_time_out_and_the_deadline_holds(skeleton):
 def test_the_docs_show_the_current_plan(doc):
     plan = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True, timeout=30).stdout
     assert f"```\n{plan}```" in (ROOT / doc).read_text(), f"{doc}: paste the output of `bash scripts/gpu_session.sh --plan`"
+
+
+def test_rerun_builds_then_runs_the_given_ids(skeleton):
+    repo, _, _, out = skeleton
+    result, _ = _run(skeleton, "rerun", "tests/test_stub.py::test_gpu[cuda-2]", timeout=120, STUB_MODE="fail")
+    assert result.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    assert _statuses(summary) == {"versions": "FAILED (exit 1)", "build_cpu": "ok", "build_cuda": "ok",
+                                  "rerun": "FAILED (exit 1)"}, summary
+    with tarfile.open(out / "gpu_session.tgz") as tar:
+        log = tar.extractfile("logs/rerun.log").read().decode()
+    assert "FAILED tests/test_stub.py::test_gpu[cuda-2]" in log
+    assert sorted(p.name for p in (repo / "bucketmoo_kernels").iterdir()) == ["_cpu.stub.so", "_cuda.stub.so"]
+
+
+def test_rerun_without_ids_is_refused(skeleton):
+    result, _ = _run(skeleton, "rerun", timeout=30)
+    assert result.returncode == 2 and "give the pytest ids" in result.stderr
