@@ -24,7 +24,7 @@ import torch
 
 import bucketmoo_kernels as bm
 from bucketmoo_kernels.inputs import Segments
-from benchmarks.harness import (COPY_RATIO, RESULTS_DIR, append_results, copy_baseline, copy_ratio, environment, gbps,
+from benchmarks.harness import (COPY_RATIO, RESULTS_DIR, RunRecorder, copy_baseline, copy_ratio, environment, gbps,
                                 markdown_table, time_round_robin)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,7 +122,9 @@ def torchjd_ops(device, num_tasks, n, dtype, segments):
     return {"fused": (fused, (num_tasks + 1) * n * torch.empty(0, dtype=dtype).element_size())}
 
 
-def run(device: torch.device, tasks, sizes, dtypes, layouts, samples):
+def run(device: torch.device, tasks, sizes, dtypes, layouts, samples, on_case=None):
+    """Every case's rows; ``on_case(rows so far)`` after each case (the results are saved there,
+    so a run cut off keeps the cases it measured)."""
     rows = []
     names = backends_for(device)
     for n in sizes:
@@ -156,6 +158,8 @@ def run(device: torch.device, tasks, sizes, dtypes, layouts, samples):
                             r["speedup_vs_torch"] = ref[r["op"]] / r["median_ms"]
                             r["speedup_vs_eager"] = eager[r["op"]] / r["median_ms"]
                     rows += case
+                    if on_case is not None:
+                        on_case(rows)
     return rows
 
 
@@ -222,7 +226,6 @@ def main(argv=None) -> int:
         sizes = args.sizes or ([1 << 16, 1 << 20, 1 << 24] if device.type == "cpu" else [1 << 16, 1 << 20, 25_000_000, 100_000_000])
         dtypes, samples = args.dtypes or list(DTYPES), args.samples
     layouts = ["one"] if args.quick else args.layouts
-    rows = run(device, tasks, sizes, dtypes, layouts, samples)
     env = environment(device)
     columns = ["op", "backend", "T", "N", "dtype", "segments", "median_ms", "iqr_ms", "GB/s", COPY_RATIO,
                "speedup_vs_torch", "speedup_vs_eager"]
@@ -233,21 +236,26 @@ def main(argv=None) -> int:
              "elements read + written) in the same run. speedup_vs_torch is against the float64 torch "
              "reference backend (the test oracle, written for clarity); speedup_vs_eager against `eager`, a "
              "hand-written fp32 torch version (a matmul per segment).")
+    # The table is saved after every case, before any plotting: a run cut off, or a plot that
+    # fails, keeps every case measured so far.
     if args.quick:  # the main job's summary: the copy and the fused op, one segment
+        recorder = RunRecorder(args.name or f"kernels_{device.type}_quick", env,
+                               title="Kernel microbenchmark, quick summary (the main job's)", notes=notes,
+                               columns=columns)
+        rows = run(device, tasks, sizes, dtypes, layouts, samples,
+                   on_case=lambda rows: recorder.save([r for r in rows if r["op"] in ("copy", "fused")]))
         summary = [r for r in rows if r["op"] in ("copy", "fused")]
-        path = append_results(args.name or f"kernels_{device.type}_quick", summary, env,
-                              title="Kernel microbenchmark, quick summary (the main job's)", notes=notes,
-                              columns=columns)
         print(markdown_table(summary, columns))
-        print(f"appended to {path.relative_to(RESULTS_DIR.parent.parent)}")
+        print(f"appended to {recorder.md_path.relative_to(RESULTS_DIR.parent.parent)}")
         return 0
     name = args.name or f"kernels_{device.type}"
+    recorder = RunRecorder(name, env, title="Kernel microbenchmark", notes=notes, columns=columns)
+    rows = run(device, tasks, sizes, dtypes, layouts, samples, on_case=recorder.save)
+    print(markdown_table(rows, columns))
     stamp = env["date"][:10] + "-" + env["commit"].split()[0]
     plot_path = plot_results(rows, RESULTS_DIR / f"{name}-{stamp}.png", env["device"])
-    path = append_results(name, rows, env, title="Kernel microbenchmark", notes=notes, columns=columns,
-                          extra_md=f"![fused copy ratio]({plot_path.name})")
-    print(markdown_table(rows, columns))
-    print(f"appended to {path}")
+    recorder.save(rows, extra_md=f"![fused copy ratio]({plot_path.name})")
+    print(f"appended to {recorder.md_path}")
     return 0
 
 

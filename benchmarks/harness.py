@@ -21,7 +21,8 @@ Every table of ``benchmarks/`` is produced with these, so their numbers compare:
   changes), UTC date and time, the load average: stamped on every run.
 * :func:`append_results` -- appends the run to ``results/<name>.md`` (a section per run,
   newest last) and ``results/<name>.json`` (``{"title", "runs": [...]}``): earlier runs are
-  kept, never overwritten.
+  kept, never overwritten. :class:`RunRecorder` does the same for a run saved as it grows
+  (after every case), so a benchmark cut off keeps the cases it measured.
 * The end-to-end step benchmarks (``bench_ddp_step``, ``bench_fsdp_step``) share their
   options (:func:`step_bench_parser`, ``--quick``, ``--no-write``), their gloo workers
   (:func:`run_gloo_workers`), their rounds (:func:`time_step_rounds`), the isolated protocol
@@ -265,6 +266,50 @@ def append_results(name: str, rows: Sequence[dict], env: dict[str, str], *, titl
     data["runs"].append({"env": env, "notes": notes.strip(), "rows": list(rows)})
     json_path.write_text(json.dumps(data, indent=1))
     return md_path
+
+
+class RunRecorder:
+    """One run of a table, saved as it grows: the first :meth:`save` appends the run to
+    ``<results_dir>/<name>.md`` and ``.json`` (as :func:`append_results` does), every later one
+    rewrites that same run with all the rows so far. A benchmark cut off after some cases keeps
+    them; earlier runs in the files stay as they are."""
+
+    def __init__(self, name: str, env: dict[str, str], *, title: str, notes: str = "",
+                 columns: Sequence[str] | None = None, results_dir: Path | str | None = None):
+        self.dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+        self.md_path, self.json_path = self.dir / f"{name}.md", self.dir / f"{name}.json"
+        self.env, self.title, self.notes, self.columns = env, title, notes.strip(), columns
+        self._md_before = self.md_path.read_text().rstrip("\n") if self.md_path.exists() else None
+        runs = []
+        if self.json_path.exists():
+            old = json.loads(self.json_path.read_text())
+            runs = old["runs"] if "runs" in old else [{"env": old.get("env", {}), "rows": old.get("rows", [])}]
+        self._runs_before = runs
+
+    def save(self, rows: Sequence[dict], extra_md: str = "") -> Path:
+        """Write this run with ``rows`` (all of them so far); return the .md path."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        header = "\n".join(f"- {k}: {v}" for k, v in self.env.items())
+        section = f"{_run_heading(self.env)}\n\n{header}\n\n{self.notes}\n\n{markdown_table(rows, self.columns)}"
+        if extra_md:
+            section += "\n" + extra_md.strip() + "\n"
+        if self._md_before is not None:
+            text = self._md_before + "\n\n" + section
+        else:
+            text = (f"# {self.title}\n\nOne section per run, oldest first; `{self.json_path.name}` holds the same "
+                    "rows.\n\n" + section)
+        _write_atomically(self.md_path, text)
+        data = {"title": self.title,
+                "runs": self._runs_before + [{"env": self.env, "notes": self.notes, "rows": list(rows)}]}
+        _write_atomically(self.json_path, json.dumps(data, indent=1))
+        return self.md_path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a process killed meanwhile leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title: str, notes: str = "",

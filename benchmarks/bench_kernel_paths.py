@@ -1,6 +1,7 @@
-"""GPU measurements of the issue-14 kernel fixes (run on a GPU; one device call, < 10 min).
+"""The kernels' alternative code paths measured against each other on a GPU (one device call, < 10 min).
 
-Three tables in one results file, each with the same-run copy bandwidth as the yardstick:
+Three tables in one results file, each with the same-run copy bandwidth as the yardstick (the
+choices issue 14 made: a parallel Gram reduction, vector loads, graph replay):
 
 * ``reduction``: the Triton Gram of one long segment (N = 25M and 300M elements, bf16, T = 4),
   with the multi-tile reduction adding ``R = 32`` partial slots at a time (the default) and
@@ -13,8 +14,9 @@ Three tables in one results file, each with the same-run copy bandwidth as the y
   graph of the same call, one segment and 4096-element chunks, N = 4M; a replayed output that
   differs from eager in any bit is reported in the ``bits_equal`` column.
 
-``python -m benchmarks.bench_gpu_fixes [--quick]`` writes ``benchmarks/results/gpu_fixes.md``
-and ``.json`` (device, versions, commit and date in the header).
+``python -m benchmarks.bench_kernel_paths [--quick]`` writes ``benchmarks/results/kernel_paths.md``
+and ``.json`` (device, versions, commit and date in the header). This file was called
+``bench_gpu_fixes.py`` (results ``gpu_fixes``) before it had run anywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import torch
 
 import bucketmoo_kernels as bm
-from benchmarks.harness import copy_baseline_ms, environment, gbps, time_ms, write_results
+from benchmarks.harness import RunRecorder, copy_baseline_ms, environment, gbps, time_ms
 from bucketmoo_kernels.inputs import Segments, as_task_grads
 from bucketmoo_kernels.triton import combine_triton, gram_triton
 
@@ -135,9 +137,14 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_gpu_fixes needs a CUDA device")
+        sys.exit("bench_kernel_paths needs a CUDA device")
     big = [1_000_000, 25_000_000] if args.quick else [25_000_000, 300_000_000]
     n = 1_000_000 if args.quick else 25_000_000
+    cols = ["table", "what", "N", "median_ms", "GB/s", "max_rel_diff_vs_R32", "eager_ms", "replay_ms", "bits_equal"]
+    recorder = None if args.no_write else RunRecorder(
+        "kernel_paths", environment("cuda"),
+        title="Kernel code paths on a GPU: Gram reduction width, load width, graph replay",
+        notes=__doc__.split("\n\n", 1)[1].rsplit("``python -m", 1)[0], columns=cols)
     rows = []
     for part in (lambda: reduction_rows(big), lambda: load_rows(n), lambda: graph_rows(4_000_000)):
         try:
@@ -147,12 +154,10 @@ def main() -> None:
         rows += new
         for r in new:
             print(r, flush=True)
-    cols = ["table", "what", "N", "median_ms", "GB/s", "max_rel_diff_vs_R32", "eager_ms", "replay_ms", "bits_equal"]
-    if not args.no_write:
-        path = write_results("gpu_fixes", rows, environment("cuda"), title="Issue 14 kernel fixes on a GPU",
-                             notes=__doc__.split("\n\n", 1)[1].rsplit("``python -m", 1)[0], columns=cols)
-        print("wrote", path)
-
+        if recorder is not None:  # saved after every table: a run cut off keeps the tables it finished
+            recorder.save(rows)
+    if recorder is not None:
+        print("wrote", recorder.md_path)
 
 if __name__ == "__main__":
     main()
