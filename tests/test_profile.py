@@ -56,6 +56,7 @@ def test_known_opposite_aligned_orthogonal():
     assert [r.name for r in report.segments] == ["opposite", "aligned", "other"]
     opp, ali, oth = by_name["opposite"], by_name["aligned"], by_name["other"]
     assert opp.cosine[0][1] == pytest.approx(-1.0, abs=1e-6) and opp.conflict_share == 1.0
+    assert opp.pair_conflict_share == 1.0 and ali.pair_conflict_share == 0.0
     assert ali.cosine[0][1] == pytest.approx(1.0, abs=1e-6) and ali.conflict_share == 0.0
     assert oth.cosine[0][1] == pytest.approx(0.0, abs=1e-6) and oth.conflict_share == 0.0
     assert opp.cosine[0][0] == pytest.approx(1.0) and opp.cosine[1][1] == pytest.approx(1.0)
@@ -153,23 +154,27 @@ def _reference(model, steps, granularity, cap_mb):
             else:
                 segs.append(flat)
         total = sum(float((g * g).sum()) for g in segs)
+        global_weights = references.mgda_weights(torch.cat(segs, dim=1))
         out = []
         for g in segs:
             m = g @ g.T
             norm = m.diagonal().sqrt()
             cos = m / (norm[:, None] * norm[None, :])
-            conflict = float(bool((cos[torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)] < 0).any()))
+            negative = (cos[torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)] < 0).double()
+            conflict = float(negative.max())
             mass = float(m.trace()) / total
-            out.append(dict(cos=cos, conflict=conflict, norms=norm, mass=mass, cmass=mass * conflict,
+            out.append(dict(cos=cos, conflict=conflict, pairs=float(negative.mean()), norms=norm, mass=mass,
+                            cmass=mass * conflict,
+                            dist=0.5 * float((references.mgda_weights(g) - global_weights).abs().sum()),
                             weights=references.mgda_weights(g), numel=g.shape[1]))
         if stats is None:
             stats = out
         else:
             for acc, new in zip(stats, out):
-                for key in ("cos", "conflict", "norms", "mass", "cmass", "weights"):
+                for key in ("cos", "conflict", "pairs", "norms", "mass", "cmass", "weights", "dist"):
                     acc[key] = acc[key] + new[key]
     for acc in stats:
-        for key in ("cos", "conflict", "norms", "mass", "cmass", "weights"):
+        for key in ("cos", "conflict", "pairs", "norms", "mass", "cmass", "weights", "dist"):
             acc[key] = acc[key] / steps
     return stats, names
 
@@ -190,9 +195,11 @@ def test_against_float64_reference(granularity):
         torch.testing.assert_close(torch.tensor(rec.norms, dtype=torch.float64), exp["norms"], atol=0, rtol=2e-6)
         assert rec.mass_share == pytest.approx(exp["mass"], rel=1e-5, abs=1e-9)
         torch.testing.assert_close(torch.tensor(rec.weights, dtype=torch.float64), exp["weights"], atol=1e-4, rtol=0)
+        assert rec.weight_distance == pytest.approx(exp["dist"], abs=2e-4)
         # conflict flags: exact where no cosine sits at the fp32 rounding level of zero
         if bool((exp["cos"].abs() > 1e-4).all()):
             assert rec.conflict_share == pytest.approx(exp["conflict"])
+            assert rec.pair_conflict_share == pytest.approx(exp["pairs"])
             assert rec.conflict_mass_share == pytest.approx(exp["cmass"], rel=1e-5, abs=1e-9)
     glob, _ = _reference(model, steps, "global", cap_mb)
     torch.testing.assert_close(torch.tensor(report.global_segment.cosine, dtype=torch.float64), glob[0]["cos"],

@@ -156,8 +156,9 @@ class _Accumulator:
         s, t = num_segments, num_tasks
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
         self.cos, self.conflict, self.norms, self.weights = z(s, t, t), z(s), z(s, t), z(s, t)
-        self.distance, self.mass, self.conflict_mass = z(s), z(s), z(s)
+        self.distance, self.mass, self.conflict_mass, self.pair_conflict = z(s), z(s), z(s), z(s)
         self.g_cos, self.g_conflict, self.g_norms, self.g_weights = z(1, t, t), z(1), z(1, t), z(1, t)
+        self.g_pair_conflict = z(1)
         self.losses = z(t)
         self.steps = 0
         upper = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
@@ -167,24 +168,26 @@ class _Accumulator:
         diag = g.diagonal(dim1=-2, dim2=-1).clamp_min(0)
         norm = diag.sqrt()
         cos = task_cosine(g)
-        conflict = (cos[:, self.upper] < 0).any(-1).to(torch.float64)
-        return cos, conflict, norm, diag.sum(-1)
+        negative = (cos[:, self.upper] < 0).to(torch.float64)
+        return cos, negative.amax(-1), negative.mean(-1), norm, diag.sum(-1)
 
     def add(self, seg_gram: torch.Tensor, glob_gram: torch.Tensor, w: torch.Tensor, w_global: torch.Tensor,
             losses: torch.Tensor) -> None:
-        cos, conflict, norm, trace = self._stats(seg_gram)
+        cos, conflict, pair_conflict, norm, trace = self._stats(seg_gram)
         total = float(trace.sum())
         mass = trace / total if total > 0 else torch.zeros_like(trace)
         self.cos += cos
         self.conflict += conflict
+        self.pair_conflict += pair_conflict
         self.norms += norm
         self.mass += mass
         self.conflict_mass += mass * conflict
         self.weights += w
         self.distance += 0.5 * (w - w_global).abs().sum(-1)
-        g_cos, g_conflict, g_norm, _ = self._stats(glob_gram)
+        g_cos, g_conflict, g_pair_conflict, g_norm, _ = self._stats(glob_gram)
         self.g_cos += g_cos
         self.g_conflict += g_conflict
+        self.g_pair_conflict += g_pair_conflict
         self.g_norms += g_norm
         self.g_weights += w_global
         self.losses += losses
@@ -394,7 +397,8 @@ def _report(acc: _Accumulator, layout: SegmentLayout, names, params, tasks, meth
         records.append(SegmentRecord(
             name=layout.names[s], params=layout.params[s], numel=layout.segments.length_list[s],
             layers=dict(layout.layer_numel[s]), cosine=matrix(acc.cos[s] / k),
-            conflict_share=float(acc.conflict[s] / k), norms=[float(v) for v in acc.norms[s] / k],
+            conflict_share=float(acc.conflict[s] / k), pair_conflict_share=float(acc.pair_conflict[s] / k),
+            norms=[float(v) for v in acc.norms[s] / k],
             weights=[float(v) for v in acc.weights[s] / k], weight_distance=float(acc.distance[s] / k),
             mass_share=float(acc.mass[s] / k), conflict_mass_share=float(acc.conflict_mass[s] / k)))
     layers: dict[str, int] = {}
@@ -402,7 +406,8 @@ def _report(acc: _Accumulator, layout: SegmentLayout, names, params, tasks, meth
         layers[layer_of(n)] = layers.get(layer_of(n), 0) + p.numel()
     whole = SegmentRecord(
         name="global", params=tuple(names), numel=layout.numel, layers=dict(layers), cosine=matrix(acc.g_cos[0] / k),
-        conflict_share=float(acc.g_conflict[0] / k), norms=[float(v) for v in acc.g_norms[0] / k],
+        conflict_share=float(acc.g_conflict[0] / k), pair_conflict_share=float(acc.g_pair_conflict[0] / k),
+        norms=[float(v) for v in acc.g_norms[0] / k],
         weights=[float(v) for v in acc.g_weights[0] / k], weight_distance=0.0, mass_share=1.0,
         conflict_mass_share=float(acc.g_conflict[0] / k))
     meta = {"device": str(device), "backend": backend, "parameters": len(params)}

@@ -49,6 +49,8 @@ class SegmentRecord:
         layers: elements of the segment in each layer (see :func:`.layout.layer_of`).
         cosine: ``T x T`` task cosine similarities, averaged over the steps.
         conflict_share: share of steps where some pair of tasks has a negative cosine.
+        pair_conflict_share: share of the task pairs with a negative cosine, averaged over
+            the steps (a graded measure: with many tasks ``conflict_share`` is soon 1).
         norms: per task, the gradient norm in the segment, averaged over the steps.
         weights: per task, the chosen method's weights, averaged over the steps.
         weight_distance: mean total-variation distance of the weights to the global ones.
@@ -62,6 +64,7 @@ class SegmentRecord:
     layers: dict[str, int]
     cosine: list[list[float]]
     conflict_share: float
+    pair_conflict_share: float
     norms: list[float]
     weights: list[float]
     weight_distance: float
@@ -158,6 +161,7 @@ class ConflictReport:
                 "layer": layer,
                 "numel": count,
                 "conflict_share": sum(r.conflict_share * n for r, n in parts) / total,
+                "pair_conflict_share": sum(r.pair_conflict_share * n for r, n in parts) / total,
                 "mass_share": mass,
                 "mass_in_conflict": conflict_mass / mass if mass > 0 else 0.0,
                 "cosine": [sum(r.cosine[i][j] * n for r, n in parts) / total for i, j in self.pairs],
@@ -181,6 +185,7 @@ class ConflictReport:
         overall = {
             "elements_in_conflict": sum(r.conflict_share * r.numel for r in segs) / n,
             "segments_in_conflict": sum(r.conflict_share for r in segs) / max(1, len(segs)),
+            "pairs_in_conflict": sum(r.pair_conflict_share * r.numel for r in segs) / n,
             "mass_in_conflict": sum(r.conflict_mass_share for r in segs),
             "global_conflict_share": g.conflict_share,
             "global_cosine": dict(zip(self.pair_names, pair_global)),
@@ -225,15 +230,15 @@ class ConflictReport:
             if pair_neg[top_pair] > 0:
                 lines.append(f"The pair that disagrees on most elements (mean cosine < 0) is {top_pair} "
                              f"({_pct(pair_neg[top_pair])} of the elements).")
-        ranked = sorted(by_layer, key=lambda r: -r["conflict_share"])
-        if len(ranked) > 1 and ranked[0]["conflict_share"] > ranked[-1]["conflict_share"]:
+        ranked = sorted(by_layer, key=lambda r: (-r["pair_conflict_share"], -r["conflict_share"]))
+        if len(ranked) > 1 and self.pairs:
             count = min(3, len(ranked) // 2)
-            top = ", ".join(f"{r['layer']} ({_pct(r['conflict_share'])})" for r in ranked[:count])
-            low = ", ".join(f"{r['layer']} ({_pct(r['conflict_share'])})" for r in ranked[::-1][:count])
-            lines.append(f"Most conflict by layer (share of elements in conflicting segments): {top}; "
-                         f"least: {low}.")
-        elif len(ranked) > 1:
-            lines.append(f"Every layer shows the same conflict share ({_pct(ranked[0]['conflict_share'])}).")
+            what = lambda r: f"{r['layer']} ({_pct(r['pair_conflict_share'])})"  # noqa: E731
+            lines.append(
+                f"By layer, the share of task pairs with a negative cosine is highest in "
+                f"{', '.join(what(r) for r in ranked[:count])} and lowest in "
+                f"{', '.join(what(r) for r in ranked[::-1][:count])} (element-weighted, mean over steps; "
+                f"{_pct(overall['pairs_in_conflict'])} over the whole model).")
         if self.granularity != "global":
             d = weights["distance_mean"]
             lines.append(
@@ -293,10 +298,11 @@ class ConflictReport:
         """The reading and the per-layer table as plain text (what the CLI prints)."""
         rows = self.layer_table()
         width = max([len("layer")] + [len(r["layer"]) for r in rows])
-        head = f"{'layer':<{width}}  {'elements':>9}  {'conflict':>8}  {'mass in conf':>12}  min cos"
+        head = f"{'layer':<{width}}  {'elements':>9}  {'conflict':>8}  {'pairs':>6}  {'mass in conf':>12}  min cos"
         lines = [head, "-" * len(head)]
         for r in rows:
             lines.append(f"{r['layer']:<{width}}  {r['numel']:>9}  {_pct(r['conflict_share']):>8}  "
+                         f"{_pct(r['pair_conflict_share']):>6}  "
                          f"{_pct(r['mass_in_conflict']):>12}  {min(r['min_cosine'], default=1.0):+.2f}")
         return "\n".join(lines + [""] + [f"* {s}" for s in self.summary()["reading"]])
 
@@ -324,6 +330,7 @@ class ConflictReport:
         lines += ["## Overall", "", "| measure | value |", "|---|---|",
                   f"| elements in conflicting segments (mean over steps) | {_pct(o['elements_in_conflict'])} |",
                   f"| segments in conflict (mean over steps) | {_pct(o['segments_in_conflict'])} |",
+                  f"| task pairs with a negative cosine (element-weighted) | {_pct(o['pairs_in_conflict'])} |",
                   f"| gradient mass (squared norm) in conflicting segments | {_pct(o['mass_in_conflict'])} |",
                   f"| steps where the global gradients conflict | {_pct(o['global_conflict_share'])} |",
                   f"| lowest segment cosine (mean over steps) | {o['min_segment_cosine']:+.3f} |",
@@ -333,27 +340,31 @@ class ConflictReport:
         lines += ["| pair | global cosine | elements with mean cosine < 0 |", "|---|---|---|"]
         lines += [f"| {p} | {o['global_cosine'][p]:+.3f} | {_pct(o['pair_elements_negative'][p])} |" for p in pairs]
         lines += ["", "## By layer", "",
-                  "Conflict and mass in conflict are element-weighted over the layer's segments; cosines are the "
-                  "element-weighted mean per pair.", "",
-                  "| layer | elements | conflict | mass in conflict | " + " | ".join(f"cos {p}" for p in pairs)
-                  + " | " + " | ".join(f"w {t}" for t in tasks) + " |",
-                  "|---|---|---|---|" + "---|" * (len(pairs) + len(tasks))]
+                  "Conflict: share of the layer's elements in segments where some pair of tasks has a negative "
+                  "cosine; pairs in conflict: share of the task pairs with a negative cosine; both element-weighted "
+                  "over the layer's segments and averaged over the steps, like the cosines (cos) and weights (w).",
+                  "",
+                  "| layer | elements | conflict | pairs in conflict | mass in conflict | "
+                  + " | ".join(f"cos {p}" for p in pairs) + " | " + " | ".join(f"w {t}" for t in tasks) + " |",
+                  "|---|---|---|---|---|" + "---|" * (len(pairs) + len(tasks))]
         for r in s["by_layer"]:
             lines.append(f"| {r['layer']} | {r['numel']:,} | {_pct(r['conflict_share'])} | "
+                         f"{_pct(r['pair_conflict_share'])} | "
                          f"{_pct(r['mass_in_conflict'])} | " + " | ".join(f"{c:+.2f}" for c in r["cosine"])
                          + " | " + " | ".join(f"{w:.2f}" for w in r["weights"]) + " |")
         lines.append("")
         for fig in figures:
             lines += [f"![{os.path.basename(fig)}]({fig})", ""]
         lines += ["## Segments", "",
-                  "| segment | elements | conflict | min cos | mass | weights | distance to global |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| segment | elements | conflict | pairs in conflict | min cos | mass | weights | distance to global |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in self.segments[:max_segments]:
             label = r.name if r.name in r.params else f"{r.name} ({_params_label(r.params)})"
-            lines.append(f"| {label} | {r.numel:,} | {_pct(r.conflict_share)} | {r.min_cosine:+.2f} | "
+            lines.append(f"| {label} | {r.numel:,} | {_pct(r.conflict_share)} | {_pct(r.pair_conflict_share)} | "
+                         f"{r.min_cosine:+.2f} | "
                          f"{100 * r.mass_share:.1f}% | {_vec(r.weights)} | {r.weight_distance:.3f} |")
         if len(self.segments) > max_segments:
-            lines.append(f"| ... {len(self.segments) - max_segments} more segments (see the JSON) | | | | | | |")
+            lines.append(f"| ... {len(self.segments) - max_segments} more segments (see the JSON) | | | | | | | |")
         text = "\n".join(lines) + "\n"
         if path is not None:
             _parent(path)
