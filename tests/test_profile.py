@@ -487,3 +487,9 @@ def test_cli_hf_config_quick(tmp_path):
     rep = bm.ConflictReport.from_dict(json.loads((out / "bucket" / "report.json").read_text()))
     assert "transformer.h.1" in rep.layers and "GPT2LMHeadModel" in rep.meta["model"]
     assert (out / "bucket" / "by_layer.png").exists() and (out / "bucket" / "by_segment.png").exists()
+    from bucketmoo_kernels.profile.__main__ import main  # the built-in tiny GPT-2, in this process
+
+    assert main(["--quick", *SMALL, "--hf-config", "tiny-gpt2", "--granularity", "global", "--no-plots",
+                 "--out", str(tmp_path / "tiny")]) == 0
+    rep = bm.ConflictReport.from_dict(json.loads((tmp_path / "tiny" / "global" / "report.json").read_text()))
+    assert len(rep.segments) == 1 and "transformer.h.0" in rep.layers

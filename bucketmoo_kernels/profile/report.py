@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,7 +89,9 @@ class SegmentRecord:
 
 
 def _pct(x: float) -> str:
-    if 0 < abs(x) < 0.01:
+    if 0 < x < 0.001:
+        return "<0.1%"
+    if 0 < x < 0.01:
         return f"{100 * x:.1f}%"
     return f"{100 * x:.0f}%"
 
@@ -231,13 +234,17 @@ class ConflictReport:
                 lines.append(f"The pair that disagrees on most elements (mean cosine < 0) is {top_pair} "
                              f"({_pct(pair_neg[top_pair])} of the elements).")
         ranked = sorted(by_layer, key=lambda r: (-r["pair_conflict_share"], -r["conflict_share"]))
-        if len(ranked) > 1 and self.pairs:
+        if len(ranked) > 1 and self.pairs and ranked[0]["pair_conflict_share"] == 0:
+            lines.append("No layer has a pair of tasks with a negative mean cosine in any step.")
+        elif len(ranked) > 1 and self.pairs:
             count = min(3, len(ranked) // 2)
             what = lambda r: f"{r['layer']} ({_pct(r['pair_conflict_share'])})"  # noqa: E731
+            top = [r for r in ranked[:count] if r["pair_conflict_share"] > 0]
+            low = [r for r in ranked[::-1] if r not in top][:count]
             lines.append(
                 f"By layer, the share of task pairs with a negative cosine is highest in "
-                f"{', '.join(what(r) for r in ranked[:count])} and lowest in "
-                f"{', '.join(what(r) for r in ranked[::-1][:count])} (element-weighted, mean over steps; "
+                f"{', '.join(what(r) for r in top)} and lowest in "
+                f"{', '.join(what(r) for r in low)} (element-weighted, mean over steps; "
                 f"{_pct(overall['pairs_in_conflict'])} over the whole model).")
         if self.granularity != "global":
             d = weights["distance_mean"]
@@ -298,13 +305,21 @@ class ConflictReport:
         """The reading and the per-layer table as plain text (what the CLI prints)."""
         rows = self.layer_table()
         width = max([len("layer")] + [len(r["layer"]) for r in rows])
-        head = f"{'layer':<{width}}  {'elements':>9}  {'conflict':>8}  {'pairs':>6}  {'mass in conf':>12}  min cos"
+        pairs = self.pair_names if len(self.pairs) <= 10 else []
+        cols = [max(6, len(p)) for p in pairs]
+        head = (f"{'layer':<{width}}  {'elements':>9}  {'conflict':>8}  {'pairs':>6}  {'mass in conf':>12}  min cos"
+                + "".join(f"  {p:>{c}}" for p, c in zip(pairs, cols)))
         lines = [head, "-" * len(head)]
         for r in rows:
             lines.append(f"{r['layer']:<{width}}  {r['numel']:>9}  {_pct(r['conflict_share']):>8}  "
                          f"{_pct(r['pair_conflict_share']):>6}  "
-                         f"{_pct(r['mass_in_conflict']):>12}  {min(r['min_cosine'], default=1.0):+.2f}")
-        return "\n".join(lines + [""] + [f"* {s}" for s in self.summary()["reading"]])
+                         f"{_pct(r['mass_in_conflict']):>12}  {min(r['min_cosine'], default=1.0):>+7.2f}"
+                         + "".join(f"  {v:>+{c}.2f}" for v, c in zip(r["cosine"], cols)))
+        legend = ("conflict: elements in segments where some task pair has a negative cosine; pairs: task pairs "
+                  "with a negative cosine; mass in conf: squared gradient norm in conflicting segments; min cos: "
+                  "lowest segment cosine" + ("; then the mean cosine per pair" if pairs else "")
+                  + " (element-weighted, mean over steps)")
+        return "\n".join(lines + [textwrap.fill(legend, 110), ""] + [f"* {s}" for s in self.summary()["reading"]])
 
     def to_markdown(self, path: str | None = None, *, figures: list[str] = (), max_segments: int = 300) -> str:
         """The report as Markdown (written to ``path`` when given); returns the text.
