@@ -371,7 +371,8 @@ class ConflictReport:
         for fig in figures:
             lines += [f"![{os.path.basename(fig)}]({fig})", ""]
         lines += ["## Segments", "",
-                  "| segment | elements | conflict | pairs in conflict | min cos | mass | weights | distance to global |",
+                  "| segment | elements | conflict | pairs in conflict | min cos | mass | weights "
+                  "| distance to global |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in self.segments[:max_segments]:
             label = r.name if r.name in r.params else f"{r.name} ({_params_label(r.params)})"
