@@ -10,6 +10,7 @@ from .api import MOOInfo, combine, fused_bucket_moo, gram, solve
 from .dispatch import BACKEND_NAMES, Backend, available_backends, get_backend
 from .inputs import Segments
 from .methods import MethodState, available_methods, register_method
+from .profile import ConflictReport, profile_conflicts
 from .weight_step import WeightStep
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND_NAMES",
     "Backend",
+    "ConflictReport",
     "MOOInfo",
     "MethodState",
     "Segments",
@@ -29,6 +31,7 @@ __all__ = [
     "get_backend",
     "gram",
     "methods",
+    "profile_conflicts",
     "register_method",
     "solve",
     "__version__",

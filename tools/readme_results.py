@@ -13,7 +13,9 @@ Kinds:
 - ``demo-seeds DIR [DIR ...]``: one markdown table over several demo runs (one per seed),
   ``a / b`` per cell;
 - ``last-table FILE.md [N]``: table N (default 1) of the newest run section of a benchmark
-  results file, with the section's heading and load average as a caption line.
+  results file, with the section's heading and load average as a caption line;
+- ``profile FILE.json``: the conflict profiler's per-layer table and reading
+  (``ConflictReport.format_summary``) from a committed ``report.json``.
 
     python tools/readme_results.py            # check: exit 1 and a diff when a block is stale
     python tools/readme_results.py --write    # rewrite the blocks in place
@@ -93,7 +95,20 @@ def last_table_block(path: str, which: str = "1") -> str:
     return caption + ":\n\n" + "\n".join(tables[int(which) - 1]) + "\n"
 
 
-KINDS = {"demo": demo_block, "demo-seeds": demo_seeds_block, "last-table": last_table_block}
+def profile_block(path: str) -> str:
+    """The conflict profiler's per-layer table and reading, from a committed ``report.json``."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bucketmoo_kernels.profile import ConflictReport
+
+    report = ConflictReport.from_dict(json.loads((ROOT / path).read_text()))
+    when = ", ".join(f"{k} {report.meta[k]}" for k in ("date", "commit") if k in report.meta)
+    caption = f"From [{Path(path).name}]({path})" + (f" ({when})" if when else "")
+    return f"{caption}:\n\n```text\n{report.format_summary()}\n```\n"
+
+
+KINDS = {"demo": demo_block, "demo-seeds": demo_seeds_block, "last-table": last_table_block,
+         "profile": profile_block}
 
 
 def render(spec: str, document: str) -> str:
