@@ -221,8 +221,8 @@ def main(argv=None) -> int:
                              "on CPU); --tasks/--sizes/--samples still apply")
     parser.add_argument("--name", default=None, help="results file name (default kernels_<device>[_quick])")
     parser.add_argument("--record", action="store_true",
-                        help=f"append the run to the committed {RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])}/ "
-                             f"instead of {OUT_DIR.relative_to(RESULTS_DIR.parents[1])}/ (ignored by git)")
+                        help="append the run to the committed benchmarks/results/ instead of out/benchmarks/ "
+                             "(ignored by git): for a run meant to be published")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     out_dir = RESULTS_DIR if args.record else OUT_DIR
