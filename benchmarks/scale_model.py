@@ -16,8 +16,8 @@ What is exact and what is assumed:
   bucket rule on a Llama config) and the protocol's own allocation and collective sizes
   (``bucketmoo_kernels/distributed/protocol.py``). Per-rank bytes count the bandwidth-optimal ring for
   all-reduce / all-gather / reduce-scatter and the exact split sizes for the all-to-all.
-  (:mod:`benchmarks.scale_bytes`: :func:`predict_ddp` / :func:`predict_fsdp`, re-exported here)
-  are checked against the simulated worlds
+  These predictions (:mod:`benchmarks.scale_bytes`: :func:`predict_ddp` / :func:`predict_fsdp`,
+  re-exported here) are checked against the simulated worlds
   (:mod:`benchmarks.simulated_world`), which run the hook itself on a fake process group.
 * **CPU compute** (Gram, combine, solve) is measured here with the library.
 * **GPU compute and the network** use published peak figures times an assumed efficiency
