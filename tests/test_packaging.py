@@ -165,7 +165,8 @@ def test_wheel_built_from_the_sdist_alone_works_outside_the_checkout(tmp_path):
     constraint.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
     wheels = tmp_path / "wheels"
     _, timings["wheel"] = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--disable-pip-version-check",
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir",
+         "--disable-pip-version-check",
          "-c", str(constraint), "-w", str(wheels), str(sdist)],
         cwd=tmp_path, env=_clean_env(MAX_JOBS="2", BUCKETMOO_SKIP_CUDA_BUILD="1"))
     (wheel,) = wheels.glob("bucketmoo_kernels-*.whl")
