@@ -195,6 +195,8 @@ def _command_line_modules() -> list[str]:
     return names + OTHER_COMMAND_LINES
 
 
+# runpy warns when the module was imported before (by another test): harmless for --help.
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
 @pytest.mark.parametrize("module", _command_line_modules())
 def test_command_line_modules_answer_help(module, monkeypatch):
     """``--help`` in this process (no interpreter start per module): exit status 0 and a usage line."""
