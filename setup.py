@@ -10,15 +10,17 @@ Environment variables:
     BUCKETMOO_CUDA_ARCHS="80;90"  CUDA architectures to build for (default 80;90)
     MAX_JOBS                      parallel compile jobs (respected by torch's builder)
 
-Install into an environment that already has torch:
-    pip install --no-build-isolation -e .
+Install into an environment that already has torch (metadata and extras: pyproject.toml):
+    pip install --no-build-isolation -e .                       # a checkout
+    pip install --no-build-isolation bucketmoo_kernels-*.tar.gz  # the sdist (MANIFEST.in lists
+                                                                 # every source the build needs)
 """
 
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,7 +44,8 @@ def _cpu_extension(cpp_extension):
                       if os.path.basename(p) != "cuda_ops.cpp"])
     # -fno-wrapv: Python's own CFLAGS carry -fwrapv, which stops GCC from vectorising the
     # gram loops (3x slower); nothing here relies on signed overflow wrapping.
-    cxx = ["-O3", "-DNDEBUG", "-fno-wrapv", "-fvisibility=hidden"]
+    # -g0: Python's CFLAGS carry -g; a release build needs no debug info (smaller, faster to build).
+    cxx = ["-O3", "-DNDEBUG", "-fno-wrapv", "-fvisibility=hidden", "-g0"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
@@ -139,33 +142,6 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="bucketmoo_kernels",
-    version="0.1.0",
-    description="Fused kernels for Bucket-Level multi-objective optimisation (MGDA and friends) "
-                "in data-parallel training",
-    long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(os.path.dirname(__file__), "README.md")) else "",
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["bucketmoo_kernels", "bucketmoo_kernels.*"]),
-    # torch is not pinned here on purpose (pip would otherwise pull a CUDA build on CPU machines):
-    # install your torch first. numpy is used by the solvers' tests and the benchmarks.
-    install_requires=["numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "hypothesis", "scipy"],
-        "demo": ["matplotlib", "tqdm", "babel"],
-        # Engine integrations (bucketmoo_kernels.integrations.*, imported lazily). None of them
-        # lists torch: the engines depend on it, so install your torch first (or with a
-        # constraint file pinning it) and then the extra.
-        "hf": ["transformers>=5.0", "accelerate>=1.0"],
-        "peft": ["peft"],
-        "lightning": ["lightning>=2.2"],
-        "deepspeed": ["deepspeed"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# The metadata (name, version, dependencies, extras) lives in pyproject.toml's [project]
+# table; this script only adds the native extensions, built against the installed torch.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

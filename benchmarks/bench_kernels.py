@@ -5,6 +5,10 @@ device, against the torch reference and a copy of the same bytes, measured in th
     python -m benchmarks.bench_kernels                     # the full sweep for the device
     python -m benchmarks.bench_kernels --device cuda --tasks 2 4 8 --sizes 25000000
 
+A run is printed and appended to ``out/benchmarks/<name>.{md,json}`` (ignored by git: running
+it leaves the checkout clean); ``--record`` appends it to the committed
+``benchmarks/results/<name>.{md,json}`` instead, for a run meant to be published.
+
 Effective bandwidth counts the ideal traffic: gram reads T*N elements; combine and fused
 read T*N and write N. The copy baseline (``harness.copy_baseline``) moves T*N + N elements
 (a copy of (T+1)*N/2 elements, read and written); ``copy_ratio`` = effective bandwidth / copy
@@ -24,7 +28,7 @@ import torch
 
 import bucketmoo_kernels as bm
 from bucketmoo_kernels.inputs import Segments
-from benchmarks.harness import (COPY_RATIO, RESULTS_DIR, RunRecorder, copy_baseline, copy_ratio, environment, gbps,
+from benchmarks.harness import (COPY_RATIO, OUT_DIR, RESULTS_DIR, RunRecorder, copy_baseline, copy_ratio, environment, gbps,
                                 markdown_table, time_round_robin)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,17 +218,24 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N values")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", default=["one", "params"], choices=["one", "params"])
-    parser.add_argument("--samples", type=int, default=10, help="round-robin samples per configuration")
-    parser.add_argument("--quick", action="store_true", help="T=4, N=1M, fp32 only: about a minute on CPU")
-    parser.add_argument("--name", default=None, help="results file name (default kernels_<device>)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="round-robin samples per configuration (default 10, 5 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the copy and the fused op, one segment, T=4, N=1M, fp32, 5 samples (about a minute "
+                             "on CPU); --tasks/--sizes/--samples still apply")
+    parser.add_argument("--name", default=None, help="results file name (default kernels_<device>[_quick])")
+    parser.add_argument("--record", action="store_true",
+                        help="append the run to the committed benchmarks/results/ instead of out/benchmarks/ "
+                             "(ignored by git): for a run meant to be published")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    out_dir = RESULTS_DIR if args.record else OUT_DIR
     if args.quick:
-        tasks, sizes, dtypes, samples = [4], [1 << 20], ["fp32"], 5
+        tasks, sizes, dtypes, samples = args.tasks or [4], args.sizes or [1 << 20], ["fp32"], args.samples or 5
     else:
         tasks = args.tasks or [2, 3, 4, 8]
         sizes = args.sizes or ([1 << 16, 1 << 20, 1 << 24] if device.type == "cpu" else [1 << 16, 1 << 20, 25_000_000, 100_000_000])
-        dtypes, samples = args.dtypes or list(DTYPES), args.samples
+        dtypes, samples = args.dtypes or list(DTYPES), args.samples or 10
     layouts = ["one"] if args.quick else args.layouts
     env = environment(device)
     columns = ["op", "backend", "T", "N", "dtype", "segments", "median_ms", "iqr_ms", "GB/s", COPY_RATIO,
@@ -241,22 +252,33 @@ def main(argv=None) -> int:
     if args.quick:  # the main job's summary: the copy and the fused op, one segment
         recorder = RunRecorder(args.name or f"kernels_{device.type}_quick", env,
                                title="Kernel microbenchmark, quick summary (the main job's)", notes=notes,
-                               columns=columns)
+                               columns=columns, results_dir=out_dir)
         rows = run(device, tasks, sizes, dtypes, layouts, samples,
                    on_case=lambda rows: recorder.save([r for r in rows if r["op"] in ("copy", "fused")]))
         summary = [r for r in rows if r["op"] in ("copy", "fused")]
         print(markdown_table(summary, columns))
-        print(f"appended to {recorder.md_path.relative_to(RESULTS_DIR.parent.parent)}")
+        print(f"appended to {_shown(recorder.md_path)}")
         return 0
     name = args.name or f"kernels_{device.type}"
-    recorder = RunRecorder(name, env, title="Kernel microbenchmark", notes=notes, columns=columns)
+    recorder = RunRecorder(name, env, title="Kernel microbenchmark", notes=notes, columns=columns,
+                           results_dir=out_dir)
     rows = run(device, tasks, sizes, dtypes, layouts, samples, on_case=recorder.save)
     print(markdown_table(rows, columns))
     stamp = env["date"][:10] + "-" + env["commit"].split()[0]
-    plot_path = plot_results(rows, RESULTS_DIR / f"{name}-{stamp}.png", env["device"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_path = plot_results(rows, out_dir / f"{name}-{stamp}.png", env["device"])
     recorder.save(rows, extra_md=f"![fused copy ratio]({plot_path.name})")
-    print(f"appended to {recorder.md_path}")
+    print(f"appended to {_shown(recorder.md_path)} (plot {_shown(plot_path)})")
     return 0
+
+
+def _shown(path) -> str:
+    """``path`` relative to the repository root when it is inside it."""
+    root = RESULTS_DIR.parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ Every table of ``benchmarks/`` is produced with these, so their numbers compare:
 * :func:`append_results` -- appends the run to ``results/<name>.md`` (a section per run,
   newest last) and ``results/<name>.json`` (``{"title", "runs": [...]}``): earlier runs are
   kept, never overwritten. :class:`RunRecorder` does the same for a run saved as it grows
-  (after every case), so a benchmark cut off keeps the cases it measured.
+  (after every case), so a benchmark cut off keeps the cases it measured. ``directory=OUT_DIR``
+  (``out/benchmarks/``, ignored by git) is where a run goes that is not recorded on purpose
+  (``bench_kernels`` without ``--record``).
 * The end-to-end step benchmarks (``bench_ddp_step``, ``bench_fsdp_step``) share their
   options (:func:`step_bench_parser`, ``--quick``, ``--no-write``), their gloo workers
   (:func:`run_gloo_workers`), their rounds (:func:`time_step_rounds`), the isolated protocol
@@ -49,6 +51,9 @@ import torch
 from bucketmoo_kernels.provenance import git_commit, load_average  # noqa: F401  (load_average: the benches' too)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where a run goes unless it is recorded on purpose (``--record``): ignored by git, so running a
+#: benchmark (the main job's summary included) leaves the checkout as it was.
+OUT_DIR = Path(__file__).resolve().parents[1] / "out" / "benchmarks"
 
 #: The column name of the copy ratio in every table (see the module docstring).
 COPY_RATIO = "copy_ratio"
@@ -241,15 +246,18 @@ def _run_heading(env: dict[str, str]) -> str:
 
 
 def append_results(name: str, rows: Sequence[dict], env: dict[str, str], *, title: str,
-                   notes: str = "", columns: Sequence[str] | None = None, extra_md: str = "") -> Path:
-    """Append this run to ``results/<name>.md`` and ``results/<name>.json``; return the .md path.
+                   notes: str = "", columns: Sequence[str] | None = None, extra_md: str = "",
+                   directory: Path = RESULTS_DIR) -> Path:
+    """Append this run to ``<directory>/<name>.md`` and ``.json`` (default the committed
+    ``results/``); return the .md path.
 
     The markdown file holds the title once and one section per run (environment, notes,
     table, ``extra_md``), oldest first; the JSON file holds every run's environment, notes
     and rows. Earlier runs stay as they are.
     """
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = RESULTS_DIR / f"{name}.md", RESULTS_DIR / f"{name}.json"
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = directory / f"{name}.md", directory / f"{name}.json"
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     section = f"{_run_heading(env)}\n\n{header}\n\n{notes.strip()}\n\n{markdown_table(rows, columns)}"
     if extra_md:

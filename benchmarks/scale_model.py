@@ -6,6 +6,9 @@ Usage::
     python -m benchmarks.scale_model --sweep                        # 1B/8B/70B x P x bucket x T,
                                                                     # writes results/scale_model.{md,json,png}
     python -m benchmarks.scale_model --sweep --validate             # + simulated worlds and gloo checks
+    python -m benchmarks.scale_model --render                       # tables and plot again from the
+                                                                    # stored measurements (no new run)
+    python -m benchmarks.scale_model --quick                        # one setting, quick calibration
 
 What is exact and what is assumed:
 
@@ -13,7 +16,8 @@ What is exact and what is assumed:
   bucket rule on a Llama config) and the protocol's own allocation and collective sizes
   (``bucketmoo_kernels/distributed/protocol.py``). Per-rank bytes count the bandwidth-optimal ring for
   all-reduce / all-gather / reduce-scatter and the exact split sizes for the all-to-all.
-  :func:`predict_ddp` / :func:`predict_fsdp` are checked against the simulated worlds
+  These predictions (:mod:`benchmarks.scale_bytes`: :func:`predict_ddp` / :func:`predict_fsdp`,
+  re-exported here) are checked against the simulated worlds
   (:mod:`benchmarks.simulated_world`), which run the hook itself on a fake process group.
 * **CPU compute** (Gram, combine, solve) is measured here with the library.
 * **GPU compute and the network** use published peak figures times an assumed efficiency
@@ -31,7 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bucketmoo_kernels.provenance import git_commit
+
+from . import scale_validation
+from .harness import RESULTS_DIR, environment, markdown_table, round_robin_samples
 from .llm_layout import CONFIGS, LlamaConfig, ddp_buckets, fsdp_groups, num_params
+from .scale_bytes import own_len, plain_allreduce_bytes, predict_ddp, predict_fsdp, reduce_scatter_bytes, shard_len
 
 __all__ = ["ASSUMPTIONS", "predict_ddp", "predict_fsdp", "plain_allreduce_bytes", "reduce_scatter_bytes",
            "measure_cpu", "step_costs", "sweep", "main"]
@@ -57,226 +66,34 @@ ASSUMPTIONS = {
 }
 
 
-# ------------------------------------------------------------------ exact bytes and memory
-def _shard(n: int, world: int) -> int:
-    return -(-n // world)
-
-
-def _own_len(n: int, world: int, rank: int) -> int:
-    m = _shard(n, world)
-    return max(0, min(m, n - rank * m))
-
-
-def _ring(kind: str, nbytes: int, world: int) -> int:
-    if world <= 1:
-        return 0
-    return 2 * (world - 1) * nbytes // world if kind == "all_reduce" else (world - 1) * nbytes // world
-
-
-def _segments(granularity: str, n: int, param_numels) -> int:
-    if granularity in ("bucket", "global"):
-        return 1
-    if granularity == "param":
-        return len(param_numels)
-    if granularity.startswith("chunk:"):
-        return _shard(n, int(granularity.split(":", 1)[1]))
-    raise ValueError(f"granularity must be bucket, param, global or chunk:<n>; got {granularity!r}")
-
-
-class _Trace:
-    """Live bytes of the buffers the protocol allocates, in program order, and their peak."""
-
-    def __init__(self):
-        self.live: dict[str, int] = {}
-        self.peak = 0
-
-    def alloc(self, name: str, nbytes: int) -> None:
-        if nbytes:
-            self.live[name] = self.live.get(name, 0) + nbytes
-            self.peak = max(self.peak, sum(self.live.values()))
-
-    def free(self, *names: str) -> None:
-        for name in names:
-            self.live.pop(name, None)
-
-
-def _group_rows(tr: _Trace, key: str, world: int, tasks: int, length: int, wire: int) -> str | None:
-    """``protocol._group_rows`` on [P, length] received rows: returns the name of the buffer
-    that holds the task rows (None: a view of the received rows)."""
-    if world == tasks:  # contiguous task_of_rank with P == T: the identity, a view
-        return None
-    if world // tasks == 1:  # pragma: no cover - contiguous layouts never get here
-        tr.alloc(key + "rows", tasks * length * wire)
-        return key + "rows"
-    tr.alloc(key + "acc", tasks * length * 4)
-    if wire != 4:
-        tr.alloc(key + "recv32", world * length * 4)  # received.to(float32), a temporary
-        tr.free(key + "recv32")
-        tr.alloc(key + "rows", tasks * length * wire)
-        tr.free(key + "acc")
-        return key + "rows"
-    return key + "acc"
-
-
-def predict_ddp(buckets, world: int, tasks: int, *, protocol: str = "sharded", granularity: str = "bucket",
-                overlap: bool = True, element_size: int = 4, wire_size: int | None = None, rank: int = 0) -> dict:
-    """Bytes, collectives and peak extra memory of one step of the DDP hook on ``rank``.
-
-    ``buckets``: :class:`~benchmarks.llm_layout.Bucket` list (or ``(numel, param_numels)`` pairs).
-    The memory is replayed from the protocol's allocations in program order (the large
-    buffers only: the [S, T, T] Grams and [S, T] weights are left out) and is the synchronous
-    peak, what :mod:`benchmarks.simulated_world` measures (collectives complete at once).
-    Returns ``sent``, ``received``, ``collectives``, ``peak_extra``, ``per_bucket_extra``
-    and ``gram_bytes`` (the S*T*T all-reduces, ring bytes).
-    """
-    e = element_size
-    w = wire_size or e
-    sent = received = gram_bytes = 0
-    colls = 0
-    per_bucket = []
-    tr = _Trace()  # global granularity: one trace over the whole step
-    held_rows = []
-    for k, b in enumerate(buckets):
-        n, pn = (b.numel, b.param_numels) if hasattr(b, "numel") else b
-        seg = _segments(granularity, n, pn)
-        key = f"{k}:"
-        if granularity != "global":
-            tr = _Trace()
-        tr.alloc(key + "send", n * w if w != e else 0)
-        if protocol == "sharded":
-            m, own = _shard(n, world), _own_len(n, world, rank)
-            sent += (n - own) * w
-            received += (world - 1) * own * w
-            ag = _ring("all_gather", world * m * w, world)
-            sent += ag
-            received += ag
-            colls += 2
-            tr.alloc(key + "recv", world * own * w)
-            if granularity == "global":
-                held_rows.append((key, own, m))
-                continue
-            rows = _group_rows(tr, key, world, tasks, own, w)
-            if not overlap:  # sharded_moo: the scatter handle (send copy, received rows) is dropped
-                tr.free(key + "send")
-                if rows is not None:
-                    tr.free(key + "recv")
-            tr.alloc(key + "own", m * w)
-            tr.alloc(key + "gathered", world * m * w if (n != world * m or w != e) else 0)
-            g = _ring("all_reduce", seg * tasks * tasks * 4, world)
-            sent += g
-            received += g
-            gram_bytes += g
-            colls += 1
-            per_bucket.append(tr.peak)
-        elif protocol == "allgather":
-            ag = _ring("all_gather", world * n * w, world)
-            sent += ag
-            received += ag
-            colls += 1
-            tr.alloc(key + "gathered", world * n * w)
-            rows = _group_rows(tr, key, world, tasks, n, w)
-            tr.free(key + "send")
-            if rows is not None:
-                tr.free(key + "gathered")
-            if granularity == "global":
-                continue
-            tr.alloc(key + "out", n * w if w != e else 0)
-            per_bucket.append(tr.peak)
-        else:
-            raise ValueError(f"protocol must be sharded or allgather; got {protocol!r}")
-    if granularity == "global":
-        if protocol == "sharded":
-            # the last call finishes every all-to-all (rows of each bucket), then drops the
-            # scatter handles and launches the all-gathers one bucket at a time
-            kept = []
-            for key, own, m in held_rows:
-                rows = _group_rows(tr, key, world, tasks, own, w)
-                kept.append(key + "recv" if rows is None else rows)
-            for key, _, _ in held_rows:
-                tr.free(*(name for name in (key + "send", key + "recv") if name not in kept))
-            for key, own, m in held_rows:
-                n = next(b.numel if hasattr(b, "numel") else b[0] for i, b in enumerate(buckets) if f"{i}:" == key)
-                tr.alloc(key + "own", m * w)
-                tr.alloc(key + "gathered", world * m * w if (n != world * m or w != e) else 0)
-                tr.free(key + "own", key + "gathered")
-            g = _ring("all_reduce", tasks * tasks * 4, world)
-            sent += g
-            received += g
-            gram_bytes += g
-            colls += 1
-        peak = tr.peak
-    else:
-        peak = max(per_bucket, default=0)
-    return {"sent": sent, "received": received, "collectives": colls, "peak_extra": peak,
-            "per_bucket_extra": per_bucket, "gram_bytes": gram_bytes}
-
-
-def predict_fsdp(groups, world: int, tasks: int, *, granularity: str = "bucket", element_size: int = 4,
-                 wire_size: int | None = None, rank: int = 0) -> dict:
-    """Bytes and peak extra memory of the FSDP2 reduce-scatter replacement (one all-to-all and
-    one S*T*T all-reduce per parameter group, no all-gather)."""
-    e = element_size
-    w = wire_size or e
-    sent = received = gram_bytes = colls = 0
-    per_group = []
-    for g in groups:
-        shard = g["shard"]
-        n = world * shard
-        seg = _segments(granularity, shard, g["param_sizes"])
-        sent += (n - shard) * w
-        received += (world - 1) * shard * w
-        gb = _ring("all_reduce", seg * tasks * tasks * 4, world)
-        sent += gb
-        received += gb
-        gram_bytes += gb
-        colls += 2
-        tr = _Trace()
-        tr.alloc("send", n * w if w != e else 0)
-        tr.alloc("recv", n * w)
-        rows = _group_rows(tr, "", world, tasks, shard, w)
-        tr.free("send")
-        if rows is not None:
-            tr.free("recv")
-        tr.alloc("out", shard * w if w != e else 0)
-        per_group.append(tr.peak)
-    return {"sent": sent, "received": received, "collectives": colls, "peak_extra": max(per_group, default=0),
-            "per_bucket_extra": per_group, "gram_bytes": gram_bytes}
-
-
-def plain_allreduce_bytes(bucket_numels, world: int, element_size: int) -> int:
-    """Per-rank bytes sent (= received) by DDP's ring all-reduce of the buckets."""
-    return sum(_ring("all_reduce", n * element_size, world) for n in bucket_numels)
-
-
-def reduce_scatter_bytes(bucket_numels, world: int, element_size: int) -> int:
-    """Per-rank bytes sent (= received) by a ring reduce-scatter of the buckets (ZeRO-2, FSDP)."""
-    return sum(_ring("reduce_scatter", n * element_size, world) for n in bucket_numels)
-
-
 # ------------------------------------------------------------------ CPU measurements
+def _p20_ms(fn, repeats: int) -> float:
+    """The 20th percentile of ``repeats`` samples of ``fn`` (ms per call, the harness's timer)."""
+    samples = sorted(round_robin_samples({"fn": fn}, samples=repeats)["fn"])
+    return samples[int(0.2 * (len(samples) - 1))]
+
+
 def measure_cpu(tasks=(4, 8, 16, 32, 64), numel: int = 1 << 20, repeats: int = 9) -> dict:
     """Measure with the library on this CPU: Gram and combine throughput (GB/s of gradient
     bytes read) and the MGDA solve time of one segment, for each T. The 20th percentile of
     the samples (the machine is shared: the fastest samples are the least disturbed)."""
     from bucketmoo_kernels import combine, gram, solve
 
-    from .harness import time_ms
-
     out = {"numel": numel, "gram_GBps": {}, "combine_GBps": {}, "solve_us": {}, "copy_GBps": None}
     src = torch.randn(numel * 4)
     dst = torch.empty_like(src)
-    t = time_ms(lambda: dst.copy_(src), repeats=repeats)["p20_ms"]
+    t = _p20_ms(lambda: dst.copy_(src), repeats)
     out["copy_GBps"] = 2 * src.numel() * 4 / (t * 1e-3) / GB
     for T in tasks:
         m = max(numel // T, 1 << 14)
         rows = torch.randn(T, m)
         w = torch.full((1, T), 1.0 / T)
-        tg = time_ms(lambda: gram(rows), repeats=repeats)["p20_ms"]
-        tc = time_ms(lambda: combine(rows, w), repeats=repeats)["p20_ms"]
+        tg = _p20_ms(lambda: gram(rows), repeats)
+        tc = _p20_ms(lambda: combine(rows, w), repeats)
         out["gram_GBps"][T] = T * m * 4 / (tg * 1e-3) / GB
         out["combine_GBps"][T] = (T + 1) * m * 4 / (tc * 1e-3) / GB
         g = gram(torch.randn(T, 4096)).to(torch.float64)
-        ts = time_ms(lambda: solve(g, "mgda"), repeats=repeats)["p20_ms"]
+        ts = _p20_ms(lambda: solve(g, "mgda"), repeats)
         out["solve_us"][T] = ts * 1e3
     return out
 
@@ -342,7 +159,7 @@ def step_costs(s: Setting, cpu: dict, launches: dict) -> dict:
     hbm = ASSUMPTIONS["hbm_GBps"][s.gpu] * GB * ASSUMPTIONS["hbm_efficiency"]
     touched = 0.0
     for n in numels:
-        m = _shard(n, P)
+        m = shard_len(n, P)
         touched += (P * m * e + (T * m * (4 + e) if P != T else 0)) + 2 * T * m * e + m * e
     lp = launches.get((T, "sharded"), 20.0)
     solve_s = cpu["solve_us"].get(T, cpu["solve_us"][max(cpu["solve_us"])]) * 1e-6
@@ -364,7 +181,7 @@ def step_costs(s: Setting, cpu: dict, launches: dict) -> dict:
         t_ar = _coll_time("all_reduce", plain, P, net, K)
         t_rs = _coll_time("reduce_scatter", rs, P, net, K)
         gram_t = _coll_time("all_reduce_small", sh["gram_bytes"], P, net, K)
-        a2a_bytes = sum((n - _own_len(n, P, 0)) * e for n in numels)
+        a2a_bytes = sum((n - own_len(n, P, 0)) * e for n in numels)
         t_sh = (_coll_time("all_to_all", a2a_bytes, P, net, K)
                 + _coll_time("all_gather", sh["sent"] - a2a_bytes - sh["gram_bytes"], P, net, K) + gram_t)
         fs_a2a = fs["sent"] - fs["gram_bytes"]
@@ -425,7 +242,7 @@ def largest_bucket_breakdown(model: str = "8B", world: int = 64, tasks: int = 8,
     buckets = ddp_buckets(CONFIGS[model], element_size=element_size)
     b = max(buckets, key=lambda x: x.numel)
     n, w = b.numel, element_size
-    own, m = _own_len(n, world, 0), _shard(n, world)
+    own, m = own_len(n, world, 0), shard_len(n, world)
     parts = {"received rows GB": world * own * w / GB,
              "fp32 copy of the received rows (transient, P > T and w < 4) GB": (world * own * 4 / GB
                                                                                   if world != tasks and w != 4 else 0.0),
@@ -444,8 +261,10 @@ TASKS = (4, 8, 16, 32, 64)
 BUCKETS_MB = (25.0, 100.0)
 
 
-def calibrate(tasks=TASKS) -> tuple[dict, dict]:
-    cpu = measure_cpu(tasks)
+def calibrate(tasks=TASKS, *, quick: bool = False) -> tuple[dict, dict]:
+    """CPU throughput (:func:`measure_cpu`) and launches per bucket; ``quick``: small
+    buffers and three samples (a check that the model runs; its CPU figures mean little)."""
+    cpu = measure_cpu(tasks, numel=1 << 16, repeats=3) if quick else measure_cpu(tasks)
     launches = {(T, "sharded"): launches_per_bucket(T, max(T, 8)) for T in tasks}
     return cpu, launches
 
@@ -470,8 +289,6 @@ SHORT_COLUMNS = ["model", "P", "T", "bucket MB", "buckets", "AR GB", "sharded GB
 
 
 def _print(rows, columns=SHORT_COLUMNS) -> None:
-    from .harness import markdown_table
-
     print(markdown_table(rows, columns))
 
 
@@ -534,16 +351,17 @@ def summarize(rows: list[dict], threshold: float = 10.0) -> list[dict]:
     return out
 
 
-def render(payload: dict, name: str) -> None:
-    """Write results/<name>.md and .png from the payload (also the JSON's content)."""
-    from . import scale_validation
-    from .harness import RESULTS_DIR, markdown_table
+def render(payload: dict, name: str, out_dir=RESULTS_DIR) -> None:
+    """Write ``out_dir/<name>.json``, ``.md`` and ``.png`` from the payload."""
+    from pathlib import Path
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows, env, cpu = payload["rows"], payload["env"], payload["cpu_measured"]
     payload["summary"] = summarize(rows)
     payload["breakdown_8B"] = largest_bucket_breakdown()
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    plot(rows, RESULTS_DIR / f"{name}.png")
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    plot(rows, out_dir / f"{name}.png")
     md = [f"# Scale model: Bucket-Level MOO at 1B / 8B / 70B on 8..1024 ranks\n",
           "\n".join(f"- {k}: {v}" for k, v in env.items()), "",
           "Bytes and memory are exact for the layouts (checked against simulated worlds below); "
@@ -572,22 +390,31 @@ def render(payload: dict, name: str) -> None:
           "## Sweep\n", markdown_table(rows, SHORT_COLUMNS)]
     if payload.get("validation"):
         md += ["## Validation\n", scale_validation.to_markdown(payload["validation"])]
-    (RESULTS_DIR / f"{name}.md").write_text("\n".join(md))
+    (out_dir / f"{name}.md").write_text("\n".join(md))
 
 
 def main(argv=None) -> int:
+    from pathlib import Path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), default="8B")
     parser.add_argument("--world", type=int, default=64)
     parser.add_argument("--tasks", type=int, nargs="+", default=[8])
     parser.add_argument("--bucket-mb", type=float, default=25.0)
-    parser.add_argument("--sweep", action="store_true", help="the full sweep, written to benchmarks/results/")
+    parser.add_argument("--sweep", action="store_true", help="the full sweep, written to --out")
     parser.add_argument("--validate", action="store_true", help="with --sweep: simulated worlds and gloo checks")
     parser.add_argument("--render", action="store_true",
-                        help="recompute the tables and plot from the .json's stored measurements (no new measurement)")
+                        help="recompute the tables and plot from the stored measurements of "
+                             "benchmarks/results/<name>.json (no new measurement), written to --out")
+    parser.add_argument("--quick", action="store_true",
+                        help="one setting (no --sweep) from a quick CPU calibration: small buffers, three "
+                             "samples; a check that the model runs (its CPU columns mean little)")
     parser.add_argument("--name", default="scale_model")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="folder for the .md/.json/.png of --sweep and --render (default: %(default)s)")
     args = parser.parse_args(argv)
-    from .harness import RESULTS_DIR, environment
+    if args.quick and (args.sweep or args.validate):
+        parser.error("--quick times one setting; it does not go with --sweep or --validate")
 
     if args.render:
         payload = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
@@ -598,34 +425,30 @@ def main(argv=None) -> int:
         launches = {(int(k.split()[0][2:]), k.split()[1]): v for k, v in payload["launches_per_bucket"].items()}
         payload["rows"] = sweep(cpu, launches)
         payload["paper_8B"] = paper_reconciliation()
-        from .harness import _git_commit
-
         payload["env"]["rendered"] = (f"tables recomputed from the stored measurements with "
-                                      f"`python -m benchmarks.scale_model --render` at commit {_git_commit()}")
-        render(payload, args.name)
-        print(f"rendered {RESULTS_DIR / args.name}.{{md,png}}")
+                                      f"`python -m benchmarks.scale_model --render` at commit "
+                                      f"{git_commit('benchmarks/*.py')}")
+        render(payload, args.name, args.out)
+        print(f"rendered {args.out / args.name}.{{md,json,png}}")
         return 0
     t0 = time.time()
     tasks = tuple(sorted(set(TASKS) | set(args.tasks))) if args.sweep else tuple(args.tasks)
-    cpu, launches = calibrate(tasks)
+    cpu, launches = calibrate(tasks, quick=args.quick)
     if not args.sweep:
         rows = [step_costs(Setting(args.model, args.world, T, args.bucket_mb), cpu, launches) for T in args.tasks]
         _print(rows)
         return 0
-    from . import scale_validation
-
     rows = sweep(cpu, launches)
     validation = scale_validation.run(cpu) if args.validate else None
     env = environment()
     env["command"] = "python -m benchmarks.scale_model --sweep" + (" --validate" if args.validate else "")
     env["runtime_s"] = f"{time.time() - t0:.0f}"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "assumptions": ASSUMPTIONS, "cpu_measured": cpu, "paper_8B": paper_reconciliation(),
                "launches_per_bucket": {f"T={k[0]} {k[1]}": v for k, v in launches.items()},
                "rows": rows, "validation": validation}
-    render(payload, args.name)
+    render(payload, args.name, args.out)
     _print([r for r in rows if r["model"] == "8B" and r["P"] == 64 and r["bucket MB"] == 25.0])
-    print(f"wrote {RESULTS_DIR / args.name}.{{md,json,png}} in {time.time() - t0:.0f} s")
+    print(f"wrote {args.out / args.name}.{{md,json,png}} in {time.time() - t0:.0f} s")
     return 0
 
 

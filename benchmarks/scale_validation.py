@@ -17,7 +17,7 @@ import time
 import torch
 
 from .llm_layout import CONFIGS, ddp_buckets, fsdp_groups, mlp_shapes
-from .scale_model import plain_allreduce_bytes, predict_ddp, predict_fsdp
+from .scale_bytes import plain_allreduce_bytes, predict_ddp, predict_fsdp
 from .simulated_world import simulate_ddp_step, simulate_fsdp_step
 
 SIM_CASES = [

@@ -6,14 +6,13 @@ the caller's buffer. See the README for the method and the DDP hook.
 """
 
 from . import diagnostics, methods
+from ._version import __version__
 from .api import MOOInfo, combine, fused_bucket_moo, gram, solve
 from .dispatch import BACKEND_NAMES, Backend, available_backends, get_backend
 from .inputs import Segments
 from .methods import MethodState, available_methods, register_method
 from .profile import ConflictReport, profile_conflicts
 from .weight_step import WeightStep
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES",

@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(config, items):
 #: The slowest test files (seconds of one worker in CI, 2 workers on 2 cores, from
 #: ``--durations``), slowest first: they are collected, hence started, before the others.
 HEAVY_FILES = (
+    "tests/test_packaging.py",  # ~2 min of CPU: sdist -> wheel (compiles the CPU extension) -> DDP step
     "tests/test_demo.py",  # ~90 s: the demo's process groups and its HF engine
     "tests/integrations/test_transformers.py",  # the HF scenarios (~50 s), shared with the next two
     "tests/integrations/test_accelerate.py",
