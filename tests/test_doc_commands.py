@@ -51,6 +51,16 @@ RUN = {
 
 #: documented command -> (file, text): a test or CI script that runs it (or its small form).
 COVERED = {
+    # docs/cuda.md: the GPU session's plan (its stub test also checks the docs show the current plan).
+    "bash scripts/gpu_session.sh --plan": ("tests/scripts/test_gpu_session.py",
+                                           "def test_plan_lists_every_step_and_totals_at_most_480_s"),
+    # docs/profile.md: the profiler's CLI, small sizes.
+    "python -m bucketmoo_kernels.profile --help": ("tests/test_profile.py", "def test_cli_help"),
+    "python -m bucketmoo_kernels.profile --quick": ("tests/test_profile.py", "def test_cli_quick"),
+    "python -m bucketmoo_kernels.profile --hf-config path/to/config.json --quick --granularity bucket":
+        ("tests/test_profile.py", '"--hf-config",\n                           str(cfg), "--granularity", "bucket"'),
+    "python -m bucketmoo_kernels.profile --hf-config tiny-gpt2 --quick":
+        ("tests/test_profile.py", '"--hf-config", "tiny-gpt2"'),
     # README: the test command and the fast lane are what CI itself runs.
     "bash scripts/test.sh": (".ci/run", "bash scripts/test.sh"),
     'python -m pytest -m "not slow and not distributed"': ("scripts/test.sh", "python -m pytest"),

@@ -15,8 +15,9 @@ def _no_torchjd(monkeypatch):
 
 
 def test_the_table_is_saved_before_the_plot(tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
-    monkeypatch.setattr(bench_kernels, "RESULTS_DIR", tmp_path)
+    # Without --record the run goes to the ignored out/benchmarks/ (OUT_DIR): redirect it here.
+    monkeypatch.setattr(harness, "OUT_DIR", tmp_path)
+    monkeypatch.setattr(bench_kernels, "OUT_DIR", tmp_path)
 
     def broken_plot(*args, **kwargs):
         raise RuntimeError("no plotting here")
