@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compatibility lane: build bucketmoo_kernels against another torch and run the core CPU suite.
 #
-#   bash scripts/compat.sh TORCH_VERSION [TRITON_VERSION]
+#   bash scripts/compat.sh TORCH_VERSION [TRITON_VERSION] [--record]
 #   bash scripts/compat.sh 2.11.0 3.6.0      # the GPU machine's pair
 #   bash scripts/compat.sh 2.15.0            # triton: whatever that torch requires
 #
@@ -16,8 +16,8 @@
 #      method; the integration tests skip without their engines) plus one DDP test file;
 #   4. a one-line result appended to benchmarks/results/compat.md only with --record.
 #
-# Takes 5-15 minutes on 2 cores, most of it the download of the CUDA wheels (about 3 GB)
-# and the C++ build; not part of the default CI.
+# Took 14-17 minutes on a 2-core machine under load (about 15), the download of the CUDA wheels
+# (about 3 GB, 4.9 GB in the venv), the C++ build and the suite included; not part of the default CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,11 +26,11 @@ args=()
 for a in "$@"; do
   case "$a" in
     --record) RECORD=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) args+=("$a") ;;
   esac
 done
-[ ${#args[@]} -ge 1 ] || { sed -n '2,22p' "$0"; exit 2; }
+[ ${#args[@]} -ge 1 ] || { sed -n '2,21p' "$0"; exit 2; }
 TORCH_VERSION="${args[0]}"
 TRITON_VERSION="${args[1]:-}"
 WORK="$ROOT/out/compat/$TORCH_VERSION"
