@@ -26,11 +26,11 @@ args=()
 for a in "$@"; do
   case "$a" in
     --record) RECORD=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) args+=("$a") ;;
   esac
 done
-[ ${#args[@]} -ge 1 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ ${#args[@]} -ge 1 ] || { sed -n '2,20p' "$0"; exit 2; }
 TORCH_VERSION="${args[0]}"
 TRITON_VERSION="${args[1]:-}"
 WORK="$ROOT/out/compat/$TORCH_VERSION"
