@@ -11,8 +11,11 @@
                                bucket_moo=BucketMOOState(method="mgda"))    # None: plain DDP
     trainer.train()
 
-launched with one process per rank (``torchrun --nproc-per-node 2 train.py``). What the
-subclass changes, and where (``transformers`` 5.x):
+launched with one process per rank (``torchrun --nproc-per-node 2 train.py``; on a machine
+without GPUs with ``TrainingArguments(use_cpu=True)``). The behaviour lives in
+:class:`BucketMOOTrainerMixin`, which works on any ``Trainer`` subclass
+(``BucketMOOTrainer`` is the mixin on ``Trainer``, ``integrations.trl.BucketMOOSFTTrainer``
+the mixin on TRL's ``SFTTrainer``). What it changes, and where (``transformers`` 5.x):
 
 * data -- ``get_train_dataloader``: rank r reads only ``train_dataset[task of r]`` through a
   :class:`bucketmoo_kernels.data.TaskSampler` (shuffled per epoch from ``args.data_seed`` or

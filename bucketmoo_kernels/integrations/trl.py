@@ -27,10 +27,11 @@ For another Trainer subclass, put the mixin first among its bases the same way.
 from __future__ import annotations
 
 from ._common import require
-from .transformers import BucketMOOTrainerMixin
 
 _trl = require("trl", "trl", "bucketmoo_kernels.integrations.trl")
 SFTTrainer = _trl.SFTTrainer
+
+from .transformers import BucketMOOTrainerMixin  # noqa: E402 - after the check that names the extra
 
 __all__ = ["BucketMOOSFTTrainer"]
 
