@@ -82,3 +82,36 @@ def test_accelerate_not_ddp_gives_the_cpu_launch_lines(monkeypatch, world, words
     if world > 1:
         with pytest.raises(RuntimeError, match=words):
             task_dataloader(accelerator, {"a": [0, 1], "b": [2, 3]}, state=BucketMOOState(method="mgda"))
+
+
+_NO_USE_CPU = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from bucketmoo_kernels.ddp import BucketMOOState
+from bucketmoo_kernels.integrations.transformers import BucketMOOTrainer
+
+ids = torch.zeros(4, 8, dtype=torch.long)
+data = [{"input_ids": x, "labels": x} for x in ids]
+model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+BucketMOOTrainer(model=model, args=TrainingArguments(output_dir="out", report_to=[]),   # no use_cpu=True
+                 train_dataset={"a": data, "b": data}, bucket_moo=BucketMOOState(method="mgda"))
+print("NOT REFUSED")
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_on_cpu_without_use_cpu_is_refused_on_every_rank(tmp_path):
+    """The launch of issue 25: two processes, TrainingArguments without use_cpu=True."""
+    pytest.importorskip("transformers", reason="needs pip install 'bucketmoo_kernels[hf]'")
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs the Trainer enters distributed mode without use_cpu")
+    from doc_examples import run_launch_line
+
+    (tmp_path / "no_use_cpu.py").write_text(_NO_USE_CPU)
+    done = run_launch_line("torchrun --nproc-per-node 2 no_use_cpu.py", tmp_path)
+    assert done.returncode != 0 and "NOT REFUSED" not in done.stdout
+    message = "2 processes were launched, but the TrainingArguments see a world of 1"
+    assert done.stderr.count(message) >= 2, done.stderr[-4000:]      # both ranks say it
+    assert "set use_cpu=True in the TrainingArguments" in done.stderr
