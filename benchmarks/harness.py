@@ -525,7 +525,7 @@ def run_gloo_workers(worker, world: int, args) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as outdir:
         mp.spawn(worker, args=(world, _free_port(), outdir, args), nprocs=world)
-        return torch.load(Path(outdir) / "rows.pt")
+        return torch.load(Path(outdir) / "rows.pt", weights_only=True)
 
 
 def finish_worker(rows: list[dict], rank: int, outdir: str) -> None:

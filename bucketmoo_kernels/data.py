@@ -105,8 +105,8 @@ class TaskPlan:
             if world % num:
                 raise ValueError(
                     f"a world of {world} ranks cannot be split into {num} tasks {list(names)}: every task "
-                    f"needs the same number of ranks, so world_size must be a multiple of {num} "
-                    "(or pass task_of_rank)")
+                    f"needs the same number of ranks, so launch a multiple of {num} processes "
+                    f"(e.g. torchrun --nproc-per-node {num})")
             per = world // num
             return cls(names, tuple(r // per for r in range(world)))
         ids = []

@@ -85,6 +85,11 @@ class TaskLayout:
         the tasks (every task must have P / T ranks, so that ``mean`` is plain DDP).
         """
         if task_of_rank is None:
+            if num_tasks is not None and num_tasks != world_size:
+                raise ValueError(
+                    f"num_tasks={num_tasks} on a process group of {world_size} ranks: without task_of_rank, rank r "
+                    f"trains task r, so num_tasks must equal the world size; launch {num_tasks} processes, or a "
+                    f"multiple of {num_tasks} with task_of_rank giving every task the same number of ranks")
             task_of_rank = list(range(world_size))
         try:
             ids = tuple(int(t) for t in task_of_rank)

@@ -66,8 +66,29 @@ def register_bucket_moo(accelerator, model: torch.nn.Module, state) -> torch.nn.
                                f"bucketmoo_kernels.integrations.deepspeed ({exc})") from exc
         apply_bucket_moo(model, state)
         return model
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"accelerator.prepare returned a {type(model).__name__}, not a DistributedDataParallel: "
+                        f"{_launch_advice(accelerator)}")
     register_ddp_hook(model, state, "accelerator.prepare")
     return model
+
+
+def _launch_advice(accelerator) -> str:
+    """What the launch lacks for one process per rank, and the launch lines that give it."""
+    launched = _launched_world()
+    cpu_launch = ("on a machine without GPUs create Accelerator(cpu=True) and launch with torchrun "
+                  "--nproc-per-node P script.py or accelerate launch --multi_gpu --num_processes P script.py "
+                  "(plain accelerate launch --num_processes P starts one process there)")
+    if launched > 1:
+        return (f"{launched} processes were launched but the Accelerator sees {accelerator.num_processes} "
+                f"(distributed_type={accelerator.distributed_type}); {cpu_launch}")
+    return ("this is a single-process run, and Bucket-Level MOO needs one process per rank with one task per "
+            f"rank. On GPUs: accelerate launch --num_processes P script.py; {cpu_launch}")
+
+
+def _launched_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def task_dataloader(accelerator, datasets: Mapping[str, Any], batch_size: int = 1, *, state=None,
@@ -80,6 +101,8 @@ def task_dataloader(accelerator, datasets: Mapping[str, Any], batch_size: int = 
     yields CPU batches and must not go through ``accelerator.prepare``. ``loader.plan`` is
     the :class:`~bucketmoo_kernels.data.TaskPlan`.
     """
+    if _launched_world() != accelerator.num_processes:
+        raise RuntimeError(f"task_dataloader: {_launch_advice(accelerator)}")
     plan = plan_for_state(datasets, state, accelerator.num_processes, task_of_rank)
     loader = _task_dataloader(datasets, accelerator.process_index, plan, batch_size, seed=seed,
                               epoch_length=epoch_length, **loader_kwargs)

@@ -11,8 +11,11 @@
                                bucket_moo=BucketMOOState(method="mgda"))    # None: plain DDP
     trainer.train()
 
-launched with one process per rank (``torchrun --nproc-per-node 2 train.py``). What the
-subclass changes, and where (``transformers`` 5.x):
+launched with one process per rank (``torchrun --nproc-per-node 2 train.py``; on a machine
+without GPUs with ``TrainingArguments(use_cpu=True)``). The behaviour lives in
+:class:`BucketMOOTrainerMixin`, which works on any ``Trainer`` subclass
+(``BucketMOOTrainer`` is the mixin on ``Trainer``, ``integrations.trl.BucketMOOSFTTrainer``
+the mixin on TRL's ``SFTTrainer``). What it changes, and where (``transformers`` 5.x):
 
 * data -- ``get_train_dataloader``: rank r reads only ``train_dataset[task of r]`` through a
   :class:`bucketmoo_kernels.data.TaskSampler` (shuffled per epoch from ``args.data_seed`` or
@@ -57,7 +60,7 @@ if not hasattr(Trainer, "_prepare_for_training"):  # the extension point below (
                       f"_prepare_for_training); found {_transformers.__version__}: pip install -U "
                       "'bucketmoo_kernels[hf]'")
 
-__all__ = ["BucketMOOTrainer", "STATE_FILE"]
+__all__ = ["BucketMOOTrainer", "BucketMOOTrainerMixin", "check_distributed_launch", "STATE_FILE"]
 
 STATE_FILE = "bucket_moo_state.pt"
 
@@ -77,11 +80,51 @@ class _TaskDataLoader(DataLoader):
         self.batch_sampler.set_epoch(epoch)
 
 
-class BucketMOOTrainer(Trainer):
-    """A ``transformers.Trainer`` that trains one task per rank with Bucket-Level MOO.
+def check_distributed_launch(args, engine: str) -> None:
+    """Refuse a launch the Trainer does not see as distributed, saying what to set.
+
+    Raises ``RuntimeError`` when no ``torch.distributed`` process group exists, and when one
+    exists with P > 1 processes but ``args.world_size`` is 1: on a machine without GPUs,
+    Transformers (through Accelerate) initialises the group from torchrun's variables but
+    enters distributed mode only with ``use_cpu=True``, so every rank would train alone.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(args, "use_cpu", False) \
+                and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"{engine}: WORLD_SIZE={os.environ['WORLD_SIZE']} processes were launched but there is no "
+                "torch.distributed process group; on a machine without GPUs set use_cpu=True in the "
+                "TrainingArguments (or SFTConfig)")
+        raise RuntimeError(
+            f"{engine} trains one task per rank and needs a torch.distributed process group; none is "
+            "initialized. Launch one process per rank: torchrun --nproc-per-node P script.py (or accelerate "
+            "launch), with P a multiple of the number of tasks; on a machine without GPUs also set use_cpu=True "
+            "in the TrainingArguments")
+    launched = dist.get_world_size()
+    if launched > 1 and args.world_size != launched:
+        hint = ("on a machine without GPUs, Transformers enters distributed mode only with use_cpu=True: set "
+                "use_cpu=True in the TrainingArguments (or SFTConfig)" if not getattr(args, "use_cpu", False)
+                else "check the launch (one process per rank)")
+        raise RuntimeError(
+            f"{engine}: {launched} processes were launched, but the TrainingArguments see a world of "
+            f"{args.world_size} (parallel_mode={getattr(args.parallel_mode, 'value', args.parallel_mode)}), so every "
+            f"rank would train alone; {hint}")
+
+
+class BucketMOOTrainerMixin:
+    """Bucket-Level MOO for a ``transformers.Trainer`` class: one task per rank.
+
+    Put it first among the bases of any ``Trainer`` subclass (``class MyTrainer(
+    BucketMOOTrainerMixin, SomeTrainer)``); :class:`BucketMOOTrainer` is the mixin on
+    ``transformers.Trainer`` and :class:`bucketmoo_kernels.integrations.trl.BucketMOOSFTTrainer`
+    the mixin on ``trl.SFTTrainer``. The mixin adds the keyword arguments below and passes
+    every other one to the Trainer class. A base whose ``__init__`` accepts only one dataset
+    (TRL's trainers) sets ``_bucket_moo_one_train_dataset = True`` and prepares every task's
+    dataset in :meth:`_bucket_moo_prepare_task_dataset`.
 
     Args:
-        *args, **kwargs: those of ``transformers.Trainer``.
+        *args, **kwargs: those of the Trainer class.
         train_dataset: ``{task name: dataset}``; rank r trains ``task_of_rank[r]``.
         eval_dataset: a dataset or ``{name: dataset}`` (names need not be training tasks, e.g.
             unseen languages); each is evaluated on all ranks as ``eval_<name>_loss``.
@@ -95,41 +138,60 @@ class BucketMOOTrainer(Trainer):
 
     Raises:
         RuntimeError: no ``torch.distributed`` process group (launch with torchrun or
-            ``accelerate launch``).
+            ``accelerate launch``), or a multi-process launch the TrainingArguments do not see
+            (on CPU: ``use_cpu=True`` is missing).
         ValueError: ``train_dataset`` is not a mapping of tasks, or the world cannot be split
             into the tasks.
         NotImplementedError: an FSDP config with ``bucket_moo``.
     """
 
+    _bucket_moo_one_train_dataset = False
+
     def __init__(self, *args: Any, bucket_moo=None, task_of_rank: Sequence[int | str] | None = None,
                  epoch_length: str | int = "max", **kwargs: Any):
+        engine = type(self).__name__
+        if len(args) > 3:  # Trainer(model, args, data_collator, train_dataset, ...): keep it a keyword
+            args = list(args)
+            kwargs["train_dataset"] = args.pop(3)
+        tasks = kwargs.get("train_dataset")
+        if tasks is not None and not isinstance(tasks, Mapping):
+            raise ValueError(f"train_dataset must be a mapping {{task name: dataset}} (one task per rank); got "
+                             f"{type(tasks).__name__}")
+        if tasks is not None and not tasks:
+            raise ValueError("train_dataset must name at least one task; got an empty mapping")
+        if tasks is not None and self._bucket_moo_one_train_dataset:
+            kwargs["train_dataset"] = next(iter(tasks.values()))  # prepared by the base, reused below
         super().__init__(*args, **kwargs)
         self.bucket_moo = bucket_moo
         self.epoch_length = epoch_length
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise RuntimeError(
-                "BucketMOOTrainer trains one task per rank and needs a torch.distributed process group; "
-                "none is initialized. Launch one process per rank: torchrun --nproc-per-node P script.py "
-                "(or accelerate launch), with P a multiple of the number of tasks")
-        if self.train_dataset is not None and not isinstance(self.train_dataset, Mapping):
-            raise ValueError("train_dataset must be a mapping {task name: dataset} (one task per rank); got "
-                             f"{type(self.train_dataset).__name__}")
+        check_distributed_launch(self.args, engine)
         self.task_plan: TaskPlan | None = None
-        if self.train_dataset is not None:
+        if tasks is not None:
+            if self._bucket_moo_one_train_dataset:
+                first = next(iter(tasks))
+                self.train_dataset = {name: (self.train_dataset if name == first
+                                             else self._bucket_moo_prepare_task_dataset(name, ds))
+                                      for name, ds in tasks.items()}
             self.task_plan = plan_for_state(self.train_dataset, bucket_moo, self.args.world_size, task_of_rank)
         if bucket_moo is not None and getattr(self, "is_fsdp_enabled", False):
             raise NotImplementedError(
-                "BucketMOOTrainer does not drive FSDP through the Trainer yet: remove the fsdp arguments "
+                f"{engine} does not drive FSDP through the Trainer yet: remove the fsdp arguments "
                 "(plain DDP), use DeepSpeed ZeRO-1/2, or call bucketmoo_kernels.fsdp.apply_bucket_moo on "
                 "an FSDP2 model in your own loop")
         if bucket_moo is not None and getattr(self, "is_deepspeed_enabled", False):
             self._deepspeed_apply()  # fail now, not after the engine is built
 
+    def _bucket_moo_prepare_task_dataset(self, name: str, dataset):
+        """The dataset of task ``name`` as the base Trainer would have prepared its
+        ``train_dataset`` (only called when ``_bucket_moo_one_train_dataset``)."""
+        raise NotImplementedError(f"{type(self).__name__} sets _bucket_moo_one_train_dataset and must prepare "
+                                  "every task's dataset in _bucket_moo_prepare_task_dataset")
+
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
         """Rank r's loader over its own task's dataset (see :class:`~bucketmoo_kernels.data.TaskSampler`)."""
         if self.train_dataset is None or self.task_plan is None:
-            raise ValueError("BucketMOOTrainer: training requires train_dataset={task name: dataset}")
+            raise ValueError(f"{type(self).__name__}: training requires train_dataset={{task name: dataset}}")
         rank = self.args.process_index
         task = self.task_plan.task_name(rank)
         dataset = self.train_dataset[task]
@@ -158,7 +220,7 @@ class BucketMOOTrainer(Trainer):
             from .deepspeed import apply_bucket_moo
         except ImportError as exc:
             raise RuntimeError(
-                "BucketMOOTrainer with a DeepSpeed config needs bucketmoo_kernels.integrations.deepspeed "
+                f"{type(self).__name__} with a DeepSpeed config needs bucketmoo_kernels.integrations.deepspeed "
                 f"(pip install 'bucketmoo_kernels[deepspeed]'): {exc}. Without DeepSpeed the Trainer uses "
                 "plain DDP and the comm hook") from exc
         return apply_bucket_moo
@@ -193,9 +255,11 @@ class BucketMOOTrainer(Trainer):
         path = os.path.join(checkpoint, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"resuming BucketMOOTrainer from {checkpoint!r}, but it has no {STATE_FILE} (the BucketMOOState "
+                f"resuming {type(self).__name__} from {checkpoint!r}, but it has no {STATE_FILE} (the BucketMOOState "
                 "saved with every checkpoint); was it written by a plain Trainer or with bucket_moo=None?")
-        self.bucket_moo.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        # weights_only=True: the state is plain tensors, numbers and strings; a crafted file
+        # cannot run code on resume (it raises an UnpicklingError instead)
+        self.bucket_moo.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -205,3 +269,9 @@ class BucketMOOTrainer(Trainer):
             tasks = self.task_plan.tasks if self.task_plan is not None else None
             logs.update(diagnostics_scalars(self.bucket_moo, tasks))
         super().log(logs, *args, **kwargs)
+
+
+class BucketMOOTrainer(BucketMOOTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that trains one task per rank with Bucket-Level MOO:
+    :class:`BucketMOOTrainerMixin` on ``transformers.Trainer`` (see the mixin for the
+    arguments)."""

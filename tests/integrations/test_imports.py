@@ -19,6 +19,7 @@ def test_package_imports_no_framework():
 @pytest.mark.parametrize("module, framework, extra", [
     ("bucketmoo_kernels.integrations.transformers", "transformers", "hf"),
     ("bucketmoo_kernels.integrations.accelerate", "accelerate", "hf"),
+    ("bucketmoo_kernels.integrations.trl", "trl", "trl"),
 ])
 def test_missing_framework_names_the_extra(monkeypatch, module, framework, extra):
     monkeypatch.setitem(sys.modules, framework, None)  # makes `import framework` fail
