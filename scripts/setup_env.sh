@@ -7,7 +7,7 @@
 #                          on a GPU machine install your CUDA build of torch first instead)
 #   BUCKETMOO_VENV         where the virtualenv lives (default ./.venv)
 #   BUCKETMOO_ENGINES      1 (default): also install the engines the integration tests drive
-#                          (transformers, accelerate, peft, lightning, deepspeed) and the
+#                          (transformers, accelerate, peft, trl, datasets, lightning, deepspeed) and the
 #                          solvers torchjd needs for its NashMTL, CAGrad and UPGrad (cvxpy, ecos,
 #                          clarabel, qpsolvers, quadprog);
 #                          0: skip them (their tests then skip with the reason)
@@ -69,7 +69,7 @@ pip_install "the test and benchmark dependencies" -c "$CONSTRAINT" \
 if [ "${BUCKETMOO_ENGINES:-1}" = "1" ]; then
   echo "[setup] installing the engines of the integration tests and torchjd's optional solvers"
   pip_install "the integration engines" -c "$CONSTRAINT" \
-    "transformers>=5.0" "accelerate>=1.0" peft "lightning>=2.2" cvxpy ecos clarabel qpsolvers quadprog
+    "transformers>=5.0" "accelerate>=1.0" peft "trl>=1.16" datasets "lightning>=2.2" cvxpy ecos clarabel qpsolvers quadprog
   if ! python -c "import deepspeed" 2>/dev/null; then
     # DeepSpeed builds no ops here (the tests use gloo on CPU); it needs the venv's torch at
     # build time, hence no build isolation.

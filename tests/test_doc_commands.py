@@ -51,6 +51,19 @@ RUN = {
 
 #: documented command -> (file, text): a test or CI script that runs it (or its small form).
 COVERED = {
+    # docs/integrations.md: every engine's example script, run by its CPU launch lines as written.
+    "torchrun --nproc-per-node 2 train_trainer.py": ("tests/integrations/test_doc_examples.py",
+                                                     "def test_example_runs_as_documented"),
+    "torchrun --nproc-per-node 2 train_accelerate.py": ("tests/integrations/test_doc_examples.py",
+                                                        "def test_example_runs_as_documented"),
+    "accelerate launch --multi_gpu --num_processes 2 train_accelerate.py":
+        ("tests/integrations/test_doc_examples.py", "def test_example_runs_as_documented"),
+    "python train_lightning.py": ("tests/integrations/test_doc_examples.py", "def test_example_runs_as_documented"),
+    "DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 train_deepspeed.py":
+        ("tests/integrations/test_doc_examples.py", "def test_example_runs_as_documented"),
+    "torchrun --nproc-per-node 2 sft_multilingual.py": ("tests/integrations/test_trl.py", "launch_lines(SCRIPT)"),
+    "torchrun --nproc-per-node 2 sft_multilingual.py --resume sft-out/checkpoint-3":
+        ("tests/integrations/test_trl.py", "launch_lines(SCRIPT)"),
     # docs/cuda.md: the GPU session's plan (its stub test also checks the docs show the current plan).
     "bash scripts/gpu_session.sh --plan": ("tests/scripts/test_gpu_session.py",
                                            "def test_plan_lists_every_step_and_totals_at_most_480_s"),
