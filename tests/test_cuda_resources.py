@@ -84,29 +84,29 @@ def test_first_pgd_weight_step_reserves_little_device_memory():
 # largest reservation so far, so after the k-th launch the reservation is the largest stack frame
 # of kernels 1..k, which must stay within the k-th (largest so far) budget.
 WEIGHT_KERNELS = [
-    ("solve_mgda_exact_kernel", "torch.ops.bucketmoo.solve_mgda(gram64(5), 2, 100, 0.0)"),
-    ("weights_kernel<8, false, false>", "bm.solve(gram32(5), 'mgda', backend='cuda', solver='exact')"),
-    ("solve_cagrad_kernel", "torch.ops.bucketmoo.solve_cagrad(gram64(8), 0.5, 1)"),
-    ("weights_kernel<8, true, false>", "bm.solve(gram32(8), 'cagrad', backend='cuda', c=0.5)"),
-    ("solve_mgda_pgd_kernel", "torch.ops.bucketmoo.solve_mgda(gram64(12), 3, 50, 0.0)"),
-    ("weights_kernel<32, false, false>", "bm.solve(gram32(12), 'mgda', backend='cuda', solver='pgd')"),
-    ("solve_dual_cone_kernel", "torch.ops.bucketmoo.solve_dual_cone(gram64(16), 4, 0.0, 1e-4, 200)"),
-    ("weights_kernel<16, false, true>", "bm.solve(gram32(16), 'upgrad', backend='cuda')"),
+    ("solve_mgda_exact_kernel", "torch.ops.bucketmoo.solve_mgda(G64[5], 2, 100, 0.0)"),
+    ("weights_kernel<8, false, false>", "bm.solve(G32[5], 'mgda', backend='cuda', solver='exact')"),
+    ("solve_cagrad_kernel", "torch.ops.bucketmoo.solve_cagrad(G64[8], 0.5, 1)"),
+    ("weights_kernel<8, true, false>", "bm.solve(G32[8], 'cagrad', backend='cuda', c=0.5)"),
+    ("solve_mgda_pgd_kernel", "torch.ops.bucketmoo.solve_mgda(G64[12], 3, 50, 0.0)"),
+    ("weights_kernel<32, false, false>", "bm.solve(G32[12], 'mgda', backend='cuda', solver='pgd')"),
+    ("solve_dual_cone_kernel", "torch.ops.bucketmoo.solve_dual_cone(G64[16], 4, 0.0, 1e-4, 200)"),
+    ("weights_kernel<16, false, true>", "bm.solve(G32[16], 'upgrad', backend='cuda')"),
 ]
 
 _FIRST_LAUNCH_SCRIPT = """
 import json, sys, torch, bucketmoo_kernels as bm
 launches = json.loads(sys.argv[1])
-def gram64(t):
+# Inputs made before the baseline; warm up the allocator and the Gram/combine kernels (no stack
+# frame), no solver.
+G64 = {}
+for t in (5, 8, 12, 16):
     g = torch.randn(64, t, t + 2, dtype=torch.float64, device="cuda")
-    return g @ g.transpose(1, 2)
-def gram32(t):
-    return gram64(t).float()
-# Warm up the allocator, cuBLAS and the Gram/combine kernels (no stack frame), no solver.
+    G64[t] = g @ g.transpose(1, 2)
+G32 = {t: g.float() for t, g in G64.items()}
 grads = torch.randn(2, 4096, device="cuda")
 bm.gram(grads, 512, backend="cuda")
 bm.combine(grads, torch.rand(8, 2, device="cuda"), 512, backend="cuda")
-gram64(5), gram32(5)
 torch.cuda.synchronize()
 base, _ = torch.cuda.mem_get_info()
 drops = []
