@@ -74,8 +74,9 @@ def random_grads(num_tasks: int, n: int, dtype=torch.float32, device="cpu", corr
 # at most bound^2 each, so while N * bound^2 < 2^24 every partial sum, in any order, is an
 # integer below 2^24 and exact in float32: the kernel's result must equal the float64
 # reference bit for bit (atol = 0), and one dropped, doubled or misplaced element shows. The
-# combine sum_t w_t g_t of T <= 8 such terms is a multiple of 1/4 of magnitude <= 2 T bound,
-# exact in float32 and in the 8 significant bits of bfloat16 for bound <= 2.
+# combine sum_t w_t g_t of T such terms, and each partial sum, is a multiple of 1/4 of
+# magnitude <= T bound: at most 4 T bound quarters, exact in float32 and in the 8 significant
+# bits of bfloat16 while that is <= 256 (T <= 32 at bound 2).
 EXACT_BOUND = 2
 
 
