@@ -1,8 +1,13 @@
 """Resources of the CUDA kernels: the local-memory budget check (runs anywhere: it parses
-ptxas reports) and, on a GPU, how much device memory the first PGD weight step reserves."""
+ptxas reports) and, on a GPU, how much device memory the first launch of each solver and
+weight-step kernel reserves (the ptxas figures themselves are checked against the budgets in
+CI by tools/check_cuda_compile.sh)."""
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +77,85 @@ def test_first_pgd_weight_step_reserves_little_device_memory():
     drop = free_before - free_after
     # 4 KiB a thread bounds the 2.2 KiB frame plus the allocator's and the module's share.
     assert drop < 4096 * threads + (64 << 20), f"first PGD launch took {drop / 2**20:.0f} MiB"
+
+
+# ---- every solver and weight-step kernel -------------------------------------------------------
+# (kernel as the budget file names it, how to launch it). Ordered by budget: the driver keeps the
+# largest reservation so far, so after the k-th launch the reservation is the largest stack frame
+# of kernels 1..k, which must stay within the k-th (largest so far) budget.
+WEIGHT_KERNELS = [
+    ("solve_mgda_exact_kernel", "torch.ops.bucketmoo.solve_mgda(G64[5], 2, 100, 0.0)"),
+    ("weights_kernel<8, false, false>", "bm.solve(G32[5], 'mgda', backend='cuda', solver='exact')"),
+    ("solve_cagrad_kernel", "torch.ops.bucketmoo.solve_cagrad(G64[8], 0.5, 1)"),
+    ("weights_kernel<8, true, false>", "bm.solve(G32[8], 'cagrad', backend='cuda', c=0.5)"),
+    ("solve_mgda_pgd_kernel", "torch.ops.bucketmoo.solve_mgda(G64[12], 3, 50, 0.0)"),
+    ("weights_kernel<32, false, false>", "bm.solve(G32[12], 'mgda', backend='cuda', solver='pgd')"),
+    ("solve_dual_cone_kernel", "torch.ops.bucketmoo.solve_dual_cone(G64[16], 4, 0.0, 1e-4, 200)"),
+    ("weights_kernel<16, false, true>", "bm.solve(G32[16], 'upgrad', backend='cuda')"),
+]
+
+_FIRST_LAUNCH_SCRIPT = """
+import json, sys, torch, bucketmoo_kernels as bm
+launches = json.loads(sys.argv[1])
+# Inputs made before the baseline; warm up the allocator and the Gram/combine kernels (no stack
+# frame), no solver.
+G64 = {}
+for t in (5, 8, 12, 16):
+    g = torch.randn(64, t, t + 2, dtype=torch.float64, device="cuda")
+    G64[t] = g @ g.transpose(1, 2)
+G32 = {t: g.float() for t, g in G64.items()}
+grads = torch.randn(2, 4096, device="cuda")
+bm.gram(grads, 512, backend="cuda")
+bm.combine(grads, torch.rand(8, 2, device="cuda"), 512, backend="cuda")
+torch.cuda.synchronize()
+base, _ = torch.cuda.mem_get_info()
+drops = []
+for name, call in launches:
+    eval(call)
+    torch.cuda.synchronize()
+    free, _ = torch.cuda.mem_get_info()
+    drops.append(base - free)
+print("DROPS", json.dumps(drops))
+"""
+
+
+def _budgets():
+    out = {}
+    for line in (ROOT / "tools" / "cuda_local_memory_budget.txt").read_text().splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and not line.startswith("#"):
+            out.setdefault(parts[1].strip(), int(parts[0]))
+    return out
+
+
+def test_weight_kernels_are_listed_in_budget_order():
+    budgets = _budgets()
+    listed = [budgets[name] for name, _ in WEIGHT_KERNELS]
+    assert listed == sorted(listed), list(zip([n for n, _ in WEIGHT_KERNELS], listed))
+
+
+@pytest.mark.gpu
+def test_first_launch_of_each_weight_kernel_reserves_at_most_its_budget():
+    """In a fresh process (a fresh context: no earlier reservation), launch every solver and
+    weight-step kernel once, in budget order, and measure the drop of the driver's free memory
+    since the warm-up. After the k-th launch the reservation covers the largest stack frame so
+    far, so it must stay below the k-th budget per resident thread, plus 512 B a thread for
+    the driver's rounding and 64 MiB for the outputs' allocator blocks and loaded modules. The
+    CAGrad weight step's old 3680 B frame (~950 MiB on an H100) fails its 1280 B budget here."""
+    import bucketmoo_kernels as bm
+
+    if bm.available_backends("cuda").get("cuda") is not None:
+        pytest.skip("the cuda backend is not available")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", _FIRST_LAUNCH_SCRIPT, json.dumps(WEIGHT_KERNELS)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    drops = json.loads(result.stdout.split("DROPS", 1)[1])
+    props = torch.cuda.get_device_properties(0)
+    threads = props.multi_processor_count * props.max_threads_per_multi_processor
+    budgets = _budgets()
+    report = []
+    for (name, _), drop in zip(WEIGHT_KERNELS, drops):
+        limit = (budgets[name] + 512) * threads + (64 << 20)
+        report.append(f"{name}: {drop / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB)")
+        assert drop <= limit, "\n".join(report)

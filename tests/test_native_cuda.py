@@ -26,7 +26,8 @@ from bucketmoo_kernels.methods.cagrad import cagrad_weights
 from bucketmoo_kernels.methods.mgda import mgda_weights
 from bucketmoo_kernels.methods.pcgrad import pcgrad_orders, pcgrad_weights
 from bucketmoo_kernels.reference import combine_reference, gram_reference
-from tests.utils import DTYPE_TOLERANCES, DTYPES, LAYOUTS, assert_close, offsets, random_grads
+from tests.utils import (DTYPE_TOLERANCES, DTYPES, EXACT_BOUND, LAYOUTS, assert_close, offsets, quarter_weights,
+                         random_grads, small_int_grads)
 
 pytestmark = pytest.mark.gpu
 
@@ -105,6 +106,66 @@ def test_gram_unaligned_and_list_inputs(dtype):
         assert_close(bm.gram(grads, segments, backend="cuda"), expected, atol=atol, rtol=rtol, what=what)
 
 
+# ---------------------------------------------------------------------------------- exact gram
+# Small-integer inputs (tests/utils.py small_int_grads): every partial sum is an exact float32
+# integer, so the Gram must equal the float64 reference with atol = 0. The layout below is cut
+# in units of the kernel's tile L (csrc/cuda/gram.cu gram_tile, mirrored by _cuda_gram_tile)
+# so that each path of gram_partial_kernel / gram_finalize_kernel is hit at least once:
+#
+#   [0, 3)               short intersection (< L/8: one warp), single tile, starts at t0
+#   [3, L/8 + 5)         big intersection (>= L/8: the whole block), single tile; with aligned
+#                        rows the vector path runs a scalar head [3, V) and tail (L/8 + 5 is
+#                        not a multiple of V = 4 or 8) around the 128-bit body
+#   [L/8 + 5, 40 L + 7)  a segment over 41 tiles: first piece starts after t0 (slot 2b + 1),
+#                        39 full tiles (block path, aligned body, no head or tail), last
+#                        piece of 7 elements on one warp (slot 2b); finalize: 41 slots > 32
+#                        lanes, so lanes take their k-th and (k + 32)-th slot
+#   [40 L + 7, 40 L + 7) an empty segment (finalize writes zeros)
+#   [40 L + 7, +L/4 + 3) big, single tile, head and tail
+#   40 x 5 elements      tiny segments, several per warp (pass 1's round robin over 8 warps)
+#   [.., N = 42 L + 13)  the rest: crosses into the last, partial tile (N is a multiple of
+#                        neither V nor L)
+# Stacked [T, N] rows with N odd are misaligned for t >= 1 (the scalar kernel), separate
+# tensors are aligned (vector kernel), rows one element into their storage misaligned (scalar).
+
+
+def _cuda_gram_tile(num_tasks, dtype):
+    """csrc/cuda/gram.cu gram_tile: ~128 KiB of gradient bytes per block, 8192..65536."""
+    size = 4 if dtype == torch.float32 else 2
+    tile = 8192
+    while tile < 65536 and tile * 2 * num_tasks * size <= 131072:
+        tile *= 2
+    return tile
+
+
+def _gram_path_layout(tile):
+    big, first = tile // 8, tile // 8 + 5
+    lengths = [3, first - 3, 40 * tile + 7 - first, 0, tile // 4 + 3] + [5] * 40
+    used = sum(lengths)
+    return offsets(*lengths, 42 * tile + 13 - used), big
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_gram_is_exact_on_small_integers_on_every_path(dtype, num_tasks):
+    tile = _cuda_gram_tile(num_tasks, dtype)
+    segments, big = _gram_path_layout(tile)
+    n = int(segments[-1])
+    lengths = segments.diff().tolist()
+    assert n * EXACT_BOUND ** 2 < 2 ** 24 and lengths[1] >= big > lengths[0]
+    gen = torch.Generator().manual_seed(num_tasks)
+    host = small_int_grads(num_tasks, n, dtype, generator=gen)
+    expected = _reference_gram(host, segments)
+    stacked = host.to(DEVICE)
+    storage = torch.zeros(num_tasks, n + 1, dtype=dtype, device=DEVICE)
+    storage[:, 1:] = stacked
+    forms = {"aligned rows": [g.clone() for g in stacked], "stacked": stacked,
+             "shifted rows": [storage[t, 1:] for t in range(num_tasks)]}
+    for what, grads in forms.items():
+        got = bm.gram(grads, segments, backend="cuda")
+        assert_close(got, expected, atol=0, rtol=0, what=f"gram {what} T={num_tasks} tile={tile}")
+
+
 # ---------------------------------------------------------------------------------- combine
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -120,6 +181,35 @@ def test_combine_matches_reference(dtype, layout, num_tasks, n):
     atol, rtol = DTYPE_TOLERANCES[dtype]
     assert got.dtype == dtype
     assert_close(got, expected, atol=atol, rtol=rtol, what=f"combine T={num_tasks} n={n} {layout}")
+
+
+# Exact combine: small integers times multiples of 1/4 (tests/utils.py), so the float32 sum
+# rounds to nothing in any dtype and must equal the float64 reference with atol = 0. The tile
+# is 256 threads x 4 vectors of V elements (csrc/cuda/combine.cu combine_tile: 4096 fp32,
+# 8192 16-bit). The layout: segment boundaries at non-multiples of V (element path for the
+# chunk that crosses one), a one-element and an empty segment, a segment over many tiles
+# (vector path, cached weights), a block whose tile holds several segments (binary search
+# per chunk), and N not a multiple of V (scalar end of the last tile). Shifted rows and
+# output run the element path everywhere.
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_combine_is_exact_on_small_integers_on_every_path(dtype, num_tasks):
+    tile = 256 * 4 * (4 if dtype == torch.float32 else 8)
+    segs = as_segments(offsets(5, 1, 0, 3 * tile + 11, 17, 2 * tile - 3, 9 * tile + 6), 14 * tile + 37)
+    n = segs.numel
+    gen = torch.Generator().manual_seed(10 + num_tasks)
+    host = small_int_grads(num_tasks, n, dtype, generator=gen)
+    weights = quarter_weights(segs.num_segments, num_tasks, generator=gen)
+    expected = torch.empty(n, dtype=torch.float64)
+    combine_reference(as_task_grads(host), weights, segs, expected)
+    grads = host.to(DEVICE)
+    got = bm.combine([g.clone() for g in grads], weights.to(DEVICE), segs, backend="cuda")
+    assert_close(got, expected, atol=0, rtol=0, what=f"combine aligned T={num_tasks}")
+    storage = torch.zeros(num_tasks, n + 1, dtype=dtype, device=DEVICE)
+    storage[:, 1:] = grads
+    out = torch.empty(n + 1, dtype=dtype, device=DEVICE)
+    bm.combine([storage[t, 1:] for t in range(num_tasks)], weights.to(DEVICE), segs, out=out[1:], backend="cuda")
+    assert_close(out[1:], expected, atol=0, rtol=0, what=f"combine shifted T={num_tasks}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)

@@ -389,9 +389,9 @@ for dt, deltas in (("*fp32", False), ("*bf16", True)):
                  {"T": 5, "TP": 16 if deltas else 8, "BLOCK_N": 256 if deltas else 128, "NCOLS": 7,
                   "USE_DELTAS": deltas, "UPCAST": dt == "*fp32", "USE_DOT": deltas}, 4))
     jobs.append((C._combine_kernel, {"x_ptr": dt, **rows, "w_ptr": "*fp32", "blocks_ptr": "*i64",
-                 "offsets_ptr": "*i64", "out_ptr": dt, "N": "i64", "T": "constexpr", "TP": "constexpr",
+                 "offsets_ptr": "*i64", "out_ptr": dt, "N": "i64", "T": "constexpr",
                  "BLOCK_N": "constexpr", "USE_DELTAS": "constexpr"},
-                 {"T": 5, "TP": 8, "BLOCK_N": 2048, "USE_DELTAS": deltas}, 4))
+                 {"T": 5, "BLOCK_N": 2048, "USE_DELTAS": deltas}, 4))
 f64 = {"g_ptr": "*fp64", "c_ptr": "*fp64", "w_ptr": "*fp64"}
 jobs.append((S._mgda_closed_form_kernel, {**f64, "S": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 256}, 4))
 jobs.append((S._mgda_exact_kernel, {**f64, "T": "constexpr", "TP": "constexpr", "KP": "constexpr"},

@@ -67,3 +67,27 @@ def random_grads(num_tasks: int, n: int, dtype=torch.float32, device="cpu", corr
     signs = torch.tensor([1.0 if t % 2 == 0 else -0.5 for t in range(num_tasks)], dtype=torch.float64)
     grads = own + (signs[:, None] * base if correlated else 0)
     return grads.to(device=device, dtype=dtype)
+
+
+# Exact inputs: small integers (exact in fp32, bf16 and fp16) and weights that are multiples
+# of 1/4 in [-1, 1]. A Gram of N such elements with |values| <= bound is a sum of integers of
+# at most bound^2 each, so while N * bound^2 < 2^24 every partial sum, in any order, is an
+# integer below 2^24 and exact in float32: the kernel's result must equal the float64
+# reference bit for bit (atol = 0), and one dropped, doubled or misplaced element shows. The
+# combine sum_t w_t g_t of T such terms, and each partial sum, is a multiple of 1/4 of
+# magnitude <= T bound: at most 4 T bound quarters, exact in float32 and in the 8 significant
+# bits of bfloat16 while that is <= 256 (T <= 32 at bound 2).
+EXACT_BOUND = 2
+
+
+def small_int_grads(num_tasks: int, n: int, dtype=torch.float32, bound: int = EXACT_BOUND,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[T, N]`` integers uniform in ``[-bound, bound]``, in ``dtype``."""
+    if n * bound * bound >= 2 ** 24:
+        raise ValueError(f"n * bound^2 = {n * bound * bound} is not below 2^24: sums would not be exact")
+    return torch.randint(-bound, bound + 1, (num_tasks, n), generator=generator).to(dtype)
+
+
+def quarter_weights(num_segments: int, num_tasks: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[S, T]`` float32 multiples of 1/4 in ``[-1, 1]`` (exact products with small integers)."""
+    return torch.randint(-4, 5, (num_segments, num_tasks), generator=generator).float() / 4

@@ -371,9 +371,13 @@ BUCKETMOO_HD void cagrad_face(const double* m, int T, int k, const double* a, do
   for (int t = 0; t < T; ++t) w[t] = disc > 0 ? (lam * w[t] - y[t]) / root : NAN;
 }
 
-BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale, double* w) {
-  double m[kMaxExactTasks * kMaxExactTasks];
-  double a[kMaxExactTasks];
+// cagrad_solve in three parts, so that a caller can run the face loop its own way (the CUDA
+// weight step spreads the faces over a warp, m and a in shared memory) between them:
+//   cagrad_setup      m = gram + ridge I, a = m 1/T; returns the radius c |g_0|
+//   cagrad_objective  face k's candidate (left in w) and its objective (+inf if infeasible)
+//   cagrad_finish     the chosen simplex point w -> the CAGrad weights, in place
+// m: [T*T], a: [T] caller buffers.
+BUCKETMOO_HD double cagrad_setup(const double* gram, int T, double c, double* m, double* a) {
   add_ridge(gram, T, m);
   const double mean_w = 1.0 / T;
   double g0_sq = 0.0;
@@ -383,25 +387,23 @@ BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale,
     a[t] = s;
     g0_sq += s * mean_w;
   }
-  double radius = c * sqrt(g0_sq > 0 ? g0_sq : 0.0);
-  if (T == 1) {
-    w[0] = 1.0;
-  } else {
-    double objective[(1 << kMaxExactTasks) - 1];
-    const int K = (1 << T) - 1;
-    for (int k = 0; k < K; ++k) {
-      cagrad_face(m, T, k, a, radius, w);
-      double quad = quad_form(m, T, w);
-      double obj = radius * sqrt(quad > 0 ? quad : 0.0);
-      double lin = 0.0;
-      for (int t = 0; t < T; ++t) lin += a[t] * w[t];
-      obj = lin + obj;
-      objective[k] = (feasible(w, T) && is_finite(obj)) ? obj : INFINITY;
-    }
-    int chosen = pick_index(objective, T, tie_scale(gram, T));
-    cagrad_face(m, T, chosen, a, radius, w);
-    clamp_normalise(w, T);
-  }
+  return c * sqrt(g0_sq > 0 ? g0_sq : 0.0);
+}
+
+BUCKETMOO_HD double cagrad_objective(const double* m, int T, int k, const double* a, double radius,
+                                     double* w) {
+  cagrad_face(m, T, k, a, radius, w);
+  double quad = quad_form(m, T, w);
+  double obj = radius * sqrt(quad > 0 ? quad : 0.0);
+  double lin = 0.0;
+  for (int t = 0; t < T; ++t) lin += a[t] * w[t];
+  obj = lin + obj;
+  return (feasible(w, T) && is_finite(obj)) ? obj : INFINITY;
+}
+
+BUCKETMOO_HD void cagrad_finish(const double* gram, int T, double c, int rescale, double radius,
+                                double* w) {
+  const double mean_w = 1.0 / T;
   double gw_sq = quad_form(gram, T, w);
   double gw_norm = sqrt(gw_sq > 0 ? gw_sq : 0.0);
   double dmx = tie_scale(gram, T);
@@ -409,6 +411,23 @@ BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale,
   double lam = gw_norm > tiny ? radius / gw_norm : 0.0;
   double divisor = rescale == 0 ? 1.0 : (rescale == 1 ? 1.0 + c * c : 1.0 + c);
   for (int t = 0; t < T; ++t) w[t] = (mean_w + lam * w[t]) / divisor;
+}
+
+BUCKETMOO_HD void cagrad_solve(const double* gram, int T, double c, int rescale, double* w) {
+  double m[kMaxExactTasks * kMaxExactTasks];
+  double a[kMaxExactTasks];
+  const double radius = cagrad_setup(gram, T, c, m, a);
+  if (T == 1) {
+    w[0] = 1.0;
+  } else {
+    double objective[(1 << kMaxExactTasks) - 1];
+    const int K = (1 << T) - 1;
+    for (int k = 0; k < K; ++k) objective[k] = cagrad_objective(m, T, k, a, radius, w);
+    int chosen = pick_index(objective, T, tie_scale(gram, T));
+    cagrad_face(m, T, chosen, a, radius, w);
+    clamp_normalise(w, T);
+  }
+  cagrad_finish(gram, T, c, rescale, radius, w);
 }
 
 // ---------------------------------------------------------------- UPGrad / DualProj

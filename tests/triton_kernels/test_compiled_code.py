@@ -51,9 +51,9 @@ for aligned in (True, False):
                                                + asm["ptx"].count("cp.async.cg.shared.global"))
     cattrs = ["x_ptr", "stride_t", "out_ptr"] if aligned else []
     asm = build(C._combine_kernel, {"x_ptr": "*bf16", **rows, "w_ptr": "*fp32", "blocks_ptr": "*i64",
-                "offsets_ptr": "*i64", "out_ptr": "*bf16", "N": "i64", "T": "constexpr", "TP": "constexpr",
+                "offsets_ptr": "*i64", "out_ptr": "*bf16", "N": "i64", "T": "constexpr",
                 "BLOCK_N": "constexpr", "USE_DELTAS": "constexpr"},
-                {"T": 4, "TP": 4, "BLOCK_N": 1024, "USE_DELTAS": False}, cattrs)
+                {"T": 4, "BLOCK_N": 1024, "USE_DELTAS": False}, cattrs)
     out[f"combine aligned={aligned}"] = len(re.findall(r"ld\.global(\.[a-z0-9]+)*\.v4", asm["ptx"]))
 
 asm = build(G._gram_reduce_kernel, {"partial_ptr": "*fp32", "reduce_ptr": "*i64", "out_ptr": "*fp32",
