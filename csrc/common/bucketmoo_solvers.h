@@ -349,18 +349,21 @@ BUCKETMOO_HD void mgda_polish(const double* gram, int T, double r, double scale,
     }
     if (!usable) break;
     if (inside) {
-      double value = 0.0, grad_t[kMaxTasks];
+      // (M y)_t is formed twice (for y^T M y, then per task) rather than kept: one T-vector
+      // less in the thread (CUDA local memory).
+      double value = 0.0;
       for (int t = 0; t < T; ++t) {
         double g = 0.0;
         for (int u = 0; u < T; ++u) g += ridged_entry(gram, T, r, t, u) * y[u];
-        grad_t[t] = g;
         value += g * y[t];
       }
       double worst = 0.0, best = -INFINITY;
       int enter = 0;
       for (int t = 0; t < T; ++t) {
         w[t] = y[t];
-        const double gap = free[t] ? 0.0 : value - grad_t[t];
+        double g = 0.0;
+        for (int u = 0; u < T && !free[t]; ++u) g += ridged_entry(gram, T, r, t, u) * y[u];
+        const double gap = free[t] ? 0.0 : value - g;
         worst = (gap > worst || gap != gap) ? gap : worst;
         const double violation = free[t] ? 0.0 : gap / ridged_entry(gram, T, r, t, t);
         if (violation > best) { best = violation; enter = t; }
