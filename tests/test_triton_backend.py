@@ -290,8 +290,13 @@ def test_pgd_solver_matches_torch(num_tasks):
     expected = mgda_pgd(grams, max_iter=60, tol=0.0)
     assert_close(got, expected, atol=1e-9, rtol=0, what="pgd weights")
     if num_tasks > 8:  # solver="auto" uses PGD above 8 tasks
-        w = bm.solve(grams, "mgda", backend="triton", max_iter=60, tol=0.0)
-        assert_close(w, expected.float(), atol=1e-6, rtol=0, what="auto above 8 tasks")
+        # The API rounds the Gram to float32; on these low-rank Grams the ridged optimum's
+        # weights are not stable under that rounding, so compare with the torch backend on the
+        # same float32 Gram, by what is unique (objective and direction).
+        w = bm.solve(grams, "mgda", backend="triton", max_iter=60, tol=0.0).double()
+        w_torch = bm.solve(grams, "mgda", backend="torch", max_iter=60, tol=0.0).double()
+        assert_objective_and_direction_match(grams.float().double(), w / w.sum(-1, keepdim=True),
+                                             w_torch / w_torch.sum(-1, keepdim=True))
 
 
 def assert_objective_and_direction_match(grams, got, expected):

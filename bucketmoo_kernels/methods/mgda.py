@@ -11,7 +11,13 @@ Optimization"). Three solvers, all batched over segments and computed in float64
   candidate is a point of the simplex and the optimum's own face yields the optimum, so
   the feasible candidate of least objective *is* the solution. No KKT test is needed.
 * ``pgd`` (any T): accelerated projected gradient (FISTA with adaptive restart) with step
-  1 / L, L = the largest absolute row sum of M (>= its largest eigenvalue).
+  1 / L, L = the largest absolute row sum of M (>= its largest eigenvalue), then an
+  active-set polish (:func:`mgda_polish`): from the iterate's support, primal active-set
+  steps (solve the face problem, step back to the first bound that blocks, or let the most
+  violating task in) until the Frank-Wolfe gap is at most 2 ``MGDA_KKT_TOL`` max(diag M),
+  at most ``2 T + 4`` steps. FISTA alone stalls short of the optimum on ill-conditioned
+  Grams (1e-7 of max(diag M) above it after 500 iterations); the polish lands on the
+  optimum of the ridged problem up to rounding.
 
 Every solver works on M + ridge * I (see :mod:`.simplex`), which only matters when M is
 singular; with identical gradients all weights are equal.
@@ -25,11 +31,14 @@ from .batched_solvers import may_stop_early, solve_systems
 from .registry import register_method
 from .simplex import MAX_EXACT_TASKS, MAX_NATIVE_TASKS, pick_candidate, project_to_simplex, ridge, subset_masks
 
-__all__ = ["mgda_weights", "mgda_closed_form", "mgda_exact", "mgda_pgd", "mgda_solver_for",
-           "MGDA_SOLVERS"]
+__all__ = ["mgda_weights", "mgda_closed_form", "mgda_exact", "mgda_pgd", "mgda_polish",
+           "mgda_polish_pgd", "polish_steps", "mgda_solver_for", "MGDA_SOLVERS", "MGDA_KKT_TOL"]
 
 #: The solver names; a name's index is its code in the native weight step (solver::MgdaSolver).
 MGDA_SOLVERS = ("auto", "closed_form", "exact", "pgd")
+#: The polish's stopping rule (:func:`mgda_polish`): the multipliers of the tasks outside the
+#: support may be this far below zero, relative to max(diag M).
+MGDA_KKT_TOL = 1e-13
 
 
 def _with_ridge(gram: torch.Tensor) -> torch.Tensor:
@@ -94,7 +103,79 @@ def mgda_pgd(gram: torch.Tensor, max_iter: int = 500, tol: float = 1e-10) -> tor
         w, t_k = w_next, t_next
         if tol > 0 and it % 50 == 49 and may_stop_early(moved <= tol):
             break
-    return w
+    return mgda_polish_pgd(gram, w)
+
+
+def mgda_polish_pgd(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The end of every PGD solver (torch, Triton): :func:`mgda_polish` of the iterate ``w [S, T]``
+    on the ridged ``gram [S, T, T]`` (float64)."""
+    return mgda_polish(_with_ridge(gram), w, scale=_tie_scale(gram))
+
+
+def _tie_scale(gram: torch.Tensor) -> torch.Tensor:
+    """``[S]`` max(max diag M, 0): the scale of the polish's stopping rule."""
+    return gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0)
+
+
+def polish_steps(num_tasks: int) -> int:
+    """The bound on :func:`mgda_polish`'s active-set steps for T tasks (what an accelerator
+    always runs; the CPU stops once every segment meets the stopping rule)."""
+    return 2 * num_tasks + 4
+
+
+def mgda_polish(m: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor,
+                steps: int | None = None) -> torch.Tensor:
+    """Primal active-set steps on the simplex QP min w^T m w (``m [S, T, T]`` ridged, positive
+    definite; ``w [S, T]`` a point of the simplex, e.g. the PGD iterate) -> ``[S, T]``.
+
+    The free set F starts as the support of ``w``. A step solves the face problem on F
+    (y = M_FF^{-1} 1 / 1^T M_FF^{-1} 1, zero outside F). If y > 0 on F, w moves to y; when no
+    task outside F has (M y)_j < y^T M y - MGDA_KKT_TOL * scale (the Frank-Wolfe gap, which
+    bounds w^T M w - optimum, is then at most 2 MGDA_KKT_TOL * scale) the segment is done,
+    else the most violating task joins F. Otherwise w moves towards y up to the first
+    coordinate that reaches 0, which leaves F. The objective never increases, so the result
+    is never worse than ``w``. At most ``steps`` (default :func:`polish_steps`) steps; every
+    step is a batched masked solve, no data-dependent branch, no host read off the CPU.
+    """
+    num_seg, num_tasks = w.shape
+    steps = polish_steps(num_tasks) if steps is None else steps
+    eye = torch.eye(num_tasks, dtype=m.dtype, device=m.device)
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    free = w > 0
+    done = torch.zeros(num_seg, dtype=torch.bool, device=w.device)
+    limit = MGDA_KKT_TOL * scale
+    for _ in range(steps):
+        pair = free[:, :, None] & free[:, None, :]
+        system = torch.where(pair, m, eye)
+        x = solve_systems(system, free.to(m.dtype).unsqueeze(-1)).squeeze(-1)
+        y = x / x.sum(-1, keepdim=True)
+        usable = torch.isfinite(y).all(-1) & ~done
+        inside = usable & ~(free & (y <= 0)).any(-1)
+        # Inside: move to y; then the entering task (most negative multiplier / M_jj).
+        grad = torch.einsum("stu,su->st", m, y)
+        value = (grad * y).sum(-1)
+        violation = torch.where(free, torch.zeros_like(y), (value[:, None] - grad) / diag)
+        worst, enter = ((value[:, None] - grad) * ~free).amax(-1), violation.argmax(-1)
+        kkt = inside & (worst <= limit)
+        enters = inside & ~kkt
+        # Outside: step towards y until the first free coordinate reaches 0.
+        blocking = free & (y <= 0)
+        ratio = torch.where(blocking, w / torch.where(blocking, w - y, torch.ones_like(w)),
+                            torch.full_like(w, float("inf")))
+        alpha, leave = ratio.min(-1)
+        partial = usable & ~inside
+        stepped = torch.where(free, w + alpha[:, None] * (y - w), torch.zeros_like(w))
+        left = (torch.arange(num_tasks, device=w.device)[None, :] == leave[:, None]) | ~(stepped > 0)
+        stepped = torch.where(left, torch.zeros_like(stepped), stepped)
+        w = torch.where(inside[:, None], y, torch.where(partial[:, None], stepped, w))
+        entering = torch.arange(num_tasks, device=w.device)[None, :] == enter[:, None]
+        free = torch.where(enters[:, None], free | entering,
+                           torch.where(partial[:, None], free & ~left, free))
+        done = done | kkt | ~usable
+        if may_stop_early(done):
+            break
+    w = w.clamp_min(0)
+    return w / w.sum(-1, keepdim=True)
 
 
 def mgda_solver_for(num_tasks: int, options) -> str:

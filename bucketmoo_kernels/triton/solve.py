@@ -19,7 +19,8 @@ Follows :mod:`bucketmoo_kernels.methods.mgda` and the numeric contract of
 * ``_mgda_pgd_kernel`` (any T, ``solver="pgd"``): the accelerated projected gradient of
   ``mgda_pgd`` (FISTA with adaptive restart, step 1/L with L the largest absolute row sum),
   a fixed ``max_iter`` iterations (``tol`` is not used: checking it needs a host sync), the
-  simplex projection in a sort-free closed form.
+  simplex projection in a sort-free closed form; then ``mgda_polish`` (torch ops on the device)
+  takes the iterate to the exact optimum, as the torch and native PGD solvers do.
 
 The float constants come in through a small float64 tensor: Triton types Python float
 arguments and literals as float32, which would flush RIDGE_ABS = 1e-200 to zero.
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..methods import simplex
+from ..methods.mgda import mgda_polish_pgd
 from ..methods.pcgrad import pcgrad_orders
 from .tiles import next_pow2, on_device, to_device_table
 
@@ -320,7 +322,9 @@ def mgda_exact_triton(gram: torch.Tensor) -> torch.Tensor:
 
 
 def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
-    """MGDA by accelerated projected gradient, any T >= 2, exactly ``max_iter`` iterations:
+    """MGDA by accelerated projected gradient, any T >= 2, exactly ``max_iter`` iterations,
+    then the active-set polish of :func:`~bucketmoo_kernels.methods.mgda.mgda_polish` (batched
+    torch ops on the same device, no host sync), as the torch and native solvers end:
     ``[S, T, T]`` float64 -> ``[S, T]`` float64."""
     gram = gram.to(torch.float64).contiguous()
     num_seg, num_tasks, _ = gram.shape
@@ -331,7 +335,7 @@ def mgda_pgd_triton(gram: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
     with on_device(gram.device):
         _mgda_pgd_kernel[(num_seg,)](gram, _contract_constants(gram.device), out, int(max_iter),
                                      T=num_tasks, TP=tp, num_warps=1 if tp <= 8 else 4 if tp <= 32 else 8)
-    return out
+    return mgda_polish_pgd(gram, out)
 
 
 def mgda_triton(gram: torch.Tensor, solver: str, max_iter: int = 500) -> torch.Tensor:

@@ -17,7 +17,8 @@
 //   mgda_solve(gram, T, solver, max_iter, tol, w)    solver: kAuto/kClosedForm/kExact/kPgd
 //       mgda_closed_form(gram, w)                    T == 2
 //       mgda_exact(gram, T, w)                       T <= 8, enumerates the 2^T-1 faces
-//       mgda_pgd(gram, T, max_iter, tol, w)          T <= 32, FISTA + adaptive restart
+//       mgda_pgd(gram, T, max_iter, tol, chol, w)    T <= 32, FISTA + adaptive restart, then
+//                                                    an active-set polish (chol: scratch)
 //   pcgrad_solve(gram, T, orders, w)                 orders: int64 [T, T-1] row-major
 //   cagrad_solve(gram, T, c, rescale, w)             T <= 8
 //   upgrad_solve / dualproj_solve(gram, T, norm_eps, reg_eps, max_iter, w)   T <= 16
@@ -284,7 +285,112 @@ BUCKETMOO_HD double ridged_entry(const double* gram, int T, double r, int t, int
   return t == u ? gram[t * T + u] + r : gram[t * T + u];
 }
 
-BUCKETMOO_HD void mgda_pgd(const double* gram, int T, int max_iter, double tol, double* w) {
+// The polish after PGD (methods/mgda.py, mgda_polish): primal active-set steps on the simplex
+// QP from the PGD iterate, at most mgda_polish_steps(T); the same rule, step and stop as the
+// torch function (its face solve is LAPACK's LU of the padded T x T system, here a Cholesky
+// factor of M_FF: the same point up to rounding).
+constexpr double kMgdaKktTol = 1e-13;  // mgda.MGDA_KKT_TOL
+BUCKETMOO_HD int mgda_polish_steps(int T) { return 2 * T + 4; }
+
+// x = (M + r I)_FF^{-1} 1_F on the free set F (free[t]), 0 elsewhere, by a packed Cholesky
+// factor in `chol` ([T (T + 1) / 2] scratch); a non-positive or NaN pivot gives NaN.
+BUCKETMOO_HD void mgda_face_solve(const double* gram, int T, double r, const bool* free,
+                                  double* chol, double* x) {
+  int idx[kMaxTasks];
+  int n = 0;
+  for (int t = 0; t < T; ++t) {
+    x[t] = 0.0;
+    if (free[t]) idx[n++] = t;
+  }
+  for (int i = 0; i < n; ++i) {  // L packed by rows: L[i][j] = chol[i (i + 1) / 2 + j]
+    for (int j = 0; j <= i; ++j) {
+      double v = ridged_entry(gram, T, r, idx[i], idx[j]);
+      for (int k = 0; k < j; ++k) v -= chol[i * (i + 1) / 2 + k] * chol[j * (j + 1) / 2 + k];
+      if (j < i) {
+        chol[i * (i + 1) / 2 + j] = v / chol[j * (j + 1) / 2 + j];
+      } else if (v > 0.0 && is_finite(v)) {
+        chol[i * (i + 1) / 2 + i] = sqrt(v);
+      } else {
+        for (int k = 0; k < n; ++k) x[idx[k]] = NAN;
+        return;
+      }
+    }
+  }
+  // L z = 1, then L^T x_F = z (z kept in x's slots idx[i]: each is written once per pass).
+  for (int i = 0; i < n; ++i) {
+    double v = 1.0;
+    for (int k = 0; k < i; ++k) v -= chol[i * (i + 1) / 2 + k] * x[idx[k]];
+    x[idx[i]] = v / chol[i * (i + 1) / 2 + i];
+  }
+  for (int i = n - 1; i >= 0; --i) {
+    double v = x[idx[i]];
+    for (int k = i + 1; k < n; ++k) v -= chol[k * (k + 1) / 2 + i] * x[idx[k]];
+    x[idx[i]] = v / chol[i * (i + 1) / 2 + i];
+  }
+}
+
+// w: a point of the simplex in, the polished weights out (clamped, renormalised).
+BUCKETMOO_HD void mgda_polish(const double* gram, int T, double r, double scale, double* chol,
+                              double* w) {
+  bool free[kMaxTasks];
+  double y[kMaxTasks];
+  for (int t = 0; t < T; ++t) free[t] = w[t] > 0.0;
+  const double limit = kMgdaKktTol * scale;
+  const int steps = mgda_polish_steps(T);
+  for (int step = 0; step < steps; ++step) {
+    mgda_face_solve(gram, T, r, free, chol, y);
+    double sum = 0.0;
+    for (int t = 0; t < T; ++t) sum += y[t];
+    bool usable = true, inside = true;
+    for (int t = 0; t < T; ++t) {
+      y[t] = y[t] / sum;
+      usable = usable && is_finite(y[t]);
+      inside = inside && !(free[t] && y[t] <= 0.0);
+    }
+    if (!usable) break;
+    if (inside) {
+      // (M y)_t is formed twice (for y^T M y, then per task) rather than kept: one T-vector
+      // less in the thread (CUDA local memory).
+      double value = 0.0;
+      for (int t = 0; t < T; ++t) {
+        double g = 0.0;
+        for (int u = 0; u < T; ++u) g += ridged_entry(gram, T, r, t, u) * y[u];
+        value += g * y[t];
+      }
+      double worst = 0.0, best = -INFINITY;
+      int enter = 0;
+      for (int t = 0; t < T; ++t) {
+        w[t] = y[t];
+        double g = 0.0;
+        for (int u = 0; u < T && !free[t]; ++u) g += ridged_entry(gram, T, r, t, u) * y[u];
+        const double gap = free[t] ? 0.0 : value - g;
+        worst = (gap > worst || gap != gap) ? gap : worst;
+        const double violation = free[t] ? 0.0 : gap / ridged_entry(gram, T, r, t, t);
+        if (violation > best) { best = violation; enter = t; }
+      }
+      if (worst <= limit) break;  // KKT point
+      free[enter] = true;
+    } else {
+      double alpha = INFINITY;
+      int leave = 0;
+      for (int t = 0; t < T; ++t) {
+        const double ratio = (free[t] && y[t] <= 0.0) ? w[t] / (w[t] - y[t]) : INFINITY;
+        if (ratio < alpha) { alpha = ratio; leave = t; }
+      }
+      for (int t = 0; t < T; ++t) {
+        const double stepped = free[t] ? w[t] + alpha * (y[t] - w[t]) : 0.0;
+        const bool left = t == leave || !(stepped > 0.0);
+        w[t] = left ? 0.0 : stepped;
+        free[t] = free[t] && !left;
+      }
+    }
+  }
+  clamp_normalise(w, T);
+}
+
+// chol: [T (T + 1) / 2] scratch for the polish's face solves.
+BUCKETMOO_HD void mgda_pgd(const double* gram, int T, int max_iter, double tol, double* chol,
+                           double* w) {
   const double r = ridge(gram, T);
   double lip = 0.0;
   for (int t = 0; t < T; ++t) {
@@ -321,6 +427,7 @@ BUCKETMOO_HD void mgda_pgd(const double* gram, int T, int max_iter, double tol, 
     t_k = t_next;
     if (tol > 0 && it % 50 == 49 && moved <= tol) break;
   }
+  mgda_polish(gram, T, r, tie_scale(gram, T), chol, w);
 }
 
 BUCKETMOO_HD void mgda_solve(const double* gram, int T, int solver, int max_iter, double tol,
@@ -329,7 +436,11 @@ BUCKETMOO_HD void mgda_solve(const double* gram, int T, int solver, int max_iter
   switch (mgda_resolve_solver(solver, T)) {
     case kClosedForm: mgda_closed_form(gram, w); break;
     case kExact: mgda_exact(gram, T, w); break;
-    default: mgda_pgd(gram, T, max_iter, tol, w); break;
+    default: {
+      double chol[kMaxTasks * (kMaxTasks + 1) / 2];
+      mgda_pgd(gram, T, max_iter, tol, chol, w);
+      break;
+    }
   }
 }
 

@@ -9,7 +9,8 @@
 // ridged matrix in shared memory); everything else runs one thread per segment. The work is
 // tiny and latency-bound; small blocks spread segments over the SMs.
 // No thread keeps a T x T matrix in local memory (the weight step's Gram is in shared memory,
-// PGD reads its matrix in place); each writes its T weights once.
+// PGD reads its matrix in place, its polish factors in shared memory); each writes its T
+// weights once.
 #include "common.cuh"
 
 #include "../common/bucketmoo_solvers.h"
@@ -112,17 +113,25 @@ solve_mgda_exact_kernel(const double* __restrict__ gram, int64_t num_segments, i
   }
 }
 
-// MGDA, projected gradient (any T <= 32): one thread per segment, reading its Gram in place
-// from global memory (solver::mgda_pgd copies no T x T matrix; about 1.3 KiB of T-vectors a
-// thread, see tools/check_cuda_local_memory.sh).
+// MGDA, projected gradient (any T <= 32) and its active-set polish: one warp per segment, on
+// lane 0, reading its Gram in place from global memory (solver::mgda_pgd copies no T x T
+// matrix; its T-vectors are in the thread, see tools/check_cuda_local_memory.sh). The
+// polish's packed Cholesky factor lives in this warp's shared-memory slot.
+constexpr int kPolishScratch = solver::kMaxTasks * (solver::kMaxTasks + 1) / 2;
+
 __global__ void __launch_bounds__(kSolveThreads)
 solve_mgda_pgd_kernel(const double* __restrict__ gram, int64_t num_segments, int num_tasks, int max_iter,
                       double tol, double* __restrict__ weights) {
-  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < num_segments;
-       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double w[solver::kMaxTasks];
-    solver::mgda_pgd(gram + s * num_tasks * num_tasks, num_tasks, max_iter, tol, w);
-    for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w[t];
+  __shared__ double s_chol[kExactWarps][kPolishScratch];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kExactWarps + warp; s < num_segments;
+       s += static_cast<int64_t>(gridDim.x) * kExactWarps) {
+    if (lane == 0) {
+      double w[solver::kMaxTasks];
+      solver::mgda_pgd(gram + s * num_tasks * num_tasks, num_tasks, max_iter, tol, s_chol[warp], w);
+      for (int t = 0; t < num_tasks; ++t) weights[s * num_tasks + t] = w[t];
+    }
   }
 }
 
@@ -212,6 +221,8 @@ weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tas
   __shared__ double s_gram[kExactWarps][kCap * kCap];
   __shared__ double s_ridged[kExactWarps][kMaxExact2];                         // exact MGDA, CAGrad
   __shared__ double s_a[kExactWarps][kCagrad ? solver::kMaxExactTasks : 1];  // CAGrad
+  // the PGD polish's packed Cholesky factor (kCap = 8 never runs PGD: one slot)
+  __shared__ double s_chol[kExactWarps][kCap > solver::kMaxExactTasks ? kCap * (kCap + 1) / 2 : 1];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int mgda_solver = solver::mgda_resolve_solver(spec.solver, num_tasks);
@@ -246,7 +257,7 @@ weights_kernel(const float* __restrict__ gram, int64_t num_segments, int num_tas
       } else if (spec.method == solver::kMethodMgda) {
         if (num_tasks == 1) w[0] = 1.0;
         else if (mgda_solver == solver::kClosedForm) solver::mgda_closed_form(g, w);
-        else if constexpr (kCap > solver::kMaxExactTasks) solver::mgda_pgd(g, num_tasks, spec.max_iter, spec.tol, w);
+        else if constexpr (kCap > solver::kMaxExactTasks) solver::mgda_pgd(g, num_tasks, spec.max_iter, spec.tol, s_chol[warp], w);
       } else if (spec.method == solver::kMethodPcgrad) {
         solver::pcgrad_solve(g, num_tasks, spec.orders, w);
       }
@@ -289,7 +300,7 @@ cudaError_t solve_mgda_cuda(const double* gram, int64_t num_segments, int num_ta
     solve_mgda_exact_kernel<<<warp_blocks(num_segments), kSolveThreads, 0, stream>>>(
         gram, num_segments, num_tasks, weights);
   } else {
-    solve_mgda_pgd_kernel<<<solve_blocks(num_segments), kSolveThreads, 0, stream>>>(
+    solve_mgda_pgd_kernel<<<warp_blocks(num_segments), kSolveThreads, 0, stream>>>(
         gram, num_segments, num_tasks, max_iter, tol, weights);
   }
   return cudaGetLastError();
