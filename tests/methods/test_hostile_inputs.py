@@ -94,9 +94,12 @@ def test_ema_does_not_remember_a_nonfinite_step(method, options, backend):
     """A step with a NaN Gram in one segment returns NaN weights there and leaves the
     smoothed weights untouched; a later step is as if it never happened (the call counter
     still advances, so seeded methods must be compared at the same count)."""
-    grams = torch.stack([g @ g.T for g in (_grads(4, 1)[:, :50], _grads(4, 2)[:, :50])])
+    gen = torch.Generator().manual_seed(7)
+    jacs = torch.randn(3, 4, 6, generator=gen)  # conflicting gradients: the weights move
+    grams = jacs[:2] @ jacs[:2].transpose(1, 2)
     bad = grams.clone()
     bad[0, 1, 2] = float("nan")
+    bad[1] = jacs[2] @ jacs[2].T  # segment 1 gets a new Gram this step
     ours, reference = bm.MethodState(), bm.MethodState()
     kwargs = dict(method=method, backend=backend, ema=0.7, **options)
     bm.solve(grams, method_state=ours, **kwargs)
@@ -106,6 +109,7 @@ def test_ema_does_not_remember_a_nonfinite_step(method, options, backend):
     assert torch.isnan(weights[0]).all() and torch.isfinite(weights[1]).all()
     after = ours.state_dict()["tensors"]["ema.weights"]
     assert torch.equal(after[0], before[0])
+    assert not torch.equal(after[1], before[1])  # (the finite segment moved: the test can see it)
     reference.calls += 1  # the same draw count as `ours`
     bm.solve(grams[1:], method_state=bm.MethodState(), **kwargs)  # (unrelated state: no effect)
     again = bm.solve(grams, method_state=ours, **kwargs)
@@ -114,7 +118,9 @@ def test_ema_does_not_remember_a_nonfinite_step(method, options, backend):
 
 
 def test_ema_first_step_nonfinite_is_not_remembered():
-    grams = torch.stack([torch.eye(3), torch.eye(3) * 2])
+    gen = torch.Generator().manual_seed(8)
+    jacs = torch.randn(2, 3, 5, generator=gen)
+    grams = jacs @ jacs.transpose(1, 2)
     bad = grams.clone()
     bad[0, 0, 0] = float("inf")
     state, fresh = bm.MethodState(), bm.MethodState()
