@@ -8,6 +8,10 @@ Shapes (T tasks, N elements, S segments):
 * ``weights``  ``[S, T]`` float32
 * ``out``      ``[N]`` in the grads' dtype; may be the storage of one of the gradients
 
+Results are never attached to the inputs' autograd graph, on every backend and for every
+method (the functions run under ``torch.no_grad()``): they are gradient updates, not part of
+a model to differentiate through.
+
 The weight step (method, options, normalisation, ``normalize_weights``) becomes one
 :class:`~bucketmoo_kernels.weight_step.WeightStep`, built here from the keyword arguments or
 passed prebuilt as ``weight_step=`` (the DDP hook and the FSDP path build theirs once).
@@ -22,9 +26,8 @@ import torch
 
 from . import diagnostics
 from .dispatch import get_backend
-from .methods.elementwise import combine_elementwise, is_elementwise
+from .methods.elementwise import combine_elementwise
 from .methods.registry import split_common_options
-from .methods.state import require_state
 from .inputs import (Segments, as_segments, as_task_grads, check_gram, check_out,
                      check_weights)
 from .weight_step import WeightStep, as_weight_step, compute_weights
@@ -64,6 +67,7 @@ class MOOInfo:
         return diagnostics.mean_sqnorm(self.gram).clamp_min(0).sqrt()
 
 
+@torch.no_grad()
 def gram(grads, segments=None, *, backend: str = "auto") -> torch.Tensor:
     """Per-segment Gram matrices of the task gradients.
 
@@ -79,6 +83,7 @@ def gram(grads, segments=None, *, backend: str = "auto") -> torch.Tensor:
     return get_backend(backend, task_grads.device).gram(task_grads, segs)
 
 
+@torch.no_grad()
 def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: str = "none",
           losses=None, normalize_weights: bool = True, weight_step: WeightStep | None = None,
           method_state=None, **options) -> torch.Tensor:
@@ -111,6 +116,7 @@ def solve(gram, method: str = "mgda", *, backend: str = "auto", normalization: s
     return compute_weights(gram_t.to(torch.float32), step, table, backend_obj, method_state)
 
 
+@torch.no_grad()
 def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -> torch.Tensor:
     """Combined gradient ``d[n] = sum_t weights[s(n), t] * grads[t][n]``.
 
@@ -133,6 +139,7 @@ def combine(grads, weights, segments=None, *, out=None, backend: str = "auto") -
     return out
 
 
+@torch.no_grad()
 def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, backend: str = "auto",
                      return_info: bool = False, normalization: str = "none", losses=None,
                      normalize_weights: bool = True, check_finite: bool = True,
@@ -172,18 +179,20 @@ def fused_bucket_moo(grads, *, method: str = "mgda", segments=None, out=None, ba
     step.check_tasks(task_grads.num_tasks)
     table = step.loss_table(losses, segs.num_segments, task_grads.num_tasks, task_grads.device)
     backend_obj = get_backend(backend, task_grads.device)
-    if is_elementwise(step.name):
+    if step.method.is_elementwise:
         return _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info,
                                   check_finite, method_state)
     result = None
     # One sweep writes `out` before all of the Gram is known, so it runs only where a
     # non-finite Gram cannot leave a caller's buffer half-written.
-    # (The sweep computes the weights natively: not with a method state to update.)
+    # (The sweep computes the weights natively: not with a method state to update, nor for a
+    # method whose record corrects the native weights before they are used, ``finish``.)
+    sweep = method_state is None and not step.needs_state and step.method.finish is None
     if out is None:
         out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-        if method_state is None and not step.needs_state:
+        if sweep:
             result = backend_obj.fused(task_grads, segs, out, step, table)
-    elif not check_finite and method_state is None and not step.needs_state:
+    elif not check_finite and sweep:
         result = backend_obj.fused(task_grads, segs, out, step, table)
     if result is not None:
         gram_t, weights = result
@@ -208,14 +217,12 @@ def _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info, ch
         gram_t = backend_obj.gram(task_grads, segs)
         if check_finite:
             _check_finite(gram_t)
-    options, common = split_common_options(step.options)
+    options, common = split_common_options(step.for_call(method_state).options)
     if common["ema"] > 0:
         raise ValueError(f"option ema smooths per-segment weights; element-wise method {step.name!r} has none")
-    if "seed" in options and method_state is not None:
-        options["seed"] = int(options["seed"]) + require_state(method_state, step.name).calls
     if out is None:
         out = torch.empty(task_grads.numel, dtype=task_grads.dtype, device=task_grads.device)
-    combine_elementwise(task_grads.rows, step.name, options, out)
+    combine_elementwise(task_grads.rows, step.name, options, out, segs)
     if method_state is not None:
         method_state.calls += 1
     if return_info:
@@ -227,6 +234,9 @@ def _fused_elementwise(task_grads, segs, out, step, backend_obj, return_info, ch
 
 
 def _check_finite(gram_t: torch.Tensor) -> None:
+    if gram_t.device.type == "meta":
+        raise ValueError("check_finite=True reads the Gram's values, and meta tensors have none: pass "
+                         "check_finite=False with meta grads (e.g. to trace shapes)")
     if not bool(torch.isfinite(gram_t).all()):
         bad = torch.nonzero(~torch.isfinite(gram_t).flatten(1).all(-1)).flatten()[:5].tolist()
         raise ValueError(

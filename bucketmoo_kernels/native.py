@@ -213,7 +213,7 @@ class NativeBackend(Backend):
         if codes is None:
             return None
         orders = (pcgrad_orders_on(num_tasks, int(step.options["seed"]), str(device))
-                  if step.name == "pcgrad" else None)
+                  if step.method.native_orders else None)
         return (orders, losses, *codes)
 
     def weights(self, gram: torch.Tensor, step: WeightStep,

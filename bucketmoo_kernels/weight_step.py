@@ -10,8 +10,9 @@ unchanged, to every backend, the DDP hook and the FSDP path::
     weights = solve(gram, weight_step=step)
 
 The per-call data stays outside it: the losses of the loss normalisations (checked once per
-call by :func:`loss_table` into a float64 ``[S, T]`` table) and, for PCGrad's per-step
-orders, a new step from :meth:`WeightStep.with_options` (``seed=...``).
+call by :func:`loss_table` into a float64 ``[S, T]`` table) and, for the methods that draw
+(PCGrad's orders, RLW's weights), the step of each call or optimizer step:
+:meth:`WeightStep.at_step` holds the one "new seed every step" rule.
 
 Which solver runs for T tasks and each method's task limits are read from the method
 registry (:class:`~bucketmoo_kernels.methods.registry.Method`); :meth:`WeightStep.native_codes`
@@ -112,8 +113,32 @@ class WeightStep:
         return self.normalization in USES_LOSSES
 
     def with_options(self, **options: Any) -> "WeightStep":
-        """A copy with some options replaced (e.g. PCGrad's ``seed`` per step), validated."""
+        """A copy with some options replaced, validated."""
         return replace(self, options={**self.options, **options})
+
+    @property
+    def draws(self) -> bool:
+        """Whether the method draws random numbers from a ``seed`` option (``random``,
+        ``pcgrad``, ``gradvac``, ``graddrop``)."""
+        return "seed" in self.method.options
+
+    def at_step(self, step: int) -> "WeightStep":
+        """The rule "a new draw every step, the same on every rank", in one place: for a
+        method that draws (:attr:`draws`), a copy whose seed is ``seed + step``; else this
+        step. The distributed front ends pass the optimizer step; :func:`compute_weights` and
+        the element-wise combine pass ``method_state.calls`` (except for a stateful method,
+        which reads the counter of its state itself: GradVac)."""
+        if not self.draws or int(step) == 0:
+            return self
+        return self.with_options(seed=int(self.options["seed"]) + int(step))
+
+    def for_call(self, method_state) -> "WeightStep":
+        """:meth:`at_step` of ``method_state``'s call counter (a fresh draw per call of the
+        functional API) for a method that draws and keeps no state; else this step."""
+        if method_state is None or not self.draws or self.method.stateful:
+            return self
+        from .methods.state import require_state
+        return self.at_step(require_state(method_state, self.name).calls)
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~bucketmoo_kernels.fused_bucket_moo` that build
@@ -139,10 +164,21 @@ class WeightStep:
 
     # ------------------------------------------------------------------ per T
     def check_tasks(self, num_tasks: int) -> None:
-        """``ValueError`` when the method takes fewer than ``num_tasks`` tasks."""
-        limit = self.method.max_tasks
-        if limit is not None and num_tasks > limit:
-            raise ValueError(f"method {self.name!r} supports at most {limit} tasks; got T = {num_tasks}")
+        """``ValueError`` when the method does not take ``num_tasks`` tasks with these options
+        (the record's task limits and per-task option lengths: :meth:`Method.check_tasks`)."""
+        self.method.check_tasks(num_tasks, self.options)
+
+    def triton_solver(self, num_tasks: int) -> tuple[bool, str | None]:
+        """``(runs, solver)``: whether a Triton kernel solves this method for T tasks (the
+        record's ``triton_max_tasks`` for the solver that runs), and which solver."""
+        limits = self.method.triton_max_tasks
+        if limits is None or self.method.stateful:
+            return False, None
+        solver = self.solver(num_tasks)
+        if solver not in limits:
+            return False, solver
+        most = limits[solver]
+        return most is None or num_tasks <= most, solver
 
     def solver(self, num_tasks: int) -> str | None:
         """The solver that runs for T tasks (MGDA: ``closed_form``/``exact``/``pgd``), or
@@ -204,18 +240,17 @@ def compute_weights(gram: torch.Tensor, step: WeightStep, losses: torch.Tensor |
     (:attr:`WeightStep.needs_state`) runs the torch function with ``method_state`` (a
     :class:`~bucketmoo_kernels.methods.state.MethodState`, required) and applies ``ema``.
     """
-    if method_state is not None and "seed" in step.options and not step.method.stateful:
-        # a fresh draw (RLW weights, PCGrad orders) every step, the same on every rank
-        from .methods.state import require_state
-        calls = require_state(method_state, step.name).calls
-        step = step.with_options(seed=int(step.options["seed"]) + calls)
+    step = step.for_call(method_state)  # a fresh draw (RLW weights, PCGrad orders) every call
     state = None
+    finish = step.method.finish
     if step.needs_state:
         from .methods.state import require_state
         state = require_state(method_state, step.name)
     else:
         weights = backend.weights(gram, step, losses)
         if weights is not None:
+            if finish is not None:
+                weights = finish(gram, weights, step.options)
             if method_state is not None:
                 method_state.calls += 1
             return nan_where_not_finite(gram, weights)
@@ -230,8 +265,12 @@ def compute_weights(gram: torch.Tensor, step: WeightStep, losses: torch.Tensor |
         weights = backend.solve(gram64, step)
         if weights is None:
             weights = step.method.fn(gram64, **own)
+        elif finish is not None:
+            weights = finish(gram64, weights, step.options)
     weights = weights.to(torch.float64)
     if common["ema"] > 0:
+        # a segment whose Gram is not finite is not remembered, whatever the method returned
+        weights = nan_where_not_finite(gram, weights)
         from .methods.ema import smooth_weights
         weights = smooth_weights(weights, float(common["ema"]), state)
     if method_state is not None:

@@ -210,6 +210,12 @@ class MOOSettings:
                 raise ValueError(f"task_of_rank entries must be task ids {limit}; rank {bad[0][0]} has "
                                  f"task id {bad[0][1]}")
             task_of_rank = tuple(ids)
+        # the method's task limits (krum, trimmed_mean, per-task option lengths) where T is known
+        # now; else (one task per rank) at the first reduction
+        known_tasks = num_tasks if num_tasks is not None else (
+            max(task_of_rank) + 1 if task_of_rank else None)
+        if known_tasks is not None:
+            weight_step.check_tasks(known_tasks)
         settings = cls(method=method, method_options=tuple(sorted(method_options.items())),
                        granularity=granularity, normalization=normalization, normalize_weights=normalize_weights,
                        mode=mode, task_of_rank=task_of_rank, num_tasks=num_tasks, protocol=protocol,
@@ -239,10 +245,7 @@ class MOOSettings:
     def weight_step_at(self, step: int) -> WeightStep:
         """The weight step of optimizer step ``step``: :attr:`weight_step`, or for a method with a
         ``seed`` option a copy whose seed is ``seed + step`` (same on every rank, new every step)."""
-        base = self._weight_step
-        if "seed" not in base.options:
-            return base
-        return base.with_options(seed=int(self.options.get("seed", base.options["seed"])) + int(step))
+        return self._weight_step.at_step(step)
 
     @property
     def granularity_kind(self) -> tuple[str, int | None]:
@@ -264,9 +267,9 @@ class MOOSettings:
         """The method options for optimizer step ``step`` (a ``seed`` option becomes ``seed + step``,
         the same on every rank and different every step)."""
         options = self.options
-        defaults = get_method(self.method).defaults
-        if "seed" in defaults:
-            options["seed"] = int(options.get("seed", defaults["seed"])) + int(step)
+        step_of = self.weight_step_at(step)
+        if step_of.draws:
+            options["seed"] = step_of.options["seed"]
         return options
 
     # ------------------------------------------------------------------ agreement across ranks

@@ -12,12 +12,15 @@ the ``ema`` option (weight smoothing over steps, needs a :class:`MethodState`). 
 from . import (aligned_mtl, cagrad, config, dual_cone, elementwise, fairgrad, fixed_weights,  # noqa: F401
                gradvac, imtl_g, krum, mean, mgda, nash_mtl, pcd, pcgrad)  # (registration side effects)
 from .normalization import NORMALIZATIONS, normalization_scales
-from .registry import Method, available_methods, get_method, register_method, resolve_options
+from .options import Option
+from .registry import Method, available_methods, get_method, methods_table, register_method, resolve_options
 from .state import MethodState
 
 __all__ = [
     "Method",
     "MethodState",
+    "Option",
+    "methods_table",
     "NORMALIZATIONS",
     "available_methods",
     "get_method",

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from .task_vectors import task_vector
-from .registry import register_method
-from .spectral import RCOND, eigh_with_rank
+from .options import AtLeast, OneOf, Option
+from .registry import register
+from .spectral import RCOND, eigh_with_rank, finite_segments
 
 __all__ = ["aligned_mtl_weights", "SCALE_MODES"]
 
@@ -44,8 +45,10 @@ def aligned_mtl_weights(gram: torch.Tensor, *, pref_vector=None, scale_mode: str
     balance = scale.sqrt()[:, None, None] * torch.einsum("sik,sk,sjk->sij", evecs, inv_sqrt, evecs)
     eye = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device)
     balance = torch.where((rank > 0)[:, None, None], balance, eye)
-    return torch.einsum("stu,su->st", balance, pref)
+    weights = torch.einsum("stu,su->st", balance, pref)
+    return torch.where(finite_segments(gram)[:, None], weights, torch.full_like(weights, float("nan")))
 
 
-register_method("aligned_mtl", defaults={"pref_vector": None, "scale_mode": "min", "rcond": RCOND})(
-    aligned_mtl_weights)
+register("aligned_mtl", aligned_mtl_weights, options={"pref_vector": Option(None, per_task=True),
+                                                       "scale_mode": Option("min", OneOf(SCALE_MODES)),
+                                                       "rcond": Option(RCOND, AtLeast(0.0))})

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["nonneg_qp", "nonneg_qp_residual", "damped_newton", "may_stop_early", "fixed_iterations",
+__all__ = ["nonneg_qp", "nonneg_qp_active_set", "nonneg_qp_residual", "damped_newton", "may_stop_early", "fixed_iterations",
            "solve_systems", "host_reads_free", "jacobi_eigh", "JACOBI_SWEEPS"]
 
 #: True inside :func:`fixed_iterations`: the CPU runs the accelerator path too.
@@ -133,6 +133,52 @@ def nonneg_qp(a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 200, polish_s
             y = x_next + momentum[:, None] * (x_next - x)
             x, t_k = x_next, t_next
         done += min(chunk, max_iter - done)
+
+
+def nonneg_qp_active_set(a: torch.Tensor, b: torch.Tensor, *, max_steps: int | None = None) -> torch.Tensor:
+    """The same QP, min 1/2 x^T A x + b^T x, x >= 0 (``a [B, T, T]`` symmetric positive
+    definite, ``b [B, T]``, float64), by the primal active-set method of Lawson and Hanson:
+    exact in finitely many steps (each adds the free coordinate of most negative gradient to
+    the passive set, solves the system on it, and steps back to the boundary where a passive
+    coordinate would turn negative). ``max_steps`` (default 3 T + 10) bounds the steps; on
+    the CPU it stops once every problem is solved. Returns ``x [B, T]``."""
+    num_b, num_t = b.shape
+    if num_b == 0:
+        return b.clone()
+    max_steps = 3 * num_t + 10 if max_steps is None else max_steps
+    eye = torch.eye(num_t, dtype=a.dtype, device=a.device)
+    x = torch.zeros_like(b)
+    passive = torch.zeros_like(b, dtype=torch.bool)
+    inner = torch.zeros(num_b, dtype=torch.bool, device=b.device)
+    done = torch.zeros(num_b, dtype=torch.bool, device=b.device)
+    size = b.abs().amax(-1) + a.abs().flatten(1).amax(-1)
+    for _ in range(max_steps):
+        grad = torch.einsum("btu,bu->bt", a, x) + b
+        thresh = 1e-12 * (size * x.abs().amax(-1).clamp_min(1.0))
+        enter = ~passive & (-grad > thresh[:, None])
+        can_enter = enter.any(-1)
+        done = done | (~inner & ~can_enter)
+        add = ~inner & ~done
+        pick = torch.where(enter, -grad, torch.full_like(grad, -float("inf"))).argmax(-1)
+        passive = passive | (add[:, None] & (torch.arange(num_t, device=b.device) == pick[:, None]))
+        pair = passive[:, :, None] & passive[:, None, :]
+        z = solve_systems(torch.where(pair, a, eye), torch.where(passive, -b, torch.zeros_like(b))[..., None])[..., 0]
+        z = torch.where(passive & torch.isfinite(z), z, torch.zeros_like(z))
+        full = ((z > 0) | ~passive).all(-1)
+        blocking = passive & (z <= 0)
+        ratio = torch.where(blocking, x / torch.where(blocking, x - z, 1.0), torch.full_like(x, float("inf")))
+        alpha = ratio.amin(-1).clamp(0.0, 1.0)
+        first = ratio.argmin(-1)
+        partial = x + alpha[:, None] * (z - x)
+        drop = passive & ((partial <= 0) | (torch.arange(num_t, device=b.device) == first[:, None]))
+        active = ~done
+        x = torch.where((active & full)[:, None], z, torch.where((active & ~full)[:, None],
+                                                               torch.where(drop, 0.0, partial), x))
+        passive = torch.where((active & ~full)[:, None], passive & ~drop, passive)
+        inner = active & ~full
+        if may_stop_early(done):
+            break
+    return x.clamp_min(0)
 
 
 #: The step sizes a damped Newton step tries, largest first.

@@ -23,12 +23,24 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_method
+from .options import AtLeast, OneOf, Option
+from .registry import register
 from .batched_solvers import may_stop_early, solve_systems
 from .simplex import (FEASIBLE_TOL, MAX_EXACT_TASKS, pick_candidate, project_to_simplex, ridge,
                       subset_masks)
 
-__all__ = ["cagrad_weights"]
+__all__ = ["cagrad_weights", "cagrad_solver_for", "cagrad_stationary", "CAGRAD_SOLVERS"]
+
+CAGRAD_SOLVERS = ("auto", "exact", "iterative")
+
+
+def cagrad_solver_for(num_tasks: int, options) -> str:
+    """The solver that runs for T tasks: ``options["solver"]``, or for ``"auto"`` ``exact`` up
+    to 8 tasks, else ``iterative``."""
+    solver = options.get("solver", "auto")
+    if solver != "auto":
+        return solver
+    return "exact" if num_tasks <= MAX_EXACT_TASKS else "iterative"
 
 
 def _face_candidates(m: torch.Tensor, a: torch.Tensor, radius: torch.Tensor,
@@ -141,18 +153,12 @@ def cagrad_weights(gram: torch.Tensor, *, c: float = 0.4, rescale: int = 1, solv
     up to 8 tasks). ``max_iter`` and ``tol`` apply to ``iterative``.
     """
     num_seg, num_tasks, _ = gram.shape
-    if solver not in ("auto", "exact", "iterative"):
-        raise ValueError(f"cagrad solver must be auto, exact or iterative; got {solver!r}")
     if solver == "exact" and num_tasks > MAX_EXACT_TASKS:
         raise ValueError(
             f"the exact cagrad solver handles at most {MAX_EXACT_TASKS} tasks; got T = {num_tasks} "
             "(use solver='iterative' or 'auto')"
         )
-    exact = solver == "exact" or (solver == "auto" and num_tasks <= MAX_EXACT_TASKS)
-    if c < 0:
-        raise ValueError(f"cagrad option c must be >= 0; got {c}")
-    if rescale not in (0, 1, 2):
-        raise ValueError(f"cagrad option rescale must be 0, 1 or 2; got {rescale}")
+    exact = cagrad_solver_for(num_tasks, {"solver": solver}) == "exact"
     eye = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device)
     m = gram + ridge(gram)[:, None, None] * eye
     mean_w = torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=gram.dtype, device=gram.device)
@@ -170,19 +176,48 @@ def cagrad_weights(gram: torch.Tensor, *, c: float = 0.4, rescale: int = 1, solv
     lam = torch.where(gw_norm > tiny, radius / torch.where(gw_norm > tiny, gw_norm, 1.0), 0.0)
     weights = mean_w + lam[:, None] * w
     divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
-    return weights / divisor
+    return cagrad_stationary(gram, weights / divisor, {"c": c})
+
+
+#: How far below zero (relative to max_t |g_t| |d|) the least task progress g_i . d may be
+#: before :func:`cagrad_stationary` counts d as wrong: well above the rounding of float32
+#: weights. (For c >= 1 a correct d has |d| >= (c - 1) |g0| and g_i . d >= 0; a cosine of
+#: -1e-5 between d and a gradient happens only next to a stationary point.)
+STATIONARY_TOL = 1e-5
+
+
+def cagrad_stationary(gram: torch.Tensor, weights: torch.Tensor, options) -> torch.Tensor:
+    """Zero weights (d = 0) for the segments where the input is Pareto stationary and c >= 1.
+
+    With c >= 1 the CAGrad problem max_d min_i g_i . d over |d - g0| <= c |g0| contains d = 0,
+    so its optimum has min_i g_i . d >= 0; when 0 lies in the convex hull of the gradients that
+    optimum is 0 and (0 inside the hull) d = 0 is the only maximiser. The dual solution's
+    direction g_w* / |g_w*| is then undefined (|g_w*| = 0, up to the solver's ridge), and the
+    formula gives an arbitrary d that decreases some task. So where c >= 1 and some task gets
+    g_i . d < 0 beyond rounding, d is the optimum's 0. ``weights [S, T]`` on the gradients of
+    ``gram [S, T, T]`` (any positive scale; every backend's result goes through this)."""
+    if not float(options["c"]) >= 1.0:
+        return weights
+    gram64, w64 = gram.to(torch.float64), weights.to(torch.float64)
+    progress = torch.einsum("stu,su->st", gram64, w64)  # g_i . d
+    norms = gram64.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    d_norm = (progress * w64).sum(-1).clamp_min(0).sqrt()
+    wrong = progress.amin(-1) < -STATIONARY_TOL * norms.amax(-1) * d_norm
+    return torch.where(wrong[:, None], torch.zeros_like(weights), weights)
 
 
 def _cagrad_native_args(num_tasks: int, options) -> dict | None:
-    """The native codes (exact solver, T <= 8), or None for bad options or the iterative
-    solver (the torch function then runs, and raises the error for bad options)."""
-    c, rescale = float(options["c"]), options["rescale"]
-    if not c >= 0 or rescale not in (0, 1, 2) or options["solver"] == "iterative":
+    """The native codes (the exact solver), or None for the iterative solver (the torch
+    function then runs)."""
+    if cagrad_solver_for(num_tasks, options) != "exact":
         return None
-    return {"c": c, "rescale": int(rescale)}
+    return {"c": float(options["c"]), "rescale": int(options["rescale"])}
 
 
-register_method("cagrad", defaults={"c": 0.4, "rescale": 1, "solver": "auto", "max_iter": 2000,
-                                    "tol": 1e-9},
-                native_code=3, native_max_tasks=MAX_EXACT_TASKS,
-                native_args=_cagrad_native_args)(cagrad_weights)
+register("cagrad", cagrad_weights,
+         options={"c": Option(0.4, AtLeast(0.0)), "rescale": Option(1, OneOf((0, 1, 2))),
+                  "solver": Option("auto", OneOf(CAGRAD_SOLVERS)), "max_iter": Option(2000, AtLeast(1)),
+                  "tol": Option(1e-9, AtLeast(0.0))},
+         solver_for=cagrad_solver_for, solver_max_tasks={"exact": MAX_EXACT_TASKS},
+         native_code=3, native_max_tasks=MAX_EXACT_TASKS, native_args=_cagrad_native_args,
+         triton_max_tasks={"exact": MAX_EXACT_TASKS}, finish=cagrad_stationary)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .task_vectors import task_vector
-from .registry import register_method
+from .options import AtLeast, Option
+from .registry import register
 from .spectral import RCOND, pinv_psd
 
 __all__ = ["config_weights"]
@@ -33,4 +34,5 @@ def config_weights(gram: torch.Tensor, *, pref_vector=None, rcond: float = RCOND
     return length[:, None] * raw
 
 
-register_method("config", defaults={"pref_vector": None, "rcond": RCOND})(config_weights)
+register("config", config_weights, options={"pref_vector": Option(None, per_task=True),
+                                             "rcond": Option(RCOND, AtLeast(0.0))})

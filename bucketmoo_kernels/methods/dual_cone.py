@@ -30,7 +30,8 @@ import torch
 
 from .batched_solvers import nonneg_qp
 from .task_vectors import task_vector
-from .registry import register_method
+from .options import AtLeast, Option
+from .registry import register
 
 __all__ = ["dual_cone_weights", "upgrad_weights", "dualproj_weights", "regularised_gram"]
 
@@ -89,15 +90,14 @@ def _dual_cone_native_args(num_tasks: int, options) -> dict | None:
     if options["pref_vector"] is not None:
         return None
     norm_eps, reg_eps, max_iter = float(options["norm_eps"]), float(options["reg_eps"]), int(options["max_iter"])
-    if not (norm_eps >= 0 and reg_eps > 0 and max_iter >= 0):
+    if not reg_eps > 0:  # (the ranges are checked when the options are resolved)
         return None
     return {"max_iter": max_iter, "tol": norm_eps, "c": reg_eps}
 
 
-_DEFAULTS = {"pref_vector": None, "norm_eps": 0.0, "reg_eps": 1e-4, "max_iter": 200}
-register_method("upgrad", defaults=dict(_DEFAULTS), native_code=4,
-                native_max_tasks=MAX_NATIVE_DUAL_CONE_TASKS,
-                native_args=_dual_cone_native_args)(upgrad_weights)
-register_method("dualproj", defaults=dict(_DEFAULTS), native_code=5,
-                native_max_tasks=MAX_NATIVE_DUAL_CONE_TASKS,
-                native_args=_dual_cone_native_args)(dualproj_weights)
+_OPTIONS = {"pref_vector": Option(None, per_task=True), "norm_eps": Option(0.0, AtLeast(0.0)),
+            "reg_eps": Option(1e-4, AtLeast(0.0)), "max_iter": Option(200, AtLeast(0))}
+register("upgrad", upgrad_weights, options=_OPTIONS, native_code=4, native_max_tasks=MAX_NATIVE_DUAL_CONE_TASKS,
+         native_args=_dual_cone_native_args)
+register("dualproj", dualproj_weights, options=_OPTIONS, native_code=5,
+         native_max_tasks=MAX_NATIVE_DUAL_CONE_TASKS, native_args=_dual_cone_native_args)

@@ -20,16 +20,14 @@ the extra memory stays bounded and ``out`` may be the storage of one of the grad
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .counter_rng import uniform
-from .registry import register_method
+from .options import AtLeast, Between, Option, seed_option
+from .registry import get_method, register
 from .task_vectors import device_constant
 
-__all__ = ["ELEMENTWISE_METHODS", "is_elementwise", "combine_elementwise", "graddrop_combine",
-           "trimmed_mean_combine"]
+__all__ = ["is_elementwise", "combine_elementwise", "graddrop_combine", "trimmed_mean_combine"]
 
 #: Elements per chunk (bounds the temporary [T, chunk] tensors).
 CHUNK = 1 << 20
@@ -65,39 +63,48 @@ def trimmed_mean_combine(block: torch.Tensor, start: int, *, trim_number: int = 
     return ordered[trim_number:num_tasks - trim_number].mean(0)
 
 
-ELEMENTWISE_METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "graddrop": graddrop_combine,
-    "trimmed_mean": trimmed_mean_combine,
-}
-
-
 def is_elementwise(name: str) -> bool:
-    return name in ELEMENTWISE_METHODS
+    """Whether the registered method ``name`` is element-wise (its record's ``kind``)."""
+    return get_method(name).is_elementwise
 
 
-def combine_elementwise(rows, name: str, options: dict, out: torch.Tensor) -> torch.Tensor:
+def combine_elementwise(rows, name: str, options: dict, out: torch.Tensor, segments=None) -> torch.Tensor:
     """Run element-wise method ``name`` on the task gradients ``rows`` (T 1-D tensors of
-    length N, or ``[T, N]``) into ``out [N]``."""
-    fn = ELEMENTWISE_METHODS[name]
+    length N, or ``[T, N]``) into ``out [N]``.
+
+    The non-finite policy of every method: a segment of ``segments`` (a
+    :class:`~bucketmoo_kernels.inputs.Segments`; None: one segment) in which a task value is
+    NaN or infinite comes out NaN, whole; the other segments are unchanged. No host sync."""
+    combine = get_method(name).combine
     rows = list(rows)
     numel = rows[0].numel()
     dtype = _compute_dtype(rows[0].dtype)
+    bad = torch.zeros(numel, dtype=torch.bool, device=out.device)
     for start in range(0, numel, CHUNK):
         stop = min(numel, start + CHUNK)
         block = torch.stack([r[start:stop].to(dtype) for r in rows])
-        out[start:stop].copy_(fn(block, start, **options))
+        bad[start:stop] = ~torch.isfinite(block).all(0)
+        out[start:stop].copy_(combine(block, start, **options))
+    if numel:
+        # a segment with a non-finite input element comes out NaN, whole
+        if segments is None:
+            out.masked_fill_(bad.any(), float("nan"))
+        else:
+            offsets = segments.on(out.device)
+            seen = torch.cat([torch.zeros(1, dtype=torch.int64, device=out.device), bad.cumsum(0)])
+            bad_segment = (seen[offsets[1:]] - seen[offsets[:-1]]) > 0
+            out.masked_fill_(torch.repeat_interleave(bad_segment, offsets[1:] - offsets[:-1],
+                                                     output_size=numel), float("nan"))
     return out
 
 
-def _no_gram_weights(name: str):
-    def fn(gram: torch.Tensor, **options) -> torch.Tensor:
-        raise ValueError(
-            f"method {name!r} is element-wise: it has no per-segment weights to solve from a Gram "
-            "matrix; use fused_bucket_moo(grads, method=...) (it replaces the combine step)"
-        )
-    fn.__doc__ = f"{name}: element-wise combine (see bucketmoo_kernels.methods.elementwise)."
-    return fn
+def _check_trim(options) -> None:
+    if options["trim_number"] < 0:
+        raise ValueError(f"trimmed_mean option trim_number must be >= 0; got {options['trim_number']}")
 
 
-register_method("graddrop", defaults={"leak": None, "seed": 0})(_no_gram_weights("graddrop"))
-register_method("trimmed_mean", defaults={"trim_number": 1})(_no_gram_weights("trimmed_mean"))
+register("graddrop", kind="elementwise", combine=graddrop_combine,
+         options={"leak": Option(None, Between(0.0, 1.0), per_task=True), "seed": seed_option()})
+register("trimmed_mean", kind="elementwise", combine=trimmed_mean_combine,
+         options={"trim_number": Option(1, AtLeast(0))},
+         min_tasks=lambda options: 2 * int(options["trim_number"]) + 1, tasks_doc="T >= 2 trim_number + 1")

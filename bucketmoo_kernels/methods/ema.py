@@ -23,10 +23,15 @@ def check_ema(value) -> float:
 
 
 def smooth_weights(weights: torch.Tensor, alpha: float, state: MethodState) -> torch.Tensor:
-    """``[S, T]`` weights smoothed with the previous ones kept in ``state`` (updated)."""
+    """``[S, T]`` weights smoothed with the previous ones kept in ``state`` (updated).
+
+    The caller passes NaN weights for a segment whose Gram is not finite (the weight step
+    does, whatever the method returned there): they are returned and not remembered."""
     if state.has("ema.weights"):
         prev = state.get("ema.weights", tuple(weights.shape), weights, lambda: weights)
-        smoothed = alpha * prev + (1.0 - alpha) * weights
+        # a segment with no finite step yet (its rows are NaN) starts from this one
+        known = torch.isfinite(prev).all(-1, keepdim=True)
+        smoothed = torch.where(known, alpha * prev + (1.0 - alpha) * weights, weights)
         # a non-finite step (NaN/Inf gradients) is returned as it is and not remembered
         finite = torch.isfinite(weights).all(-1, keepdim=True)
         state.set("ema.weights", torch.where(finite, smoothed, prev))

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .nash_mtl import positive_fixed_point
-from .registry import register_method
+from .options import AtLeast, Option
+from .registry import register
 
 __all__ = ["fairgrad_weights"]
 
@@ -33,4 +34,6 @@ def fairgrad_weights(gram: torch.Tensor, *, alpha: float = 1.0, max_iter: int = 
     return y * scale[:, None]
 
 
-register_method("fairgrad", defaults={"alpha": 1.0, "max_iter": 100, "tol": 1e-20})(fairgrad_weights)
+register("fairgrad", fairgrad_weights, options={"alpha": Option(1.0, AtLeast(0.0)),
+                                                 "max_iter": Option(100, AtLeast(1)),
+                                                 "tol": Option(1e-20, AtLeast(0.0))})

@@ -14,7 +14,8 @@ import torch
 
 from .counter_rng import normal
 from .task_vectors import task_vector
-from .registry import register_method
+from .options import Option, seed_option
+from .registry import register
 
 __all__ = ["sum_weights", "constant_weights", "random_weights"]
 
@@ -37,6 +38,12 @@ def random_weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     return torch.softmax(draws, dim=-1)
 
 
-register_method("sum")(sum_weights)
-register_method("constant", defaults={"weights": None})(constant_weights)
-register_method("random", defaults={"seed": 0})(random_weights)
+def _needs_weights(options) -> None:
+    if options["weights"] is None:
+        raise ValueError("method 'constant' needs the option weights=[w_1..w_T] (one value per task, "
+                         "or [S, T])")
+
+
+register("sum", sum_weights)
+register("constant", constant_weights, options={"weights": Option(None, per_task=True)}, check=_needs_weights)
+register("random", random_weights, options={"seed": seed_option()})

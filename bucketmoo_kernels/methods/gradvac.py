@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from .pcgrad import pcgrad_orders
-from .registry import register_method
+from .options import AtLeast, Between, Option, seed_option
+from .registry import register
 from .state import MethodState
 
 __all__ = ["gradvac_weights"]
@@ -61,4 +62,5 @@ def gradvac_weights(gram: torch.Tensor, *, state: MethodState, beta: float = 0.5
     return total
 
 
-register_method("gradvac", defaults={"beta": 0.5, "eps": 1e-8, "seed": 0}, stateful=True)(gradvac_weights)
+register("gradvac", gradvac_weights, kind="stateful",
+         options={"beta": Option(0.5, Between(0.0, 1.0)), "eps": Option(1e-8, AtLeast(0.0)), "seed": seed_option()})

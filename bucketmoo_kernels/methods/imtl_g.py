@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_method
-from .spectral import RCOND, pinv_psd
+from .options import AtLeast, Option
+from .registry import register
+from .spectral import RCOND, finite_segments, pinv_psd
 
 __all__ = ["imtl_g_weights"]
 
@@ -23,7 +24,8 @@ def imtl_g_weights(gram: torch.Tensor, *, rcond: float = RCOND) -> torch.Tensor:
     v = torch.einsum("stu,su->st", pinv_psd(gram, rcond), norms)
     total = v.sum(-1, keepdim=True)
     ok = total.abs() > 1e-12 * v.abs().sum(-1, keepdim=True)
-    return torch.where(ok, v / torch.where(ok, total, 1.0), torch.zeros_like(v))
+    weights = torch.where(ok, v / torch.where(ok, total, 1.0), torch.zeros_like(v))
+    return torch.where(finite_segments(gram)[:, None], weights, torch.full_like(weights, float("nan")))
 
 
-register_method("imtl_g", defaults={"rcond": RCOND})(imtl_g_weights)
+register("imtl_g", imtl_g_weights, options={"rcond": Option(RCOND, AtLeast(0.0))})

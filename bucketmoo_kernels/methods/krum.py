@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .registry import register_method
+from .options import AtLeast, Option
+from .registry import register
 
 __all__ = ["krum_weights"]
 
@@ -37,4 +38,10 @@ def krum_weights(gram: torch.Tensor, *, n_byzantine: int = 0, n_selected: int = 
     return weights.scatter(1, order, 1.0 / n_selected)
 
 
-register_method("krum", defaults={"n_byzantine": 0, "n_selected": 1})(krum_weights)
+def krum_min_tasks(options) -> int:
+    """The fewest tasks Krum takes: n_byzantine + 3, and at least n_selected."""
+    return max(int(options["n_byzantine"]) + 3, int(options["n_selected"]))
+
+
+register("krum", krum_weights, options={"n_byzantine": Option(0, AtLeast(0)), "n_selected": Option(1, AtLeast(1))},
+         min_tasks=krum_min_tasks, tasks_doc="T >= max(n_byzantine + 3, n_selected)")

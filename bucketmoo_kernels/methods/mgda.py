@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from .batched_solvers import may_stop_early, solve_systems
-from .registry import register_method
+from .options import AtLeast, OneOf, Option
+from .registry import register
 from .simplex import MAX_EXACT_TASKS, MAX_NATIVE_TASKS, pick_candidate, project_to_simplex, ridge, subset_masks
 
 __all__ = ["mgda_weights", "mgda_closed_form", "mgda_exact", "mgda_pgd", "mgda_polish",
@@ -222,6 +223,12 @@ def mgda_weights(gram: torch.Tensor, *, solver: str = "auto", max_iter: int = 50
     return mgda_pgd(gram, max_iter=max_iter, tol=tol)
 
 
-register_method("mgda", defaults={"solver": "auto", "max_iter": 500, "tol": 1e-10},
-                solver_for=mgda_solver_for, native_code=1, native_max_tasks=MAX_NATIVE_TASKS,
-                native_args=_mgda_native_args)(mgda_weights)
+#: The most tasks of the Triton PGD kernel (one program holds a segment's T x T Gram).
+MAX_TRITON_PGD_TASKS = 64
+
+register("mgda", mgda_weights,
+         options={"solver": Option("auto", OneOf(MGDA_SOLVERS)), "max_iter": Option(500, AtLeast(1)),
+                  "tol": Option(1e-10, AtLeast(0.0))},
+         solver_for=mgda_solver_for, solver_max_tasks={"closed_form": 2, "exact": MAX_EXACT_TASKS},
+         native_code=1, native_max_tasks=MAX_NATIVE_TASKS, native_args=_mgda_native_args,
+         triton_max_tasks={"closed_form": 2, "exact": MAX_EXACT_TASKS, "pgd": MAX_TRITON_PGD_TASKS})

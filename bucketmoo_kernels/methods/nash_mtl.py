@@ -23,7 +23,8 @@ import torch
 
 from .batched_solvers import damped_newton
 from .task_vectors import zero_gradient_tasks
-from .registry import register_method
+from .options import AtLeast, Option
+from .registry import register
 from .simplex import RIDGE_ABS, RIDGE_REL
 
 __all__ = ["nash_mtl_weights", "positive_fixed_point"]
@@ -78,4 +79,6 @@ def nash_mtl_weights(gram: torch.Tensor, *, max_norm: float = 1.0, max_iter: int
     return alpha
 
 
-register_method("nash_mtl", defaults={"max_norm": 1.0, "max_iter": 100, "tol": 1e-20})(nash_mtl_weights)
+register("nash_mtl", nash_mtl_weights, options={"max_norm": Option(1.0, AtLeast(0.0)),
+                                                 "max_iter": Option(100, AtLeast(1)),
+                                                 "tol": Option(1e-20, AtLeast(0.0))})

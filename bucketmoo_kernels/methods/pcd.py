@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import torch
 
-from .batched_solvers import nonneg_qp
+from .batched_solvers import may_stop_early, nonneg_qp, nonneg_qp_active_set, nonneg_qp_residual
+from .options import AtLeast, Between, Option
 from .task_vectors import device_constant
-from .registry import register_method
+from .registry import register
 from .state import MethodState
 
-__all__ = ["pcd_weights"]
+__all__ = ["pcd_weights", "QP_TOL"]
+
+#: The KKT residual of the inner QP below which the iterative solution is kept (the
+#: default tolerance of :func:`.batched_solvers.nonneg_qp`).
+QP_TOL = 1e-12
 
 
 def _taus(tau, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
@@ -43,7 +48,7 @@ def _taus(tau, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=None, beta: float = 0.999,
-                eps: float = 1e-8) -> torch.Tensor:
+                eps: float = 1e-8, max_iter: int = 400) -> torch.Tensor:
     """PCD weights: ``[S, T, T]`` f64 -> ``[S, T]`` f64 (torchjd's scale)."""
     if not 0 <= beta < 1 or not eps >= 0:
         raise ValueError(f"pcd needs 0 <= beta < 1 and eps >= 0; got beta={beta}, eps={eps}")
@@ -70,7 +75,15 @@ def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=None, beta: float
         b = taus * gs.diagonal(dim1=-2, dim2=-1) - ng[:, 1:, 0]
         top = ng.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)
         eye = torch.eye(num_tasks - 1, dtype=gram.dtype, device=gram.device)
-        mu = nonneg_qp(gs + (1e-12 * top)[:, None, None] * eye, -b, max_iter=400)
+        qp = gs + (1e-12 * top)[:, None, None] * eye
+        mu = nonneg_qp(qp, -b, max_iter=max_iter)
+        # where the iterations stopped short (an ill-conditioned secondary block), the exact
+        # active-set solution
+        residual = nonneg_qp_residual(qp, -b, mu)
+        if not may_stop_early(residual <= QP_TOL):
+            exact = nonneg_qp_active_set(qp, -b)
+            better = (residual > QP_TOL) & (nonneg_qp_residual(qp, -b, exact) < residual)
+            mu = torch.where(better[:, None], exact, mu)
         w = torch.cat([torch.ones_like(mu[:, :1]), mu], dim=-1)
         # infeasible constraints: d misses one by more than rounding
         slack = torch.einsum("sjt,st->sj", ng[:, 1:, :], w) - taus * gs.diagonal(dim1=-2, dim2=-1)
@@ -85,4 +98,7 @@ def pcd_weights(gram: torch.Tensor, *, state: MethodState, tau=None, beta: float
     return torch.where(finite[:, None], weights, torch.full_like(weights, float("nan")))
 
 
-register_method("pcd", defaults={"tau": None, "beta": 0.999, "eps": 1e-8}, stateful=True)(pcd_weights)
+register("pcd", pcd_weights, kind="stateful",
+         options={"tau": Option(None, Between(0.0, 1.0), per_task=True, per_task_offset=1),
+                  "beta": Option(0.999, Between(0.0, 1.0, open_high=True)), "eps": Option(1e-8, AtLeast(0.0)),
+                  "max_iter": Option(400, AtLeast(1))})

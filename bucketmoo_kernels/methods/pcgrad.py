@@ -20,7 +20,8 @@ import functools
 import torch
 
 from ..tracing import assume_constant_result
-from .registry import register_method
+from .options import seed_option
+from .registry import register
 from .simplex import MAX_NATIVE_TASKS
 
 __all__ = ["pcgrad_weights", "pcgrad_orders", "pcgrad_order_lists", "pcgrad_orders_on"]
@@ -80,8 +81,9 @@ def pcgrad_weights(gram: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     return total / num_tasks
 
 
-register_method("pcgrad", defaults={"seed": 0}, native_code=2, native_max_tasks=MAX_NATIVE_TASKS,
-                native_args=lambda num_tasks, options: {})(pcgrad_weights)
+register("pcgrad", pcgrad_weights, options={"seed": seed_option()}, native_code=2,
+         native_max_tasks=MAX_NATIVE_TASKS, native_args=lambda num_tasks, options: {},
+         native_orders=True, triton_max_tasks={None: None})
 
 
 pcgrad_orders_on.cache_info = _pcgrad_orders_cached.cache_info  # type: ignore[attr-defined]

@@ -8,8 +8,6 @@ import torch
 
 from ..dispatch import Backend
 from ..inputs import Segments, TaskGrads
-from ..methods import simplex
-from ..methods.mgda import MGDA_SOLVERS
 from ..weight_step import WeightStep
 from .combine import combine_triton
 from .gram import GRAM_CHUNK, REDUCE_SLOTS, gram_triton
@@ -26,9 +24,11 @@ class TritonBackend(Backend):
     """Gram, solve and combine as Triton kernels (one launch each).
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (a test vehicle:
-    slow). ``solve`` handles ``mean``, ``pcgrad``, ``cagrad`` (T <= 8) and ``mgda`` (closed
-    form, exact enumeration for T <= 8, fixed-iteration PGD); other methods fall back to their
-    torch functions, which run on the device too.
+    slow). ``solve`` runs the kernels of ``mean``, ``pcgrad``, ``cagrad`` and ``mgda`` where
+    their method records say a Triton kernel takes the solver and T (``triton_max_tasks``:
+    CAGrad's exact solver for T <= 8; MGDA's closed form, exact enumeration for T <= 8 and
+    fixed-iteration PGD for T <= 64); other methods and sizes run their torch functions, on
+    the device too.
 
     Eager calls run the launchers directly; while ``torch.compile`` traces, each launch goes
     through its ``bucketmoo_triton`` custom op (:mod:`bucketmoo_kernels.triton.ops`), which
@@ -70,32 +70,27 @@ class TritonBackend(Backend):
 
     def solve(self, gram: torch.Tensor, step: WeightStep) -> torch.Tensor | None:
         num_seg, num_tasks = gram.shape[0], gram.shape[-1]
-        name, options = step.name, step.options
-        if name == "mean":
+        runs, solver = step.triton_solver(num_tasks)  # the method record's kernels and limits
+        if not runs:
+            return None
+        options = step.options
+        if step.name == "mean":
             return torch.full((num_seg, num_tasks), 1.0 / num_tasks, dtype=torch.float64,
                               device=gram.device)
-        if num_tasks < 2 or num_seg == 0:
+        if num_tasks < 2 or num_seg == 0:  # the kernels take two tasks or more
             return None
         traced = torch.compiler.is_compiling()
-        if name == "pcgrad":
+        if step.name == "pcgrad":
             seed = int(options["seed"])
             return _ops.solve_pcgrad(gram, seed) if traced else pcgrad_triton(gram, seed=seed)
-        if name == "cagrad" and num_tasks <= simplex.MAX_EXACT_TASKS:
-            c, rescale = options["c"], options["rescale"]
-            if c >= 0 and rescale in (0, 1, 2):  # else the torch function raises the error
-                c, rescale = float(c), int(rescale)
-                return (_ops.solve_cagrad(gram, c, rescale) if traced
-                        else cagrad_triton(gram, c=c, rescale=rescale))
-            return None
-        if name != "mgda" or options["solver"] not in MGDA_SOLVERS:
-            return None
-        solver = step.solver(num_tasks)  # the registry's choice for this T
-        if not ((solver == "closed_form" and num_tasks == 2)
-                or (solver == "exact" and num_tasks <= simplex.MAX_EXACT_TASKS)
-                or (solver == "pgd" and num_tasks <= 64)):
-            return None  # the torch function raises the appropriate error
-        max_iter = int(options["max_iter"])
-        return _ops.solve_mgda(gram, solver, max_iter) if traced else mgda_triton(gram, solver, max_iter)
+        if step.name == "cagrad":
+            c, rescale = float(options["c"]), int(options["rescale"])
+            return (_ops.solve_cagrad(gram, c, rescale) if traced
+                    else cagrad_triton(gram, c=c, rescale=rescale))
+        if step.name == "mgda":
+            max_iter = int(options["max_iter"])
+            return _ops.solve_mgda(gram, solver, max_iter) if traced else mgda_triton(gram, solver, max_iter)
+        return None
 
     def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
                 out: torch.Tensor) -> None:

@@ -12,9 +12,9 @@ import torch
 
 from bucketmoo_kernels.ddp import BucketMOOState
 from bucketmoo_kernels.distributed.settings import MOOSettings
-from bucketmoo_kernels.methods.elementwise import ELEMENTWISE_METHODS
+from bucketmoo_kernels.methods import available_methods, get_method
 
-ELEMENTWISE = sorted(ELEMENTWISE_METHODS)
+ELEMENTWISE = [m for m in available_methods() if get_method(m).is_elementwise]
 
 
 @pytest.mark.parametrize("method", ELEMENTWISE)

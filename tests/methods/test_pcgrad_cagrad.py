@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bucketmoo_kernels.methods import get_method
 from bucketmoo_kernels.methods.cagrad import cagrad_weights
 from bucketmoo_kernels.methods.pcgrad import pcgrad_orders, pcgrad_weights
 from tests import references
@@ -95,15 +96,17 @@ def test_cagrad_degenerate_inputs_are_finite():
 
 
 def test_cagrad_rejects_bad_options():
+    """The record's option specs (the one place CAGrad's ranges are written) refuse them."""
+    cagrad = get_method("cagrad")
     gram = torch.eye(3, dtype=torch.float64)[None]
     with pytest.raises(ValueError, match="c must be"):
-        cagrad_weights(gram, c=-1.0)
+        cagrad(gram, c=-1.0)
     with pytest.raises(ValueError, match="rescale"):
-        cagrad_weights(gram, rescale=5)
+        cagrad(gram, rescale=5)
     with pytest.raises(ValueError, match="at most 8"):
         cagrad_weights(torch.eye(9, dtype=torch.float64)[None], solver="exact")
     with pytest.raises(ValueError, match="solver"):
-        cagrad_weights(gram, solver="fista")
+        cagrad(gram, solver="fista")
 
 
 def test_pcgrad_device_orders_are_cached_and_bounded():
