@@ -31,10 +31,8 @@ PROPERTIES = ("non-conflicting", "permutation", "linear", "extreme scales", "sta
 FAST = {"non-conflicting": "upgrad", "permutation": "mgda", "linear": "nash_mtl",
         "extreme scales": "mgda", "stationary": "mgda", "T = 1": "pcgrad", "zero row": "mean",
         "duplicate row": "mgda"}
-#: (method, property) -> why it fails today (issue 23 items fixed on branch methods).
-KNOWN = {
-    ("cagrad", "stationary"): "issue 23: CAGrad at Pareto-stationary input, fixed on branch methods",
-}
+#: (method, property) -> why it fails today (strict xfails; none left since issue 23's fixes).
+KNOWN: dict[tuple[str, str], str] = {}
 #: Options the tests need for a method to run at all (T-sized ones are built per T).
 NEEDED = {"constant": lambda num_tasks: {"weights": [float(t + 1) for t in range(num_tasks)]}}
 
