@@ -241,6 +241,7 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             if s.stash_reduce == "combined" and world > 1:
                 _all_reduce_mean(bucket_buf, group, world)
         state.record(-1, total, weights)
+        _share_states(state, buf, world)
         for bucket_buf, _, _, bucket_fut in pending:
             bucket_fut.set_result(bucket_buf)
         return fut
@@ -251,7 +252,16 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
     if s.stash_reduce == "combined" and world > 1:
         _all_reduce_mean(buf, group, world)
     state.record(index, info.gram, info.weights)
+    if is_last:
+        _share_states(state, buf, world)
     return _completed(buf)
+
+
+def _share_states(state: BucketMOOState, buf: torch.Tensor, world: int) -> None:
+    """The step's last bucket with ``stash_reduce="combined"``: each rank's method states come from
+    its own weights, so every rank keeps every rank's for the checkpoint of any one rank."""
+    if state.settings.stash_reduce == "combined" and world > 1 and state.weight_step().needs_state:
+        state.gather_rank_method_states(buf.device)
 
 
 # ---------------------------------------------------------------------------- DDP's first iteration

@@ -56,6 +56,9 @@ class MOORuntime:
         #: Per-bucket state of the stateful methods and of ``ema`` (index -1: ``global``);
         #: the same on every rank, checkpointed.
         self.method_states: dict[int, MethodState] = {}
+        #: ``stash_reduce="combined"`` on several ranks: every rank's method states (rank ->
+        #: ``snapshot()["method_states"]``), gathered at the end of each step; None otherwise.
+        self.rank_method_states: dict[int, dict] | None = None
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
