@@ -26,8 +26,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..distributed.localhost import free_port
 from .data import DATA_SOURCE, heldout_windows, load_languages, sample_batch
-from .train import (environment, DemoSettings, RunSpec, _Context, _free_port, _hook_statistics, _leave, _probe,
+from .train import (environment, DemoSettings, RunSpec, _Context, _hook_statistics, _leave, _probe,
                     hook_settings,
                     _settings_dict, bucket_lengths)
 
@@ -253,6 +254,6 @@ def run_hf_demo(settings: DemoSettings) -> dict:
         raise ImportError("--engine hf needs HF Transformers: pip install 'bucketmoo_kernels[hf]'") from exc
     with tempfile.TemporaryDirectory(prefix="bucketmoo_demo_") as tmp:
         result_path = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(settings, _free_port(), result_path), nprocs=settings.world_size, join=True)
+        mp.spawn(_worker, args=(settings, free_port(), result_path), nprocs=settings.world_size, join=True)
         with open(result_path) as f:
             return json.load(f)

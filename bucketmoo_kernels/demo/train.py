@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed.localhost import free_port
 from .. import diagnostics
 from ..api import fused_bucket_moo as fused_op
 from ..api import gram as gram_op
@@ -700,12 +700,6 @@ def environment(device: torch.device, backend: str, threads: int, **extra: str) 
             "load_average": load_average(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_demo(settings: DemoSettings) -> dict:
     """Train every run of ``settings`` on ``len(languages)`` processes; return the results.
 
@@ -721,7 +715,7 @@ def run_demo(settings: DemoSettings) -> dict:
         return run_hf_demo(settings)
     with tempfile.TemporaryDirectory(prefix="bucketmoo_demo_") as tmp:
         result_path = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(settings, _free_port(), result_path), nprocs=settings.world_size,
+        mp.spawn(_worker, args=(settings, free_port(), result_path), nprocs=settings.world_size,
                  join=True)
         with open(result_path) as f:
             return json.load(f)

@@ -22,7 +22,7 @@ from .bucket_layout import VirtualBucket, check_layout, predict_rebuilt_layout, 
 from .diagnostics import BucketRecord, DiagnosticsLog
 from .protocol import shard_length, shard_segments
 
-__all__ = ["MOORuntime"]
+__all__ = ["MOORuntime", "StepCounter"]
 
 logger = logging.getLogger("bucketmoo_kernels")
 
@@ -327,6 +327,21 @@ class MOORuntime:
         return {"step": self.step, "peak_extra_bytes": self.peak_extra_bytes,
                 "method_states": {int(k): v.state_dict() for k, v in self.method_states.items()},
                 "bucket_layout": None if self.bucket_layout is None else [list(b) for b in self.bucket_layout]}
+
+
+class StepCounter:
+    """Advances ``state.runtime.step`` once all ``reductions_per_step`` reductions of a step ran
+    (FSDP2: one per installed parameter group, each called once per backward). It holds the
+    state, not its runtime, which ``load_state_dict`` replaces."""
+
+    def __init__(self, state, reductions_per_step: int):
+        self.state, self.reductions_per_step, self.calls = state, int(reductions_per_step), 0
+
+    def tick(self) -> None:
+        self.calls += 1
+        if self.calls == self.reductions_per_step:
+            self.calls = 0
+            self.state.runtime.finish_step()
 
 
 def _is_rank_zero() -> bool:

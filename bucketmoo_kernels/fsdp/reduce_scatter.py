@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.protocol import TaskLayout, combine_shard, reduce_gram, scatter_tasks, solve_weights
+from ..distributed.runtime import StepCounter
 from ..inputs import Segments
 
 __all__ = ["BucketMOOReduceScatter", "reduce_output_scale"]
@@ -53,19 +54,6 @@ def reduce_output_scale(op, world_size: int, divide_factor: float | None) -> flo
     return world_size / float(divide_factor)
 
 
-class _StepCounter:
-    """Advances ``state.step`` once every installed group has reduced (one optimizer step)."""
-
-    def __init__(self, state, num_groups: int):
-        self.state, self.num_groups, self.calls = state, num_groups, 0
-
-    def tick(self) -> None:
-        self.calls += 1
-        if self.calls == self.num_groups:
-            self.calls = 0
-            self.state.runtime.finish_step()
-
-
 class BucketMOOReduceScatter(_ReduceScatterBase):
     """FSDP2 custom reduce-scatter running Bucket-Level MOO for one parameter group.
 
@@ -81,7 +69,7 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
     """
 
     def __init__(self, state, param_sizes: list[int], divide_factor, index: int, name: str,
-                 counter: _StepCounter):
+                 counter: StepCounter):
         self.state = state
         self.param_sizes = param_sizes
         self.divide_factor = divide_factor

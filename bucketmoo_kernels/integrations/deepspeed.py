@@ -19,7 +19,7 @@ reduces one bucket of whole-parameter gradients:
   the same IPG bucket as a list of gradients.
 
 The bucket goes through the library's sharded tasks-on-ranks protocol
-(:func:`bucketmoo_kernels.ddp.protocol.sharded_moo`: all-to-all of the shards, partial
+(:func:`bucketmoo_kernels.distributed.protocol.sharded_moo`: all-to-all of the shards, partial
 Gram, all-reduce of the tiny Gram, the same solve on every rank, combine of the own shard,
 all-gather), which moves the bytes of a ring all-reduce: no more than DeepSpeed's own
 all-reduce of the bucket. The combined gradient replaces the whole bucket on every rank;
@@ -61,7 +61,8 @@ import torch.distributed as dist
 from ..distributed import collectives
 from ..distributed.protocol import (finish_scatter_tasks, gather_combined, reduce_gram, sharded_moo, solve_weights,
                                     start_scatter_tasks)
-from ..ddp.state import BucketMOOState, parse_granularity
+from ..distributed.settings import parse_granularity
+from ..distributed.state import BucketMOOState
 from ..inputs import Segments
 from ..methods.elementwise import is_elementwise
 
