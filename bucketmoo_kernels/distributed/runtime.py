@@ -1,10 +1,10 @@
 """``MOORuntime``: what the distributed front ends hold while they run.
 
 The counterpart of :class:`~.settings.MOOSettings` (what to compute): counters and
-statistics, the per-step diagnostics, the cached segment layouts, the buckets in flight
-(the overlap pipeline and the ``global`` granularity's pending buckets), the stash step
+statistics, the per-step diagnostics, the cached segment layouts, the stash step
 machine of ``mode="stash"``, the once-per-run checks and the bucket layout of DDP's first
-iteration. The hook and the FSDP reduce-scatter use these public methods only.
+iteration. The :class:`~.engine.BucketEngine` and the front ends use these public methods only;
+the buckets in flight are the engine's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .bucket_layout import VirtualBucket, check_layout, predict_rebuilt_layout, 
 from .diagnostics import BucketRecord, DiagnosticsLog
 from .protocol import shard_length, shard_segments
 
-__all__ = ["MOORuntime", "StepCounter"]
+__all__ = ["MOORuntime"]
 
 logger = logging.getLogger("bucketmoo_kernels")
 
@@ -68,8 +68,6 @@ class MOORuntime:
         self.hook_calls = 0
         self.checked = False  # backend / settings agreement done
         self._layouts: dict = {}
-        self._pending: list = []
-        self._inflight = None
         self._step_extra_bytes = 0
         self._stash: dict = {}
         self._current_task: int | None = None
@@ -97,9 +95,7 @@ class MOORuntime:
         self.note_bucket(buf)
 
     def begin_backward(self) -> None:
-        """The first bucket of a backward: forget what a failed backward left in flight."""
-        self._pending = []
-        self._inflight = None
+        """The first bucket of a backward: start this step's extra-bytes count afresh."""
         self._step_extra_bytes = 0
 
     def finish_step(self) -> None:
@@ -128,21 +124,6 @@ class MOORuntime:
         if cached is None or cached[0] is not settings or cached[1] != step:
             cached = self._weight_step = (settings, step, settings.weight_step_at(step))
         return cached[2]
-
-    # ------------------------------------------------------------------ pipelines
-    def add_pending(self, item: tuple) -> None:
-        self._pending.append(item)
-
-    def take_pending(self) -> list:
-        pending, self._pending = self._pending, []
-        return pending
-
-    def set_inflight(self, item: tuple | None) -> None:
-        self._inflight = item
-
-    def take_inflight(self):
-        item, self._inflight = self._inflight, None
-        return item
 
     # ------------------------------------------------------------------ segment layouts
     def segments_for(self, granularity: tuple[str, int | None], index: int, numel: int,
@@ -313,7 +294,7 @@ class MOORuntime:
         if len(self._tasks_done) == self.num_tasks:
             self._tasks_done = []
             self._stash.clear()
-            self.step += 1
+            self.finish_step()
 
     def method_state_for(self, index: int) -> MethodState:
         """Bucket ``index``'s :class:`MethodState` (created on first use)."""
@@ -327,21 +308,6 @@ class MOORuntime:
         return {"step": self.step, "peak_extra_bytes": self.peak_extra_bytes,
                 "method_states": {int(k): v.state_dict() for k, v in self.method_states.items()},
                 "bucket_layout": None if self.bucket_layout is None else [list(b) for b in self.bucket_layout]}
-
-
-class StepCounter:
-    """Advances ``state.runtime.step`` once all ``reductions_per_step`` reductions of a step ran
-    (FSDP2: one per installed parameter group, each called once per backward). It holds the
-    state, not its runtime, which ``load_state_dict`` replaces."""
-
-    def __init__(self, state, reductions_per_step: int):
-        self.state, self.reductions_per_step, self.calls = state, int(reductions_per_step), 0
-
-    def tick(self) -> None:
-        self.calls += 1
-        if self.calls == self.reductions_per_step:
-            self.calls = 0
-            self.state.runtime.finish_step()
 
 
 def _is_rank_zero() -> bool:

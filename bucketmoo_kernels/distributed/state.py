@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from . import collectives
 from .agreement import agree_settings
+from .engine import BucketEngine
 from .protocol import TaskLayout
 from .runtime import MOORuntime
 from .settings import (COMPRESSIONS, MODES, PROTOCOLS, STASH_REDUCTIONS, MOOSettings, check_bool, parse_granularity,
@@ -118,7 +119,7 @@ class BucketMOOState:
     ``torch.amp.GradScaler`` sees it and skips the step.
     """
 
-    __slots__ = ("_process_group", "settings", "runtime", "_tasks")
+    __slots__ = ("_process_group", "settings", "runtime", "_tasks", "_engine")
 
     def __init__(self, method: str = "mgda", mode: str = "ranks", granularity: str = "bucket",
                  process_group: dist.ProcessGroup | None = None, task_of_rank: Sequence[int] | None = None,
@@ -135,6 +136,7 @@ class BucketMOOState:
         object.__setattr__(self, "settings", settings)
         object.__setattr__(self, "runtime", MOORuntime(settings.num_tasks, settings.max_diagnostic_steps))
         object.__setattr__(self, "_tasks", None)
+        object.__setattr__(self, "_engine", None)
         if settings.mode == "ranks" and dist.is_available() and dist.is_initialized():
             self.task_layout()  # validate task_of_rank against the group now
 
@@ -150,6 +152,15 @@ class BucketMOOState:
     def process_group(self, group: dist.ProcessGroup | None) -> None:
         object.__setattr__(self, "_process_group", group)
         object.__setattr__(self, "_tasks", None)  # rebuilt for the new group on first use
+        object.__setattr__(self, "_engine", None)
+
+    @property
+    def engine(self) -> BucketEngine:
+        """The :class:`~.engine.BucketEngine` of the DDP hook, over :attr:`process_group` (built on
+        first use; FSDP2 and DeepSpeed build their own over their group)."""
+        if self._engine is None:
+            object.__setattr__(self, "_engine", BucketEngine(self, self.process_group))
+        return self._engine
 
     @property
     def method_options(self) -> dict[str, Any]:
@@ -198,14 +209,6 @@ class BucketMOOState:
         if index is not None and self.weight_step().needs_state:
             kwargs["method_state"] = self.runtime.method_state_for(index)
         return kwargs
-
-    def segments_for(self, index: int, numel: int, param_numels: Sequence[int] | None):
-        """The (cached) segment layout of a bucket for this state's granularity, and the bucket's
-        cache of shard layouts."""
-        return self.runtime.segments_for(self.settings.granularity_kind, index, numel, param_numels)
-
-    def shard_segments_for(self, segments, shards: dict, rank: int, world: int):
-        return self.runtime.shard_segments_for(segments, shards, rank, world)
 
     def record(self, index: int, gram_matrix: torch.Tensor, weights: torch.Tensor) -> None:
         """Append bucket ``index``'s diagnostics for this step (nothing when recording is off)."""
@@ -348,6 +351,7 @@ class BucketMOOState:
         object.__setattr__(self, "settings", saved)
         object.__setattr__(self, "runtime", runtime)
         object.__setattr__(self, "_tasks", None)
+        object.__setattr__(self, "_engine", None)
         if saved.mode == "ranks" and dist.is_available() and dist.is_initialized():
             self.task_layout()  # validate task_of_rank against the group now
 
@@ -401,6 +405,7 @@ class BucketMOOState:
         """Restore a pickled state on the default process group (set ``process_group`` after)."""
         object.__setattr__(self, "_process_group", None)
         object.__setattr__(self, "_tasks", None)
+        object.__setattr__(self, "_engine", None)
         object.__setattr__(self, "settings", MOOSettings())
         self.load_state_dict(state, replace_settings=True)
 

@@ -19,7 +19,7 @@ reduces one bucket of whole-parameter gradients:
   the same IPG bucket as a list of gradients.
 
 The bucket goes through the library's sharded tasks-on-ranks protocol
-(:func:`bucketmoo_kernels.distributed.protocol.sharded_moo`: all-to-all of the shards, partial
+(:class:`bucketmoo_kernels.distributed.engine.BucketEngine`: all-to-all of the shards, partial
 Gram, all-reduce of the tiny Gram, the same solve on every rank, combine of the own shard,
 all-gather), which moves the bytes of a ring all-reduce: no more than DeepSpeed's own
 all-reduce of the bucket. The combined gradient replaces the whole bucket on every rank;
@@ -58,12 +58,9 @@ import types
 import torch
 import torch.distributed as dist
 
-from ..distributed import collectives
-from ..distributed.protocol import (finish_scatter_tasks, gather_combined, reduce_gram, sharded_moo, solve_weights,
-                                    start_scatter_tasks)
+from ..distributed.engine import BucketEngine
 from ..distributed.settings import parse_granularity
 from ..distributed.state import BucketMOOState
-from ..inputs import Segments
 from ..methods.elementwise import is_elementwise
 
 __all__ = ["apply_bucket_moo", "DeepSpeedBucketMOO", "CHECKPOINT_KEY", "MIN_DEEPSPEED_VERSION",
@@ -185,7 +182,10 @@ class DeepSpeedBucketMOO:
         self.stage = stage
         self.group = group
         self.buckets_reduced = 0
-        self._pending: list = []  # global granularity: (sharded rows, targets) of every bucket
+        #: the bucket engine over DeepSpeed's data-parallel group; its buffers are DeepSpeed's,
+        #: reused by the next bucket, so every exchange finishes in its own call
+        self.moo = BucketEngine(state, group, holds_buffers=False)
+        self._pending: list = []  # global granularity: (future of the combined bucket, its targets)
         self._patched: list[tuple[object, str]] = []
 
     # ------------------------------------------------------------------ installation
@@ -261,7 +261,7 @@ class DeepSpeedBucketMOO:
             boundary = eng.is_gradient_accumulation_boundary()
             out = original_step(*args, **kwargs)
             if boundary:
-                ctl.state.runtime.finish_step()
+                ctl.moo.finish_step()
             return out
 
         def save_checkpoint(eng, save_dir, tag=None, client_state=None, *args, **kwargs):
@@ -274,6 +274,7 @@ class DeepSpeedBucketMOO:
             if client_state is not None and CHECKPOINT_KEY in client_state:
                 ctl.state.load_state_dict(client_state.pop(CHECKPOINT_KEY))
                 ctl.state.process_group = ctl.group
+                ctl.moo = BucketEngine(ctl.state, ctl.group, holds_buffers=False)
             return path, client_state
 
         self._patch(engine, "step", step)
@@ -313,7 +314,8 @@ class DeepSpeedBucketMOO:
                 offset += g.numel()
 
     def _reduce_flat(self, flat: torch.Tensor, targets: list, sizes: list[int], comm_dtype) -> None:
-        """Combine one bucket in place (or, for ``global``, start it and hold it)."""
+        """Combine one bucket in place through the engine (``global``: hold it until the end of
+        the backward, in a buffer of its own, since DeepSpeed reuses its bucket buffer)."""
         state = self.state
         n = flat.numel()
         if n == 0:
@@ -324,26 +326,15 @@ class DeepSpeedBucketMOO:
             raise RuntimeError("apply_bucket_moo: DeepSpeed handed over a non-contiguous bucket")
         state.check_once(flat.device, "sharded")  # settings agreed by every rank, backend able
         state.runtime.note_bucket(flat)
-        tasks = state.task_layout()
         index = self.buckets_reduced
         self.buckets_reduced += 1
         wire = self._wire_dtype(flat, comm_dtype)
-        kind, _ = parse_granularity(state.granularity)
-        if kind == "global":
-            # Hold the bucket: its shard rows leave DeepSpeed's buffer now (the buffer is
-            # reused by the next bucket); the combined values are written at the end.
-            handle = start_scatter_tasks(flat, Segments.single(n), tasks, group=self.group, wire_dtype=wire,
-                                         backend=state.backend)
-            sharded = finish_scatter_tasks(handle)
-            self._pending.append((sharded, targets, flat.dtype, flat.device))
-            state.runtime.add_step_extra_bytes(sharded.extra_bytes)
+        if parse_granularity(state.granularity)[0] != "global":
+            self.moo.reduce(index, flat, sizes, wire_dtype=wire)
             return
-        segs, shards = state.segments_for(index, n, sizes if kind == "param" else None)
-        local = state.shard_segments_for(segs, shards, collectives.group_rank(self.group), tasks.world_size)
-        gram_matrix, weights, extra = sharded_moo(flat, segs, tasks, state.weight_step(), group=self.group,
-                                                  wire_dtype=wire, local_segments=local, **state.solve_kwargs(index))
-        state.note_extra_bytes(extra)
-        state.record(index, gram_matrix, weights)
+        full = torch.empty_like(flat)
+        state.runtime.add_step_extra_bytes(full.numel() * full.element_size())
+        self._pending.append((self.moo.reduce(index, flat, sizes, out=full, wire_dtype=wire), targets))
 
     def _grad_of(self, target):
         """Where the reduced gradient of a held bucket's element lives now."""
@@ -354,21 +345,13 @@ class DeepSpeedBucketMOO:
         return self.engine.optimizer.get_param_gradient_attribute(target)
 
     def _end_of_backward(self) -> None:
-        """The backward's last bucket was reduced: finish the held buckets (``global``)."""
+        """The backward's last bucket was reduced: the engine finishes the held buckets
+        (``global``), whose combined values are then written into the reduced gradients."""
         pending, self._pending = self._pending, []
         self.buckets_reduced = 0
-        if not pending:
-            self.state.runtime.begin_backward()  # nothing held: start the next backward clean
-            return
-        state = self.state
-        total = torch.stack([sharded.partial_gram for sharded, *_ in pending]).sum(0)
-        total = reduce_gram(total, self.group)
-        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
-        extra = state.runtime.add_step_extra_bytes(0)
-        for sharded, targets, dtype, device in pending:
-            full = torch.empty(sharded.numel, dtype=dtype, device=device)
-            extra += full.numel() * full.element_size()
-            extra += gather_combined(sharded, weights, full, group=self.group, backend=state.backend)
+        self.moo.finish_backward()
+        for future, targets in pending:
+            full = future.wait()
             offset = 0
             for target in targets:
                 numel = target.numel()
@@ -376,9 +359,6 @@ class DeepSpeedBucketMOO:
                 if grad is not None:
                     grad.view(-1).copy_(full[offset:offset + numel].view_as(grad.view(-1)))
                 offset += numel
-        state.note_extra_bytes(extra)
-        state.runtime.begin_backward()
-        state.record(-1, total, weights)
 
 
 def apply_bucket_moo(engine, state: BucketMOOState) -> DeepSpeedBucketMOO:
