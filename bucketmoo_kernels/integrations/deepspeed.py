@@ -53,8 +53,8 @@ accumulated task gradients); stage 2 reduces, and therefore combines, every micr
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 import torch
 import torch.distributed as dist
 
@@ -189,98 +189,88 @@ class DeepSpeedBucketMOO:
         self._patched: list[tuple[object, str]] = []
 
     # ------------------------------------------------------------------ installation
-    def _patch(self, obj, name: str, fn) -> None:
-        if name in vars(obj):
-            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance; "
-                               "apply_bucket_moo patches a fresh engine")
-        setattr(obj, name, types.MethodType(fn, obj))
-        self._patched.append((obj, name))
-
     def install(self) -> None:
+        """Replace, on this engine and its optimizer only, the methods that reduce a bucket, end a
+        backward, step and checkpoint; each replacement gets the original bound method first."""
         engine = self.engine
-        ctl = self
         if self.stage == 0:
-            original_copy = engine.allreduce_and_copy
-            original_fallback = engine.buffered_allreduce_fallback
-
-            def allreduce_and_copy(eng, small_bucket, dp_group, dp_world_size=None):
-                if ctl.state.plain_average:
-                    return original_copy(small_bucket, dp_group, dp_world_size)
-                ctl._reduce_grads(list(small_bucket), list(small_bucket), eng.communication_data_type)
-
-            def buffered_allreduce_fallback(eng, grads=None, elements_per_buffer=500000000):
-                try:
-                    return original_fallback(grads=grads, elements_per_buffer=elements_per_buffer)
-                finally:
-                    ctl._end_of_backward()
-
-            self._patch(engine, "allreduce_and_copy", allreduce_and_copy)
-            self._patch(engine, "buffered_allreduce_fallback", buffered_allreduce_fallback)
+            patches = [(engine, "allreduce_and_copy", self._allreduce_and_copy),
+                       (engine, "buffered_allreduce_fallback", self._buffered_allreduce_fallback)]
         else:
             opt = engine.optimizer
-            original_average = opt.average_tensor
-            original_fallback = opt.buffered_reduce_fallback
-            original_reduce_ipg = opt.reduce_ipg_grads
-
-            def average_tensor(zo, tensor, communication_data_type):
-                if ctl.state.plain_average:
-                    return original_average(tensor, communication_data_type)
-                params = ctl._bucket_params(zo, communication_data_type)
-                ctl._reduce_flat(tensor, params, [p.numel() for p in params], communication_data_type)
-
-            def buffered_reduce_fallback(zo, rank, grads, communication_data_type, elements_per_buffer=500000000,
-                                         log=None):
-                if ctl.state.plain_average:
-                    return original_fallback(rank, grads, communication_data_type,
-                                             elements_per_buffer=elements_per_buffer, log=log)
-                if rank is not None:
-                    raise RuntimeError("apply_bucket_moo: DeepSpeed asked for a reduce to one rank "
-                                       f"(rank={rank}); only all-reduce style bucket reductions are supported")
-                params = ctl._bucket_params(zo, communication_data_type)
-                if [p.numel() for p in params] != [g.numel() for g in grads]:
-                    raise RuntimeError("apply_bucket_moo: the gradients DeepSpeed reduces do not match its IPG "
-                                       "bucket's parameters; this DeepSpeed version is not supported")
-                ctl._reduce_grads(list(grads), params, communication_data_type)
-
-            def reduce_ipg_grads(zo, comm_dtype=None):
-                try:
-                    return original_reduce_ipg(comm_dtype=comm_dtype)
-                finally:
-                    if comm_dtype is None:  # the flush at the end of the backward (ZeRO epilogue)
-                        ctl._end_of_backward()
-
-            self._patch(opt, "average_tensor", average_tensor)
-            self._patch(opt, "buffered_reduce_fallback", buffered_reduce_fallback)
-            self._patch(opt, "reduce_ipg_grads", reduce_ipg_grads)
-
-        original_step = engine.step
-        original_save = engine.save_checkpoint
-        original_load = engine.load_checkpoint
-
-        def step(eng, *args, **kwargs):
-            boundary = eng.is_gradient_accumulation_boundary()
-            out = original_step(*args, **kwargs)
-            if boundary:
-                ctl.moo.finish_step()
-            return out
-
-        def save_checkpoint(eng, save_dir, tag=None, client_state=None, *args, **kwargs):
-            client_state = dict(client_state or {})
-            client_state[CHECKPOINT_KEY] = ctl.state.state_dict()
-            return original_save(save_dir, tag, client_state, *args, **kwargs)
-
-        def load_checkpoint(eng, *args, **kwargs):
-            path, client_state = original_load(*args, **kwargs)
-            if client_state is not None and CHECKPOINT_KEY in client_state:
-                ctl.state.load_state_dict(client_state.pop(CHECKPOINT_KEY))
-                ctl.state.process_group = ctl.group
-                ctl.moo = BucketEngine(ctl.state, ctl.group, holds_buffers=False)
-            return path, client_state
-
-        self._patch(engine, "step", step)
-        self._patch(engine, "save_checkpoint", save_checkpoint)
-        self._patch(engine, "load_checkpoint", load_checkpoint)
+            patches = [(opt, "average_tensor", self._average_tensor),
+                       (opt, "buffered_reduce_fallback", self._buffered_reduce_fallback),
+                       (opt, "reduce_ipg_grads", self._reduce_ipg_grads)]
+        patches += [(engine, "step", self._step), (engine, "save_checkpoint", self._save_checkpoint),
+                    (engine, "load_checkpoint", self._load_checkpoint)]
+        for obj, name, _ in patches:
+            if name in vars(obj):
+                raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance; "
+                                   "apply_bucket_moo patches a fresh engine")
+        for obj, name, replacement in patches:
+            setattr(obj, name, functools.partial(replacement, getattr(obj, name)))
+            self._patched.append((obj, name))
         setattr(engine, _PATCH_ATTR, self)
+
+    # stage 0: one allreduce_bucket_size bucket of gradients; the end of the backward
+    def _allreduce_and_copy(self, original, small_bucket, dp_group, dp_world_size=None):
+        if self.state.plain_average:
+            return original(small_bucket, dp_group, dp_world_size)
+        self._reduce_grads(list(small_bucket), list(small_bucket), self.engine.communication_data_type)
+
+    def _buffered_allreduce_fallback(self, original, grads=None, elements_per_buffer=500000000):
+        try:
+            return original(grads=grads, elements_per_buffer=elements_per_buffer)
+        finally:
+            self._end_of_backward()
+
+    # stages 1 and 2: the IPG bucket, flat or as gradients; the flush at the end of the backward
+    def _average_tensor(self, original, tensor, communication_data_type):
+        if self.state.plain_average:
+            return original(tensor, communication_data_type)
+        params = self._bucket_params(communication_data_type)
+        self._reduce_flat(tensor, params, [p.numel() for p in params], communication_data_type)
+
+    def _buffered_reduce_fallback(self, original, rank, grads, communication_data_type,
+                                  elements_per_buffer=500000000, log=None):
+        if self.state.plain_average:
+            return original(rank, grads, communication_data_type, elements_per_buffer=elements_per_buffer, log=log)
+        if rank is not None:
+            raise RuntimeError("apply_bucket_moo: DeepSpeed asked for a reduce to one rank "
+                               f"(rank={rank}); only all-reduce style bucket reductions are supported")
+        params = self._bucket_params(communication_data_type)
+        if [p.numel() for p in params] != [g.numel() for g in grads]:
+            raise RuntimeError("apply_bucket_moo: the gradients DeepSpeed reduces do not match its IPG "
+                               "bucket's parameters; this DeepSpeed version is not supported")
+        self._reduce_grads(list(grads), params, communication_data_type)
+
+    def _reduce_ipg_grads(self, original, comm_dtype=None):
+        try:
+            return original(comm_dtype=comm_dtype)
+        finally:
+            if comm_dtype is None:  # the flush at the end of the backward (ZeRO epilogue)
+                self._end_of_backward()
+
+    # every stage: the step counter and the state in the checkpoint's client state
+    def _step(self, original, *args, **kwargs):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        out = original(*args, **kwargs)
+        if boundary:
+            self.moo.finish_step()
+        return out
+
+    def _save_checkpoint(self, original, save_dir, tag=None, client_state=None, *args, **kwargs):
+        client_state = dict(client_state or {})
+        client_state[CHECKPOINT_KEY] = self.state.state_dict()
+        return original(save_dir, tag, client_state, *args, **kwargs)
+
+    def _load_checkpoint(self, original, *args, **kwargs):
+        path, client_state = original(*args, **kwargs)
+        if client_state is not None and CHECKPOINT_KEY in client_state:
+            self.state.load_state_dict(client_state.pop(CHECKPOINT_KEY))
+            self.state.process_group = self.group
+            self.moo = BucketEngine(self.state, self.group, holds_buffers=False)
+        return path, client_state
 
     def remove(self) -> None:
         """Restore the engine's (and its optimizer's) own methods."""
@@ -291,8 +281,8 @@ class DeepSpeedBucketMOO:
             delattr(self.engine, _PATCH_ATTR)
 
     # ------------------------------------------------------------------ reduction
-    @staticmethod
-    def _bucket_params(zo, comm_dtype) -> list:
+    def _bucket_params(self, comm_dtype) -> list:
+        zo = self.engine.optimizer
         bucket = zo.ipg_buckets[comm_dtype]
         return [zo.bit16_groups[i][j] for i, j, _ in bucket.params]
 
