@@ -79,7 +79,7 @@ class TritonBackend(Backend):
         traced = torch.compiler.is_compiling()
         if name == "pcgrad":
             seed = int(options["seed"])
-            return _ops.solve_pcgrad(gram, seed) if traced else pcgrad_triton(gram, seed=seed)
+            return _ops.solve_pcgrad_seeded(gram, seed) if traced else pcgrad_triton(gram, seed=seed)
         if name == "cagrad" and num_tasks <= simplex.MAX_EXACT_TASKS:
             c, rescale = options["c"], options["rescale"]
             if c >= 0 and rescale in (0, 1, 2):  # else the torch function raises the error
