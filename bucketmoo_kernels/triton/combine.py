@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..inputs import Segments, TaskGrads
-from .gram import _row_offsets
+from .gram import row_offsets
 from .tiles import block_table, next_pow2, offsets_table, on_device, row_addressing
 
 __all__ = ["combine_triton", "combine_block"]
@@ -79,7 +79,7 @@ def _combine_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, w_ptr, bloc
 
     t = tl.arange(0, TP)
     row_ok = t < T
-    row_off = _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
+    row_off = row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
     # The block start is a multiple of BLOCK_N (>= 16): aligned, and every block but the last
     # is full, so it loads and stores without a column mask (vectorisable whatever N is).
     cols = tl.multiple_of(pid * BLOCK_N, 16) + tl.arange(0, BLOCK_N)
