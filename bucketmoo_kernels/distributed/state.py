@@ -4,8 +4,8 @@ Modelled on PyTorch's ``PowerSGDState``: a validating ``__init__`` whose errors 
 argument, ``state_dict()`` / ``load_state_dict()`` and pickling without the process group.
 It is two parts: :class:`~.settings.MOOSettings` (``state.settings``, frozen: what is
 computed) and :class:`~.runtime.MOORuntime` (``state.runtime``: buffers, caches, the stash
-step machine, counters, diagnostics). The DDP hook and the FSDP2 reduce-scatter read the
-settings and call the runtime's public methods.
+step machine, counters, diagnostics, method states). The front ends run their buckets through
+a :class:`~.engine.BucketEngine` over the state (``state.engine`` for the DDP hook).
 """
 
 from __future__ import annotations
