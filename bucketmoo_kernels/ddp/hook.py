@@ -41,6 +41,10 @@ def _protocol_of(state: BucketMOOState) -> str:
     return s.protocol
 
 
+def _check_once(state: BucketMOOState, buf: torch.Tensor) -> None:
+    state.check_once(buf.device, _protocol_of(state))
+
+
 # ---------------------------------------------------------------------------- tasks on ranks
 def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
     s, engine = state.settings, state.engine
@@ -163,7 +167,7 @@ def bucket_moo_hook(state: BucketMOOState, bucket: dist.GradBucket) -> torch.fut
         raise TypeError(f"state must be a BucketMOOState; got {type(state).__name__}")
     s, rt = state.settings, state.runtime
     buf = bucket.buffer()
-    state.check_once(buf.device, _protocol_of(state))
+    _check_once(state, buf)
     mode_hook = _ranks_hook if s.mode == "ranks" else _stash_hook
     # DDP's initial single bucket: run it as the rebuilt buckets. Not needed for plain
     # averaging (element-wise) nor for the stashing tasks of stash mode (they are kept per
