@@ -211,12 +211,8 @@ class MOOSettings:
                 raise ValueError(f"task_of_rank entries must be task ids {limit}; rank {bad[0][0]} has "
                                  f"task id {bad[0][1]}")
             task_of_rank = tuple(ids)
-        settings = cls(method=method, method_options=tuple(sorted(method_options.items())),
-                       granularity=granularity, normalization=normalization, normalize_weights=normalize_weights,
-                       mode=mode, task_of_rank=task_of_rank, num_tasks=num_tasks, protocol=protocol,
-                       compress=compress, stash_reduce=stash_reduce, overlap=overlap, backend=backend,
-                       record_diagnostics=record_diagnostics, max_diagnostic_steps=max_diagnostic_steps,
-                       bucket_cap_mb=bucket_cap_mb)
+        checked = {**locals(), "method_options": tuple(sorted(method_options.items()))}
+        settings = cls(**{f.name: checked[f.name] for f in SETTING_FIELDS})
         object.__setattr__(settings, "_weight_step", weight_step)
         return settings
 

@@ -22,8 +22,8 @@ from .agreement import agree_settings
 from .engine import BucketEngine
 from .protocol import TaskLayout
 from .runtime import MOORuntime
-from .settings import (COMPRESSIONS, MODES, PROTOCOLS, STASH_REDUCTIONS, MOOSettings, check_bool, parse_granularity,
-                       settings_dict, settings_differences, settings_from_dict)
+from .settings import (COMPRESSIONS, MODES, PROTOCOLS, SETTING_FIELDS, STASH_REDUCTIONS, MOOSettings, check_bool,
+                       parse_granularity, settings_dict, settings_differences, settings_from_dict)
 
 __all__ = ["BucketMOOState", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS", "parse_granularity"]
 
@@ -127,11 +127,9 @@ class BucketMOOState:
                  stash_reduce: str = "tasks", normalization: str = "none", normalize_weights: bool = True,
                  overlap: bool = True, backend: str = "auto", record_diagnostics: bool = False,
                  max_diagnostic_steps: int = 1000, bucket_cap_mb: float | None = None, **method_options: Any):
-        settings = MOOSettings.build(
-            method, mode, granularity, task_of_rank, num_tasks=num_tasks, protocol=protocol, compress=compress,
-            stash_reduce=stash_reduce, normalization=normalization, normalize_weights=normalize_weights,
-            overlap=overlap, backend=backend, record_diagnostics=record_diagnostics,
-            max_diagnostic_steps=max_diagnostic_steps, bucket_cap_mb=bucket_cap_mb, **method_options)
+        given = locals()  # every setting is an argument of the same name (SETTING_FIELDS)
+        settings = MOOSettings.build(**{f.name: given[f.name] for f in SETTING_FIELDS if f.name != "method_options"},
+                                     **method_options)
         object.__setattr__(self, "_process_group", process_group)
         object.__setattr__(self, "settings", settings)
         object.__setattr__(self, "runtime", MOORuntime(settings.num_tasks, settings.max_diagnostic_steps))
