@@ -85,10 +85,12 @@ class PendingBucket:
     average_after: bool = False
 
     def finish_scatter(self) -> int:
-        """Wait for the all-to-all (if still in flight); returns the bytes it allocated (0 if done)."""
-        if self.scatter is None:
+        """Wait for the all-to-all (if still in flight); returns the bytes it allocated (0 if done
+        or not sharded). The receive buffer stays held by ``scatter`` until the record (or
+        ``scatter``) is dropped."""
+        if self.scatter is None or self.sharded is not None:
             return 0
-        self.sharded, self.scatter = finish_scatter_tasks(self.scatter), None
+        self.sharded = finish_scatter_tasks(self.scatter)
         self.gram = self.sharded.partial_gram
         return self.sharded.extra_bytes
 
@@ -153,6 +155,7 @@ class BucketEngine:
                                                      wire_dtype=wire, backend=backend)
                 if not self.holds_buffers:  # the buffer is reused: take the shards out now
                     runtime.add_step_extra_bytes(record.finish_scatter())
+                    record.scatter = None
             else:
                 record.rows, extra = allgather_tasks(flat, tasks, group=self.group, wire_dtype=wire)
                 record.gram = gram(record.rows, None, backend=backend)
@@ -331,6 +334,8 @@ class BucketEngine:
             return
         settings, runtime = self.state.settings, self.state.runtime
         runtime.add_step_extra_bytes(sum(record.finish_scatter() for record in pending))
+        for record in pending:
+            record.scatter = None  # the receive buffers: only the task rows are needed from here
         total = torch.stack([record.gram for record in pending]).sum(0)  # [1, T, T]
         sharded = pending[0].sharded is not None
         if sharded:
