@@ -7,6 +7,7 @@ Run as ``python -m tests.ddp.exit_worker RANK WORLD PORT``; the exit status must
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import sys
 
 import torch
@@ -24,6 +25,7 @@ CONFIGS = (
 
 
 def main(rank: int, world: int, port: int) -> None:
+    faulthandler.enable(all_threads=True)  # an abort prints every thread's Python stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
