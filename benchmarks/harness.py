@@ -49,6 +49,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from bucketmoo_kernels.provenance import git_commit, load_average  # noqa: F401  (load_average: the benches' too)
+from bucketmoo_kernels.distributed.localhost import free_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Where a run goes unless it is recorded on purpose (``--record``): ignored by git, so running a
@@ -508,14 +509,6 @@ def overhead_breakdown(world: int, res: dict, config: str, baseline: str, *, hoo
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_gloo_workers(worker, world: int, args) -> list[dict]:
     """Spawn ``worker(rank, world, port, outdir, args)`` on ``world`` processes; return the
     rows that rank 0 saved with :func:`finish_worker`."""
@@ -524,7 +517,7 @@ def run_gloo_workers(worker, world: int, args) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(worker, args=(world, _free_port(), outdir, args), nprocs=world)
+        mp.spawn(worker, args=(world, free_port(), outdir, args), nprocs=world)
         return torch.load(Path(outdir) / "rows.pt", weights_only=True)
 
 

@@ -358,7 +358,8 @@ def simulate_fsdp_step(model: str | LlamaConfig, world_size: int, rank: int, *, 
     """Run the FSDP2 custom reduce-scatter for every parameter group of ``model`` (one layer per
     group, then the root), as rank ``rank`` of ``world_size``; see :func:`simulate_ddp_step`."""
     from bucketmoo_kernels.ddp import BucketMOOState
-    from bucketmoo_kernels.fsdp.reduce_scatter import BucketMOOReduceScatter, _StepCounter
+    from bucketmoo_kernels.distributed.engine import BucketEngine
+    from bucketmoo_kernels.fsdp.reduce_scatter import BucketMOOReduceScatter
 
     cfg = _config(model)
     groups = fsdp_groups(cfg, world_size)
@@ -368,8 +369,8 @@ def simulate_fsdp_step(model: str | LlamaConfig, world_size: int, rank: int, *, 
         state = BucketMOOState(method=method, mode="ranks", granularity=granularity, process_group=group,
                                task_of_rank=task_of_rank(world_size, num_tasks), compress=compress, backend="auto")
         state.check_once(torch.device("cpu"), "sharded")  # once per run, not per step (see above)
-        counter = _StepCounter(state, len(groups))
-        comms = [BucketMOOReduceScatter(state, g["param_sizes"], lambda: None, i, g["name"], counter)
+        engine = BucketEngine(state, group, holds_buffers=False, reductions_per_step=len(groups))
+        comms = [BucketMOOReduceScatter(state, g["param_sizes"], lambda: None, i, g["name"], engine)
                  for i, g in enumerate(groups)]
         record = None
         for _ in range(steps):

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from bucketmoo_kernels.demo.data import (DATA_SOURCE, heldout_windows, load_cldr
                                          to_bytes)
 from bucketmoo_kernels.demo.model import ByteLM, ModelConfig
 from bucketmoo_kernels.demo.train import evaluate, lr_at
+from bucketmoo_kernels.distributed.localhost import free_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -268,18 +268,12 @@ def _worker(rank: int, settings: StudySettings, jobs, base_path: str, port: int,
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_jobs(settings: StudySettings, jobs: list[tuple[int, Run]], base_path: Path) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="bucketmoo_study_") as tmp:
         out = os.path.join(tmp, "results.json")
-        mp.spawn(_worker, args=(settings, jobs, str(base_path), _free_port(), out),
+        mp.spawn(_worker, args=(settings, jobs, str(base_path), free_port(), out),
                  nprocs=settings.world_size, join=True)
         with open(out) as f:
             return json.load(f)

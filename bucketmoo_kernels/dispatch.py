@@ -12,7 +12,8 @@ The environment variable ``BUCKETMOO_BACKEND`` pins what ``auto`` means. A backe
 for by name that cannot run raises ``RuntimeError`` saying why; ``auto`` skips it and logs
 the reason once.
 
-A backend is a :class:`Backend`: every member one may have is declared there, the optional
+A backend is a :class:`~bucketmoo_kernels.backend.Backend` (its own module, re-exported here):
+every member one may have is declared there, the optional
 ones (``solve``, ``weights``, ``fused``) with defaults that return None ("not here, take the
 next path"), so the API calls them without probing. Each gets the weight step as one
 :class:`~bucketmoo_kernels.weight_step.WeightStep`.
@@ -23,71 +24,16 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
-from .inputs import Segments, TaskGrads
+from .backend import Backend
+from .reference import TorchBackend
 from .tracing import assume_constant_result
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .weight_step import WeightStep
 
 __all__ = ["BACKEND_NAMES", "ENV_BACKEND", "Backend", "register_backend", "get_backend",
            "available_backends"]
 
-
-class Backend:
-    """What a backend is: subclass it and override the required members.
-
-    Required: ``name``, :meth:`unavailable_reason`, :meth:`gram`, :meth:`combine`.
-    Optional (the defaults return None, which means "this backend has no faster path for
-    this call"; the API then takes the next one):
-
-    * :meth:`solve`   the method's solver on the normalised float64 Gram;
-    * :meth:`weights` the whole weight step natively (normalisation, method, rescale);
-    * :meth:`fused`   Gram, weights and combine in one sweep over the gradients.
-
-    Shapes: ``grads`` T rows of N (:class:`~bucketmoo_kernels.inputs.TaskGrads`),
-    ``segments`` S segments, ``gram`` ``[S, T, T]``, ``weights`` ``[S, T]``, ``out`` ``[N]``
-    in the grads' dtype, checked by the API (it may be the storage of one gradient row, never
-    a partial overlap). ``losses`` is the checked float64 ``[S, T]`` table of
-    :meth:`WeightStep.loss_table`, or None when the normalisation does not use losses.
-    """
-
-    #: the name ``backend=`` selects it by
-    name: str = ""
-
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        """None when the backend can run on ``device``, else why not (shown to the user)."""
-        raise NotImplementedError
-
-    def gram(self, grads: TaskGrads, segments: Segments) -> torch.Tensor:
-        """``[S, T, T]`` float32 per-segment Gram matrices, accumulated in >= float32."""
-        raise NotImplementedError
-
-    def combine(self, grads: TaskGrads, weights: torch.Tensor, segments: Segments,
-                out: torch.Tensor) -> None:
-        """Write ``out[n] = sum_t weights[s(n), t] * grads[t][n]`` (weights float32 ``[S, T]``)."""
-        raise NotImplementedError
-
-    def solve(self, gram: torch.Tensor, step: "WeightStep") -> torch.Tensor | None:
-        """``[S, T]`` float64 weights of ``step``'s method in its paper scale from the
-        normalised float64 ``gram``, or None: the method's torch function runs."""
-        return None
-
-    def weights(self, gram: torch.Tensor, step: "WeightStep",
-                losses: torch.Tensor | None) -> torch.Tensor | None:
-        """The whole weight step, ``[S, T, T]`` float32 -> ``[S, T]`` float32, or None: the
-        API runs it around :meth:`solve` (see :func:`~bucketmoo_kernels.weight_step.compute_weights`)."""
-        return None
-
-    def fused(self, grads: TaskGrads, segments: Segments, out: torch.Tensor, step: "WeightStep",
-              losses: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Gram, weights and combine in one sweep, writing ``out``; ``(gram, weights)``, or
-        None with nothing written: the API runs gram, the weight step and combine. Called
-        only where writing ``out`` before the whole Gram is known is allowed."""
-        return None
 
 logger = logging.getLogger("bucketmoo_kernels")
 
@@ -174,7 +120,4 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     return {name: _reason(name, device) for name in BACKEND_NAMES}
 
 
-# The torch reference is always there (imported last: reference.py subclasses Backend).
-from .reference import TorchBackend  # noqa: E402
-
-register_backend(TorchBackend())
+register_backend(TorchBackend())  # the torch reference is always there

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Backend
+from .backend import Backend
 from .inputs import Segments, TaskGrads
 
 __all__ = ["gram_reference", "combine_reference", "TorchBackend"]

@@ -37,7 +37,7 @@ from .methods.normalization import (NORMALIZATIONS, USES_LOSSES, check_normaliza
 from .methods.registry import Method, get_method, resolve_options, split_common_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .dispatch import Backend
+    from .backend import Backend
 
 __all__ = ["WeightStep", "NativeCodes", "compute_weights", "as_weight_step"]
 

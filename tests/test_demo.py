@@ -13,8 +13,9 @@ from bucketmoo_kernels.demo.__main__ import build_parser, main, settings_from_ar
 from bucketmoo_kernels.demo.data import (heldout_windows, load_cldr_strings, load_languages,  # noqa: E402
                                          sample_batch, static_weights)
 from bucketmoo_kernels.demo.model import ByteLM, ModelConfig  # noqa: E402
+from bucketmoo_kernels.demo.run import run_demo  # noqa: E402
 from bucketmoo_kernels.demo.train import (DemoSettings, _load_hook, bucket_lengths, hook_settings,  # noqa: E402
-                                          lr_at, parse_run, run_demo)
+                                          lr_at, parse_run)
 from bucketmoo_kernels.methods import available_methods  # noqa: E402
 
 # ----------------------------------------------------------------------------------- data

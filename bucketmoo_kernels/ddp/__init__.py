@@ -6,7 +6,8 @@
 
 See ``docs/ddp.md`` for the modes, protocols, costs and DDP pitfalls. The state, the
 protocol and the collectives live in :mod:`bucketmoo_kernels.distributed`, shared with the
-FSDP2 path; the names below stay importable from here.
+FSDP2 path; the names below are importable from here too (the modules ``state``, ``protocol``,
+``collectives`` and ``diagnostics`` live only in ``bucketmoo_kernels.distributed``).
 """
 
 from ..distributed import collectives, protocol

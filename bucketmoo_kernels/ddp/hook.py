@@ -16,7 +16,9 @@ The first call compares the settings of all ranks (one tiny all-gather). DDP's i
 single bucket (first iteration; two with ``static_graph=True``) is run as the buckets DDP
 builds after its rebuild (:mod:`bucketmoo_kernels.distributed.bucket_layout`).
 
-The hook reads ``state.settings`` and calls the public methods of ``state.runtime``.
+The hook only adapts DDP's objects: a ``GradBucket`` becomes a flat tensor for the state's
+:class:`~bucketmoo_kernels.distributed.engine.BucketEngine` (``state.engine``), DDP's first
+single bucket becomes the rebuilt buckets, and stash mode stashes each task's bucket.
 """
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
@@ -24,32 +26,11 @@ The hook reads ``state.settings`` and calls the public methods of ``state.runtim
 import torch
 import torch.distributed as dist
 
-from ..api import combine, fused_bucket_moo, gram
 from ..distributed import collectives
-from ..distributed.protocol import (allgather_tasks, finish_scatter_tasks, reduce_gram, sharded_moo,
-                                    solve_weights, start_gather_combined, start_scatter_tasks)
+from ..distributed.engine import completed_future
 from ..distributed.state import BucketMOOState
-from ..inputs import Segments
 
 __all__ = ["bucket_moo_hook"]
-
-
-def _completed(tensor: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(tensor)
-    return fut
-
-
-def _fused_kwargs(state: BucketMOOState, index: int) -> dict:
-    kwargs = state.solve_kwargs(index)
-    return dict(weight_step=state.weight_step(), backend=kwargs.pop("backend"), **kwargs,
-                check_finite=False, return_info=True)
-
-
-def _all_reduce_mean(buf: torch.Tensor, group, world: int) -> None:
-    # DDP's reducer multiplies by 1/world before its all-reduce; do the same, bit for bit.
-    buf.mul_(1.0 / world)
-    collectives.all_reduce_sum(buf, group)
 
 
 def _protocol_of(state: BucketMOOState) -> str:
@@ -65,146 +46,27 @@ def _check_once(state: BucketMOOState, buf: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- tasks on ranks
-def _chain(source: torch.futures.Future, target: torch.futures.Future) -> None:
-    """Complete ``target`` with ``source``'s value (or exception) when ``source`` completes."""
-
-    def done(f: torch.futures.Future) -> None:
-        try:
-            target.set_result(f.value())
-        except BaseException as exc:  # noqa: BLE001  (handed to DDP through the future)
-            target.set_exception(exc)
-
-    source.add_done_callback(done)
-
-
-def _ranks_global(state: BucketMOOState, buf: torch.Tensor, index: int, is_last: bool):
-    """One weight vector for the whole model: every bucket waits for the last one.
-
-    Sharded protocol: each bucket's all-to-all is launched in its own call (it runs during
-    the rest of the backward); the last call finishes them all, sums the partial Grams,
-    all-reduces once, solves, and launches every bucket's all-gather.
-    """
-    s, rt = state.settings, state.runtime
-    tasks = state.task_layout()
-    group = state.process_group
-    fut: torch.futures.Future = torch.futures.Future()
-    segs = Segments.single(buf.numel())
-    if s.protocol == "sharded":
-        handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=s.wire_dtype, backend=s.backend)
-        rt.add_pending((buf, handle, None, fut))
-    else:
-        rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=s.wire_dtype)
-        rt.add_pending((buf, rows, gram(rows, None, backend=s.backend), fut))
-        rt.add_step_extra_bytes(extra)
-    if not is_last:
-        return fut
-    pending = rt.take_pending()
-    if s.protocol == "sharded":
-        finished = [finish_scatter_tasks(p[1]) for p in pending]
-        rt.add_step_extra_bytes(sum(sh.extra_bytes for sh in finished))
-        pending = [(b, sh, sh.partial_gram, f) for (b, _, _, f), sh in zip(pending, finished)]
-    total = torch.stack([p[2] for p in pending]).sum(0)  # [1, T, T], fixed order on every rank
-    if s.protocol == "sharded":
-        total = reduce_gram(total, group)
-    weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
-    gather_extra = 0
-    for bucket_buf, payload, _, bucket_fut in pending:
-        if s.protocol == "sharded":
-            gather_fut, extra = start_gather_combined(payload, weights, bucket_buf, group=group, backend=s.backend)
-            gather_extra += extra
-            _chain(gather_fut, bucket_fut)
-            continue
-        if payload.dtype == bucket_buf.dtype:
-            combine(payload, weights, None, out=bucket_buf, backend=s.backend)
-        else:  # compressed rows: combine in the wire dtype, then widen into the bucket
-            bucket_buf.copy_(combine(payload, weights, None, backend=s.backend))
-        bucket_fut.set_result(bucket_buf)
-    rt.note_extra_bytes(rt.add_step_extra_bytes(0) + gather_extra)
-    state.record(-1, total, weights)
-    return fut
-
-
-def _finish_inflight(state: BucketMOOState) -> None:
-    """Finish the bucket whose all-to-all is in flight: Gram, all-reduce, solve, combine,
-    launch the all-gather; its future completes when the all-gather lands."""
-    inflight = state.runtime.take_inflight()
-    if inflight is None:
-        return
-    handle, buf, index, fut = inflight
-    group = state.process_group
-    try:
-        sharded = finish_scatter_tasks(handle)
-        gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs(index))
-        gather_fut, extra = start_gather_combined(sharded, weights, buf, group=group, backend=state.settings.backend)
-    except BaseException as exc:
-        fut.set_exception(exc)
-        raise
-    state.note_extra_bytes(sharded.extra_bytes + extra)
-    state.record(index, gram_matrix, weights)
-    _chain(gather_fut, fut)
-
-
 def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
-    s, rt = state.settings, state.runtime
+    s, engine = state.settings, state.engine
     buf = bucket.buffer()
-    index, is_last = bucket.index(), bucket.is_last()
-    tasks = state.task_layout()
-    group = state.process_group
-    kind, _ = s.granularity_kind
-    if index == 0:
-        rt.begin_backward()
-
     if s.plain_average:
         # Plain averaging over tasks of equal rank counts is the average over ranks: run
         # DDP's own all-reduce, which makes 'mean' bit-identical to DDP without a hook.
-        buf.mul_(1.0 / tasks.world_size)
-        fut = dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
-        if is_last:
-            rt.finish_step()
-        return fut
-
-    if kind == "global":
-        fut = _ranks_global(state, buf, index, is_last)
+        buf.mul_(1.0 / engine.task_layout().world_size)
+        fut = dist.all_reduce(buf, group=state.process_group, async_op=True).get_future().then(
+            lambda f: f.value()[0])
     else:
-        params = bucket.parameters() if kind == "param" else None
-        sizes = [p.numel() for p in params] if params is not None else None
-        segs, shards = state.segments_for(index, buf.numel(), sizes)
-        if s.protocol == "sharded" and s.overlap:
-            _finish_inflight(state)  # the previous bucket: its all-to-all ran during our backward
-            local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
-            handle = start_scatter_tasks(buf, segs, tasks, group=group, wire_dtype=s.wire_dtype,
-                                         backend=s.backend, local_segments=local)
-            fut = torch.futures.Future()
-            rt.set_inflight((handle, buf, index, fut))
-            if is_last:
-                _finish_inflight(state)
-                rt.finish_step()
-            return fut
-        if s.protocol == "sharded":
-            local = state.shard_segments_for(segs, shards, collectives.group_rank(group), tasks.world_size)
-            gram_matrix, weights, extra = sharded_moo(
-                buf, segs, tasks, state.weight_step(), group=group, wire_dtype=s.wire_dtype,
-                local_segments=local, **state.solve_kwargs(index))
-        else:
-            rows, extra = allgather_tasks(buf, tasks, group=group, wire_dtype=s.wire_dtype)
-            out = buf if rows.dtype == buf.dtype else torch.empty_like(buf, dtype=rows.dtype)
-            out, info = fused_bucket_moo(rows, segments=segs, out=out, **_fused_kwargs(state, index))
-            if out is not buf:
-                extra += out.numel() * out.element_size()
-                buf.copy_(out)
-            gram_matrix, weights = info.gram, info.weights
-        state.note_extra_bytes(extra)
-        state.record(index, gram_matrix, weights)
-        fut = _completed(buf)
-    if is_last:
-        rt.finish_step()
+        sizes = [p.numel() for p in bucket.parameters()] if s.granularity_kind[0] == "param" else None
+        fut = engine.reduce(bucket.index(), buf, sizes)
+    if bucket.is_last():
+        engine.finish_backward()
+        engine.finish_step()
     return fut
 
 
 # ---------------------------------------------------------------------------- stashed tasks
 def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
-    s, rt = state.settings, state.runtime
+    s, rt, engine = state.settings, state.runtime, state.engine
     task = rt.current_task
     if task is None:
         raise RuntimeError(
@@ -212,46 +74,23 @@ def _stash_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
             "task's backward in the context manager so the hook knows which task it is"
         )
     buf = bucket.buffer()
-    index, is_last = bucket.index(), bucket.is_last()
     params = bucket.parameters()
     group = state.process_group
     world = collectives.group_size(group)
-    kind, _ = s.granularity_kind
-    final = rt.final_task()
     if s.stash_reduce == "tasks" and world > 1:
-        _all_reduce_mean(buf, group, world)
-    if not final:
+        # DDP's reducer multiplies by 1/world before its all-reduce; the same, bit for bit.
+        buf.mul_(1.0 / world)
+        collectives.all_reduce_sum(buf, group)
+    if not rt.final_task():
         rt.stash_bucket(task, buf, params)
         buf.zero_()  # the next task's backward accumulates into zeroed gradients
-        return _completed(buf)
-
+        return completed_future(buf)
     rows = [buf if t == task else rt.stashed_row(t, buf, params) for t in range(s.num_tasks)]
-    if index == 0:
-        rt.begin_backward()
-    if kind == "global":
-        fut: torch.futures.Future = torch.futures.Future()
-        rt.add_pending((buf, rows, gram(rows, None, backend=s.backend), fut))
-        if not is_last:
-            return fut
-        pending = rt.take_pending()
-        total = torch.stack([p[2] for p in pending]).sum(0)
-        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
-        for bucket_buf, bucket_rows, _, _ in pending:
-            combine(bucket_rows, weights, None, out=bucket_buf, backend=s.backend)
-            if s.stash_reduce == "combined" and world > 1:
-                _all_reduce_mean(bucket_buf, group, world)
-        state.record(-1, total, weights)
-        for bucket_buf, _, _, bucket_fut in pending:
-            bucket_fut.set_result(bucket_buf)
-        return fut
-
-    sizes = [p.numel() for p in params] if kind == "param" else None
-    segs, _ = state.segments_for(index, buf.numel(), sizes)
-    _, info = fused_bucket_moo(rows, segments=segs, out=buf, **_fused_kwargs(state, index))
-    if s.stash_reduce == "combined" and world > 1:
-        _all_reduce_mean(buf, group, world)
-    state.record(index, info.gram, info.weights)
-    return _completed(buf)
+    sizes = [p.numel() for p in params] if s.granularity_kind[0] == "param" else None
+    fut = engine.combine_rows(bucket.index(), rows, buf, sizes)
+    if bucket.is_last():
+        engine.finish_backward()  # the step is counted when the last task's block ends
+    return fut
 
 
 # ---------------------------------------------------------------------------- DDP's first iteration
@@ -270,7 +109,7 @@ def _as_rebuilt_buckets(state: BucketMOOState, bucket, virtual: list, mode_hook)
     for vb in virtual:
         vb.write_back(buf)
     state.note_extra_bytes(sum(vb.buffer().numel() * vb.buffer().element_size() for vb in virtual))
-    return _completed(buf)
+    return completed_future(buf)
 
 
 # ---------------------------------------------------------------------------- the hook

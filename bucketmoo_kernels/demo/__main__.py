@@ -8,7 +8,8 @@ import sys
 import time
 
 from .model import ModelConfig
-from .train import DEFAULT_RUNS, DemoSettings, run_demo
+from .run import run_demo
+from .train import DEFAULT_RUNS, DemoSettings
 
 QUICK = dict(steps=30, eval_every=15, eval_windows=16, batch=8)
 

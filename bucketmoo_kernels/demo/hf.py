@@ -26,10 +26,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..distributed.localhost import free_port
 from .data import DATA_SOURCE, heldout_windows, load_languages, sample_batch
-from .train import (environment, DemoSettings, RunSpec, _Context, _free_port, _hook_statistics, _leave, _probe,
+from .train import (environment, DemoSettings, RunSpec, RunContext, hook_statistics, leave_group, probe_losses,
                     hook_settings,
-                    _settings_dict, bucket_lengths)
+                    settings_dict, bucket_lengths)
 
 __all__ = ["run_hf_demo", "build_model", "WindowDataset"]
 
@@ -87,7 +88,7 @@ def _training_args(settings: DemoSettings, out: str, device: torch.device):
         ddp_bucket_cap_mb=settings.bucket_cap_mb, dataloader_pin_memory=False, ddp_timeout=600)
 
 
-def _train_one(spec: RunSpec, ctx: _Context, train_sets: dict, eval_sets: dict, workdir: str, bar) -> dict:
+def _train_one(spec: RunSpec, ctx: RunContext, train_sets: dict, eval_sets: dict, workdir: str, bar) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -128,7 +129,7 @@ def _train_one(spec: RunSpec, ctx: _Context, train_sets: dict, eval_sets: dict, 
                 bar.update(1)
             if state is not None and state.record_diagnostics:
                 state.record_diagnostics = False
-                hook_stats.append(dict(_hook_statistics(state), step=trainer_state.global_step))
+                hook_stats.append(dict(hook_statistics(state), step=trainer_state.global_step))
             if trainer_state.global_step in eval_steps:
                 probes.append(_probe_now(kwargs["model"], trainer_state.global_step))
 
@@ -139,7 +140,7 @@ def _train_one(spec: RunSpec, ctx: _Context, train_sets: dict, eval_sets: dict, 
         was_training = hf_model.training
         hf_model.eval()
         try:
-            return _probe(_LossView(hf_model), ctx, spec, None)
+            return probe_losses(_LossView(hf_model), ctx, spec, None)
         finally:
             hf_model.train(was_training)
 
@@ -199,7 +200,7 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
         eval_sets = {c: WindowDataset(windows[c][0]) for c in codes}
         probe_gen = torch.Generator().manual_seed(settings.seed * 1000 + 999 + rank)
         probe = sample_batch(data[settings.languages[rank]].train, settings.batch, context, probe_gen)
-        ctx = _Context(rank, world, device, settings, data, windows, tuple(t.to(device) for t in probe), [])
+        ctx = RunContext(rank, world, device, settings, data, windows, tuple(t.to(device) for t in probe), [])
         bar = None
         if rank == 0 and settings.progress:
             from tqdm.auto import tqdm
@@ -219,7 +220,7 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
 
             model = build_model(settings)
             summary = {
-                "settings": _settings_dict(settings),
+                "settings": settings_dict(settings),
                 "environment": environment(device, backend, threads, transformers=transformers.__version__),
                 "data_source": DATA_SOURCE,
                 "languages": {c: {"name": data[c].name, "train_bytes": data[c].train.numel(),
@@ -239,12 +240,12 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
-    _leave()
+    leave_group()
 
 
 def run_hf_demo(settings: DemoSettings) -> dict:
     """Train every run of ``settings`` with ``BucketMOOTrainer`` on ``len(languages)`` processes;
-    return rank 0's summary (the same structure as :func:`.train.run_demo`'s)."""
+    return rank 0's summary (the same structure as :func:`.run.run_demo`'s)."""
     import torch.multiprocessing as mp
 
     try:
@@ -253,6 +254,6 @@ def run_hf_demo(settings: DemoSettings) -> dict:
         raise ImportError("--engine hf needs HF Transformers: pip install 'bucketmoo_kernels[hf]'") from exc
     with tempfile.TemporaryDirectory(prefix="bucketmoo_demo_") as tmp:
         result_path = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(settings, _free_port(), result_path), nprocs=settings.world_size, join=True)
+        mp.spawn(_worker, args=(settings, free_port(), result_path), nprocs=settings.world_size, join=True)
         with open(result_path) as f:
             return json.load(f)

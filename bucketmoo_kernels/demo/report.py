@@ -1,4 +1,4 @@
-"""Terminal table, markdown report and PNG plots of a demo result (see :func:`.train.run_demo`).
+"""Terminal table, markdown report and PNG plots of a demo result (see :func:`.run.run_demo`).
 
 All functions take the JSON-serialisable dict that ``run_demo`` returns; ``results.json`` in
 the output folder holds it, so a report can be rebuilt without training

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed.localhost import free_port
 from .. import diagnostics
 from ..api import fused_bucket_moo as fused_op
 from ..api import gram as gram_op
@@ -50,7 +50,8 @@ from ..methods.elementwise import is_elementwise
 from .data import DATA_SOURCE, heldout_windows, load_languages, sample_batch, static_weights
 from .model import ByteLM, ModelConfig
 
-__all__ = ["RunSpec", "DemoSettings", "parse_run", "run_demo", "bucket_lengths", "hook_settings"]
+__all__ = ["RunSpec", "DemoSettings", "RunContext", "parse_run", "run_ddp_demo", "bucket_lengths", "hook_settings",
+           "hook_statistics", "probe_losses", "leave_group", "settings_dict"]
 
 GRANULARITIES = ("bucket", "global", "param")
 DEFAULT_RUNS = ("mean", "static", "mgda", "mgda-global", "pcgrad")
@@ -324,7 +325,7 @@ def lr_at(step: int, *, warmup: int, steps: int, peak: float) -> float:
 
 
 @dataclass
-class _Context:
+class RunContext:
     rank: int
     world: int
     device: torch.device
@@ -359,13 +360,13 @@ def evaluate(model: ByteLM, sets: dict, codes: list[str], rank: int, world: int,
     return {code: merged[code] for code in codes}
 
 
-def _evaluate(model: ByteLM, ctx: _Context) -> dict[str, float]:
+def _evaluate(model: ByteLM, ctx: RunContext) -> dict[str, float]:
     """Held-out loss of every language of the run (seen and unseen)."""
     codes = list(ctx.settings.languages) + list(ctx.settings.unseen)
     return evaluate(model, ctx.eval_sets, codes, ctx.rank, ctx.world, ctx.device)
 
 
-def _probe(model: ByteLM, ctx: _Context, spec: RunSpec, static_w: torch.Tensor | None) -> dict | None:
+def probe_losses(model: ByteLM, ctx: RunContext, spec: RunSpec, static_w: torch.Tensor | None) -> dict | None:
     """Conflict statistics of the per-language gradients of a fixed batch (rank 0 gets them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(model.loss(*ctx.probe), params)
@@ -419,7 +420,7 @@ def _probe(model: ByteLM, ctx: _Context, spec: RunSpec, static_w: torch.Tensor |
     )
 
 
-def _hook_statistics(state) -> dict:
+def hook_statistics(state) -> dict:
     """Conflict statistics of the buckets the hook combined in the step just taken."""
     records = list(getattr(state.diagnostics, "records", []))
     state.diagnostics.clear()
@@ -484,7 +485,7 @@ def _wrap(model: ByteLM, spec: RunSpec, settings: DemoSettings, hook, device: to
     return model, state, eval_model
 
 
-def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
+def _train_one(spec: RunSpec, ctx: RunContext, bar) -> dict:
     settings, rank, world, device = ctx.settings, ctx.rank, ctx.world, ctx.device
     result = {"name": spec.name, "method": spec.method, "granularity": spec.granularity,
               "tau": spec.tau, "status": "ok"}
@@ -527,7 +528,7 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
     def checkpoint(step):
         plain = eval_model()
         evals.append(_evaluate(plain, ctx))
-        probes.append(_probe(plain, ctx, spec, static_w))
+        probes.append(probe_losses(plain, ctx, spec, static_w))
 
     checkpoint(0)
     memory.start()
@@ -553,7 +554,7 @@ def _train_one(spec: RunSpec, ctx: _Context, bar) -> dict:
         train_loss.append(loss.detach().item())
         if recording:
             state.record_diagnostics = False
-            hook_stats.append(dict(_hook_statistics(state), step=step + 1))
+            hook_stats.append(dict(hook_statistics(state), step=step + 1))
             untimed.add(step)
         if step == 0:  # DDP builds its real buckets after the first step: measure from then on
             memory.start(reset=True)
@@ -630,7 +631,7 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
         probe_gen = torch.Generator().manual_seed(settings.seed * 1000 + 999 + rank)
         probe = sample_batch(data[settings.languages[rank]].train, settings.batch,
                              settings.model.context, probe_gen)
-        ctx = _Context(rank, world, device, settings, data, eval_sets,
+        ctx = RunContext(rank, world, device, settings, data, eval_sets,
                        tuple(t.to(device) for t in probe),
                        [data[c].train.numel() for c in settings.languages])
         bar = None
@@ -648,7 +649,7 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
         if rank == 0:
             model = ByteLM(settings.model)
             summary = {
-                "settings": _settings_dict(settings),
+                "settings": settings_dict(settings),
                 "environment": environment(device, backend, threads),
                 "data_source": DATA_SOURCE,
                 "languages": {c: {"name": data[c].name, "train_bytes": data[c].train.numel(),
@@ -668,10 +669,10 @@ def _worker(rank: int, settings: DemoSettings, port: int, result_path: str) -> N
     finally:
         gc.collect()  # DDP reducers (hook state, futures) go now, not at interpreter exit
         dist.destroy_process_group()
-    _leave()
+    leave_group()
 
 
-def _leave() -> None:
+def leave_group() -> None:
     """End a spawned worker whose result is on disk without interpreter finalization: there,
     C++ threads or destructors that still reach for Python can std::terminate the process
     ("terminate called without an active exception", seen rarely with gloo under load)."""
@@ -680,7 +681,7 @@ def _leave() -> None:
     os._exit(0)
 
 
-def _settings_dict(settings: DemoSettings) -> dict:
+def settings_dict(settings: DemoSettings) -> dict:
     out = asdict(settings)
     out["method_options"] = [list(item) for item in settings.method_options]
     out["hook_options"] = [list(item) for item in settings.hook_options]
@@ -700,13 +701,7 @@ def environment(device: torch.device, backend: str, threads: int, **extra: str) 
             "load_average": load_average(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_demo(settings: DemoSettings) -> dict:
+def run_ddp_demo(settings: DemoSettings) -> dict:
     """Train every run of ``settings`` on ``len(languages)`` processes; return the results.
 
     Spawns one process per language (gloo on CPU, NCCL when there is one GPU per
@@ -715,13 +710,9 @@ def run_demo(settings: DemoSettings) -> dict:
     """
     import torch.multiprocessing as mp
 
-    if settings.engine == "hf":  # the same comparison through the HF Transformers Trainer
-        from .hf import run_hf_demo
-
-        return run_hf_demo(settings)
     with tempfile.TemporaryDirectory(prefix="bucketmoo_demo_") as tmp:
         result_path = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(settings, _free_port(), result_path), nprocs=settings.world_size,
+        mp.spawn(_worker, args=(settings, free_port(), result_path), nprocs=settings.world_size,
                  join=True)
         with open(result_path) as f:
             return json.load(f)

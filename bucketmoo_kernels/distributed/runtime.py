@@ -1,10 +1,10 @@
 """``MOORuntime``: what the distributed front ends hold while they run.
 
 The counterpart of :class:`~.settings.MOOSettings` (what to compute): counters and
-statistics, the per-step diagnostics, the cached segment layouts, the buckets in flight
-(the overlap pipeline and the ``global`` granularity's pending buckets), the stash step
+statistics, the per-step diagnostics, the cached segment layouts, the stash step
 machine of ``mode="stash"``, the once-per-run checks and the bucket layout of DDP's first
-iteration. The hook and the FSDP reduce-scatter use these public methods only.
+iteration. The :class:`~.engine.BucketEngine` and the front ends use these public methods only;
+the buckets in flight are the engine's.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class MOORuntime:
         #: Per-bucket state of the stateful methods and of ``ema`` (index -1: ``global``);
         #: the same on every rank, checkpointed.
         self.method_states: dict[int, MethodState] = {}
+        #: ``stash_reduce="combined"`` on several ranks: every rank's method states (rank ->
+        #: ``snapshot()["method_states"]``), gathered at the end of each step; None otherwise.
+        self.rank_method_states: dict[int, dict] | None = None
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -65,8 +68,6 @@ class MOORuntime:
         self.hook_calls = 0
         self.checked = False  # backend / settings agreement done
         self._layouts: dict = {}
-        self._pending: list = []
-        self._inflight = None
         self._step_extra_bytes = 0
         self._stash: dict = {}
         self._current_task: int | None = None
@@ -94,9 +95,7 @@ class MOORuntime:
         self.note_bucket(buf)
 
     def begin_backward(self) -> None:
-        """The first bucket of a backward: forget what a failed backward left in flight."""
-        self._pending = []
-        self._inflight = None
+        """The first bucket of a backward: start this step's extra-bytes count afresh."""
         self._step_extra_bytes = 0
 
     def finish_step(self) -> None:
@@ -125,21 +124,6 @@ class MOORuntime:
         if cached is None or cached[0] is not settings or cached[1] != step:
             cached = self._weight_step = (settings, step, settings.weight_step_at(step))
         return cached[2]
-
-    # ------------------------------------------------------------------ pipelines
-    def add_pending(self, item: tuple) -> None:
-        self._pending.append(item)
-
-    def take_pending(self) -> list:
-        pending, self._pending = self._pending, []
-        return pending
-
-    def set_inflight(self, item: tuple | None) -> None:
-        self._inflight = item
-
-    def take_inflight(self):
-        item, self._inflight = self._inflight, None
-        return item
 
     # ------------------------------------------------------------------ segment layouts
     def segments_for(self, granularity: tuple[str, int | None], index: int, numel: int,
@@ -310,7 +294,7 @@ class MOORuntime:
         if len(self._tasks_done) == self.num_tasks:
             self._tasks_done = []
             self._stash.clear()
-            self.step += 1
+            self.finish_step()
 
     def method_state_for(self, index: int) -> MethodState:
         """Bucket ``index``'s :class:`MethodState` (created on first use)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,17 +28,14 @@ def _is_numpy_bool(value) -> bool:
 
 
 __all__ = ["MOOSettings", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS", "AGREED",
-           "parse_granularity", "check_bool", "check_int", "check_elementwise_support"]
+           "parse_granularity", "check_bool", "check_int", "check_elementwise_support", "settings_dict",
+           "settings_from_dict", "settings_differences"]
 
 MODES = ("ranks", "stash")
 PROTOCOLS = ("sharded", "allgather")
 COMPRESSIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STASH_REDUCTIONS = ("tasks", "combined")
 
-#: The setting families every rank must agree on (checked on the first reduction): a
-#: difference in any of them gives wrong gradients or mismatched collectives.
-AGREED = ("method", "granularity", "mode", "task_of_rank", "protocol", "compress", "normalization",
-          "normalize_weights", "overlap", "backend", "bucket_cap_mb", "record_diagnostics")
 
 
 def parse_granularity(granularity: str) -> tuple[str, int | None]:
@@ -126,22 +124,25 @@ class MOOSettings:
     settings compare and hash equal.
     """
 
-    method: str = "mgda"
-    method_options: tuple[tuple[str, Any], ...] = ()
-    granularity: str = "bucket"
-    normalization: str = "none"
-    normalize_weights: bool = True
-    mode: str = "ranks"
-    task_of_rank: tuple[int, ...] | None = None
-    num_tasks: int | None = None
-    protocol: str = "sharded"
-    compress: str | None = None
-    stash_reduce: str = "tasks"
-    overlap: bool = True
-    backend: str = "auto"
-    record_diagnostics: bool = False
-    max_diagnostic_steps: int = 1000
-    bucket_cap_mb: float | None = None
+    # ``metadata["agreed"]``: the family of settings the ranks compare it in (see :data:`AGREED`);
+    # None: not compared (it changes no number and no collective).
+    method: str = field(default="mgda", metadata={"agreed": "method"})
+    method_options: tuple[tuple[str, Any], ...] = field(default=(), metadata={"agreed": "method"})
+    granularity: str = field(default="bucket", metadata={"agreed": "granularity"})
+    normalization: str = field(default="none", metadata={"agreed": "normalization"})
+    normalize_weights: bool = field(default=True, metadata={"agreed": "normalize_weights"})
+    mode: str = field(default="ranks", metadata={"agreed": "mode"})
+    task_of_rank: tuple[int, ...] | None = field(default=None, metadata={"agreed": "task_of_rank"})
+    num_tasks: int | None = field(default=None, metadata={"agreed": "mode"})
+    protocol: str = field(default="sharded", metadata={"agreed": "protocol"})
+    compress: str | None = field(default=None, metadata={"agreed": "compress"})
+    stash_reduce: str = field(default="tasks", metadata={"agreed": "mode"})
+    overlap: bool = field(default=True, metadata={"agreed": "overlap"})
+    backend: str = field(default="auto", metadata={"agreed": "backend"})
+    # changes the collectives of method='mean' (plain_average)
+    record_diagnostics: bool = field(default=False, metadata={"agreed": "record_diagnostics"})
+    max_diagnostic_steps: int = field(default=1000, metadata={"agreed": None})
+    bucket_cap_mb: float | None = field(default=None, metadata={"agreed": "bucket_cap_mb"})
     _weight_step: WeightStep = field(default=None, compare=False, repr=False, hash=False)  # type: ignore[assignment]
 
     @classmethod
@@ -216,12 +217,8 @@ class MOOSettings:
             max(task_of_rank) + 1 if task_of_rank else None)
         if known_tasks is not None:
             weight_step.check_tasks(known_tasks)
-        settings = cls(method=method, method_options=tuple(sorted(method_options.items())),
-                       granularity=granularity, normalization=normalization, normalize_weights=normalize_weights,
-                       mode=mode, task_of_rank=task_of_rank, num_tasks=num_tasks, protocol=protocol,
-                       compress=compress, stash_reduce=stash_reduce, overlap=overlap, backend=backend,
-                       record_diagnostics=record_diagnostics, max_diagnostic_steps=max_diagnostic_steps,
-                       bucket_cap_mb=bucket_cap_mb)
+        checked = {**locals(), "method_options": tuple(sorted(method_options.items()))}
+        settings = cls(**{f.name: checked[f.name] for f in SETTING_FIELDS})
         object.__setattr__(settings, "_weight_step", weight_step)
         return settings
 
@@ -273,23 +270,22 @@ class MOOSettings:
         return options
 
     # ------------------------------------------------------------------ agreement across ranks
+    def setting_value(self, name: str) -> Any:
+        """Field ``name`` as plain Python data; ``method_options``: the resolved options (the
+        method's defaults overlaid with the given ones), so that an option given at its default
+        equals one left out."""
+        if name == "method_options":
+            return tuple(sorted(self._weight_step.options.items()))
+        return getattr(self, name)
+
     def agreed_values(self) -> dict[str, Any]:
         """The value of every :data:`AGREED` family, as plain Python data (printable per rank)."""
-        return {
-            "method": (self.method, tuple(sorted(self._weight_step.options.items()))),
-            "granularity": self.granularity,
-            "mode": (self.mode, self.num_tasks, self.stash_reduce),
-            "task_of_rank": self.task_of_rank,
-            "protocol": self.protocol,
-            "compress": self.compress,
-            "normalization": self.normalization,
-            "normalize_weights": self.normalize_weights,
-            "overlap": self.overlap,
-            "backend": self.backend,
-            "bucket_cap_mb": self.bucket_cap_mb,
-            # changes the collectives of method='mean' (plain_average)
-            "record_diagnostics": self.record_diagnostics,
-        }
+        values: dict[str, list] = {}
+        for f in SETTING_FIELDS:
+            family = f.metadata["agreed"]
+            if family is not None:
+                values.setdefault(family, []).append(self.setting_value(f.name))
+        return {family: v[0] if len(v) == 1 else tuple(v) for family, v in values.items()}
 
     def digest(self) -> list[int]:
         """One signed 63-bit hash per :data:`AGREED` family (stable across processes)."""
@@ -299,9 +295,48 @@ class MOOSettings:
 
     def as_kwargs(self) -> dict[str, Any]:
         """The keyword arguments that rebuild these settings with :meth:`build`."""
-        return dict(method=self.method, mode=self.mode, granularity=self.granularity,
-                    task_of_rank=self.task_of_rank, num_tasks=self.num_tasks, protocol=self.protocol,
-                    compress=self.compress, stash_reduce=self.stash_reduce, normalization=self.normalization,
-                    normalize_weights=self.normalize_weights, overlap=self.overlap, backend=self.backend,
-                    record_diagnostics=self.record_diagnostics, max_diagnostic_steps=self.max_diagnostic_steps,
-                    bucket_cap_mb=self.bucket_cap_mb, **self.options)
+        kwargs = {f.name: getattr(self, f.name) for f in SETTING_FIELDS if f.name != "method_options"}
+        return {**kwargs, **self.options}
+
+
+#: The settings' fields (not the private weight step): what state_dict, the digest and the
+#: comparison of a checkpoint with a built state go over.
+SETTING_FIELDS = tuple(f for f in dataclasses.fields(MOOSettings) if not f.name.startswith("_"))
+
+#: The setting families every rank must agree on (checked on the first reduction), from the
+#: fields' ``agreed`` metadata: a difference in any of them gives wrong gradients or mismatched
+#: collectives.
+AGREED = tuple(dict.fromkeys(f.metadata["agreed"] for f in SETTING_FIELDS if f.metadata["agreed"] is not None))
+
+
+def settings_dict(settings: MOOSettings) -> dict[str, Any]:
+    """The settings as the plain data of ``BucketMOOState.state_dict()`` (one key per field;
+    ``method_options`` as the dict of the options given)."""
+    out = {f.name: getattr(settings, f.name) for f in SETTING_FIELDS}
+    out["method_options"] = settings.options
+    return out
+
+
+def settings_from_dict(saved: dict[str, Any]) -> MOOSettings:
+    """:func:`settings_dict` output (or a version-1 checkpoint, without the newer fields) back to
+    validated settings; ``ValueError`` naming an unknown key."""
+    names = {f.name for f in SETTING_FIELDS}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"state_dict has unknown settings {unknown}; expected some of {sorted(names)}")
+    kwargs = {k: v for k, v in saved.items() if k != "method_options"}
+    return MOOSettings.build(**kwargs, **dict(saved.get("method_options") or {}))
+
+
+def settings_differences(a: MOOSettings, b: MOOSettings, ignore: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """``(name, value in a, value in b)`` for every field where ``a`` and ``b`` differ (method
+    options compared resolved, shown as given)."""
+    out = []
+    for f in SETTING_FIELDS:
+        if f.name in ignore or a.setting_value(f.name) == b.setting_value(f.name):
+            continue
+        if f.name == "method_options":
+            out.append((f.name, a.options, b.options))
+        else:
+            out.append((f.name, getattr(a, f.name), getattr(b, f.name)))
+    return out

@@ -4,8 +4,8 @@ Modelled on PyTorch's ``PowerSGDState``: a validating ``__init__`` whose errors 
 argument, ``state_dict()`` / ``load_state_dict()`` and pickling without the process group.
 It is two parts: :class:`~.settings.MOOSettings` (``state.settings``, frozen: what is
 computed) and :class:`~.runtime.MOORuntime` (``state.runtime``: buffers, caches, the stash
-step machine, counters, diagnostics). The DDP hook and the FSDP2 reduce-scatter read the
-settings and call the runtime's public methods.
+step machine, counters, diagnostics, method states). The front ends run their buckets through
+a :class:`~.engine.BucketEngine` over the state (``state.engine`` for the DDP hook).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import torch.distributed as dist
 
 from . import collectives
 from .agreement import agree_settings
+from .engine import BucketEngine
 from .protocol import TaskLayout
 from .runtime import MOORuntime
-from .settings import COMPRESSIONS, MODES, PROTOCOLS, STASH_REDUCTIONS, MOOSettings, check_bool, parse_granularity
+from .settings import (COMPRESSIONS, MODES, PROTOCOLS, SETTING_FIELDS, STASH_REDUCTIONS, MOOSettings, check_bool,
+                       parse_granularity, settings_dict, settings_differences, settings_from_dict)
 
 __all__ = ["BucketMOOState", "MODES", "PROTOCOLS", "COMPRESSIONS", "STASH_REDUCTIONS", "parse_granularity"]
 
@@ -30,11 +32,11 @@ logger = logging.getLogger("bucketmoo_kernels")
 #: 2: adds ``bucket_cap_mb`` and ``bucket_layout`` (DDP's bucket layout after its rebuild).
 _STATE_DICT_VERSION = 2
 
-_SETTING_NAMES = ("method", "granularity", "normalization", "normalize_weights", "mode", "task_of_rank",
-                  "num_tasks", "protocol", "compress", "stash_reduce", "overlap", "backend",
-                  "max_diagnostic_steps", "bucket_cap_mb")
-_RUNTIME_NAMES = ("step", "peak_extra_bytes", "largest_bucket_bytes", "stash_reassembled", "diagnostics",
-                  "losses", "bucket_params")
+#: The runtime's attributes that ``BucketMOOState`` exposes (read and write) as its own.
+RUNTIME_ATTRIBUTES = ("step", "peak_extra_bytes", "largest_bucket_bytes", "stash_reassembled", "diagnostics",
+                      "losses", "bucket_params")
+#: Settings that may change between steps (on every rank): not compared by ``load_state_dict``.
+SWITCHABLE_SETTINGS = ("record_diagnostics",)
 
 
 class BucketMOOState:
@@ -117,51 +119,46 @@ class BucketMOOState:
     ``torch.amp.GradScaler`` sees it and skips the step.
     """
 
+    __slots__ = ("_process_group", "settings", "runtime", "_tasks", "_engine")
+
     def __init__(self, method: str = "mgda", mode: str = "ranks", granularity: str = "bucket",
                  process_group: dist.ProcessGroup | None = None, task_of_rank: Sequence[int] | None = None,
                  *, num_tasks: int | None = None, protocol: str = "sharded", compress: str | None = None,
                  stash_reduce: str = "tasks", normalization: str = "none", normalize_weights: bool = True,
                  overlap: bool = True, backend: str = "auto", record_diagnostics: bool = False,
                  max_diagnostic_steps: int = 1000, bucket_cap_mb: float | None = None, **method_options: Any):
-        settings = MOOSettings.build(
-            method, mode, granularity, task_of_rank, num_tasks=num_tasks, protocol=protocol, compress=compress,
-            stash_reduce=stash_reduce, normalization=normalization, normalize_weights=normalize_weights,
-            overlap=overlap, backend=backend, record_diagnostics=record_diagnostics,
-            max_diagnostic_steps=max_diagnostic_steps, bucket_cap_mb=bucket_cap_mb, **method_options)
-        object.__setattr__(self, "process_group", process_group)
+        given = locals()  # every setting is an argument of the same name (SETTING_FIELDS)
+        settings = MOOSettings.build(**{f.name: given[f.name] for f in SETTING_FIELDS if f.name != "method_options"},
+                                     **method_options)
+        object.__setattr__(self, "_process_group", process_group)
         object.__setattr__(self, "settings", settings)
         object.__setattr__(self, "runtime", MOORuntime(settings.num_tasks, settings.max_diagnostic_steps))
         object.__setattr__(self, "_tasks", None)
+        object.__setattr__(self, "_engine", None)
         if settings.mode == "ranks" and dist.is_available() and dist.is_initialized():
             self.task_layout()  # validate task_of_rank against the group now
 
     # ------------------------------------------------------------------ attribute access
-    def __getattr__(self, name: str):
-        # Only called when normal lookup fails: the settings and runtime fields, read through.
-        if name in _SETTING_NAMES:
-            return getattr(self.settings, name)
-        if name in _RUNTIME_NAMES:
-            return getattr(self.runtime, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # Every setting is a read-only property and every runtime counter a read-write one, made
+    # below the class from ``dataclasses.fields(MOOSettings)`` and :data:`RUNTIME_ATTRIBUTES`
+    # (no name is listed twice); ``__slots__`` refuses any other attribute.
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        return self._process_group
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _RUNTIME_NAMES:
-            setattr(self.runtime, name, value)
-        elif name == "record_diagnostics":  # may be switched on and off between steps (on every rank)
-            object.__setattr__(self, "settings",
-                               dataclasses.replace(self.settings, record_diagnostics=check_bool(name, value)))
-        elif name in _SETTING_NAMES:
-            raise AttributeError(f"BucketMOOState.{name} is a setting and settings are fixed once built; "
-                                 "build a new BucketMOOState (or load_state_dict) to change it")
-        elif name == "process_group":
-            object.__setattr__(self, name, value)
-            object.__setattr__(self, "_tasks", None)
-        else:
-            raise AttributeError(f"BucketMOOState has no attribute {name!r} to set")
+    @process_group.setter
+    def process_group(self, group: dist.ProcessGroup | None) -> None:
+        object.__setattr__(self, "_process_group", group)
+        object.__setattr__(self, "_tasks", None)  # rebuilt for the new group on first use
+        object.__setattr__(self, "_engine", None)
 
     @property
-    def record_diagnostics(self) -> bool:
-        return self.settings.record_diagnostics
+    def engine(self) -> BucketEngine:
+        """The :class:`~.engine.BucketEngine` of the DDP hook, over :attr:`process_group` (built on
+        first use; FSDP2 and DeepSpeed build their own over their group)."""
+        if self._engine is None:
+            object.__setattr__(self, "_engine", BucketEngine(self, self.process_group))
+        return self._engine
 
     @property
     def method_options(self) -> dict[str, Any]:
@@ -210,14 +207,6 @@ class BucketMOOState:
         if index is not None and self.weight_step().needs_state:
             kwargs["method_state"] = self.runtime.method_state_for(index)
         return kwargs
-
-    def segments_for(self, index: int, numel: int, param_numels: Sequence[int] | None):
-        """The (cached) segment layout of a bucket for this state's granularity, and the bucket's
-        cache of shard layouts."""
-        return self.runtime.segments_for(self.settings.granularity_kind, index, numel, param_numels)
-
-    def shard_segments_for(self, segments, shards: dict, rank: int, world: int):
-        return self.runtime.shard_segments_for(segments, shards, rank, world)
 
     def record(self, index: int, gram_matrix: torch.Tensor, weights: torch.Tensor) -> None:
         """Append bucket ``index``'s diagnostics for this step (nothing when recording is off)."""
@@ -298,35 +287,30 @@ class BucketMOOState:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Settings, counters and DDP's bucket layout (not the process group, buffers or diagnostics)."""
-        s = self.settings
-        snap = self.runtime.snapshot()
-        return {
-            "version": _STATE_DICT_VERSION,
-            "method": s.method,
-            "method_options": s.options,
-            "granularity": s.granularity,
-            "normalization": s.normalization,
-            "normalize_weights": s.normalize_weights,
-            "mode": s.mode,
-            "task_of_rank": s.task_of_rank,
-            "num_tasks": s.num_tasks,
-            "protocol": s.protocol,
-            "compress": s.compress,
-            "stash_reduce": s.stash_reduce,
-            "overlap": s.overlap,
-            "backend": s.backend,
-            "record_diagnostics": s.record_diagnostics,
-            "max_diagnostic_steps": s.max_diagnostic_steps,
-            "bucket_cap_mb": s.bucket_cap_mb,
-            "step": snap["step"],
-            "peak_extra_bytes": snap["peak_extra_bytes"],
-            "bucket_layout": snap["bucket_layout"],
-            "method_states": snap["method_states"],
-        }
+        """Settings, counters, DDP's bucket layout and the method states (not the process group,
+        buffers or diagnostics); plain data and tensors, loadable with ``weights_only=True``.
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        Stash mode with ``stash_reduce="combined"`` on several ranks: each rank solves its own
+        weights, so the method states differ between ranks; ``"rank_method_states"`` then holds
+        every rank's (gathered at the end of each step), so that rank 0's dict alone resumes
+        every rank exactly.
+        """
+        snap = self.runtime.snapshot()
+        out = {"version": _STATE_DICT_VERSION, **settings_dict(self.settings)}
+        out.update(step=snap["step"], peak_extra_bytes=snap["peak_extra_bytes"], bucket_layout=snap["bucket_layout"],
+                   method_states=snap["method_states"])
+        if self.runtime.rank_method_states is not None:
+            out["rank_method_states"] = self.runtime.rank_method_states
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], *, replace_settings: bool = False) -> None:
         """Restore :meth:`state_dict` output (validated like ``__init__``); keeps the process group.
+
+        The checkpoint's settings must equal this state's (``record_diagnostics`` aside, which may
+        be switched between steps): a difference raises ``ValueError`` naming each differing
+        setting with its saved and built value, since resuming with other settings (another
+        method, ``task_of_rank``, ``bucket_cap_mb``, ...) would not continue the saved run.
+        ``replace_settings=True`` adopts the checkpoint's settings instead of the built ones.
 
         Version 1 dicts (before ``bucket_cap_mb`` and ``bucket_layout``) load with DDP's default
         cap and a predicted layout.
@@ -335,19 +319,79 @@ class BucketMOOState:
         version = sd.pop("version", None)
         if version not in (1, _STATE_DICT_VERSION):
             raise ValueError(f"state_dict version must be 1 or {_STATE_DICT_VERSION}; got {version!r}")
+        replace_settings = check_bool("replace_settings", replace_settings)
         step = sd.pop("step", 0)
         peak = sd.pop("peak_extra_bytes", 0)
         layout = sd.pop("bucket_layout", None)
         method_states = sd.pop("method_states", {})
-        options = sd.pop("method_options", {})
-        fresh = BucketMOOState(process_group=self.process_group, **sd, **options)
-        fresh.runtime.load_layout(layout)
-        for name in ("settings", "runtime", "_tasks"):
-            object.__setattr__(self, name, getattr(fresh, name))
-        self.runtime.step = int(step)
-        self.runtime.peak_extra_bytes = int(peak)
+        rank_states = sd.pop("rank_method_states", None)
+        saved = settings_from_dict(sd)
+        if not replace_settings:
+            differ = settings_differences(saved, self.settings, ignore=SWITCHABLE_SETTINGS)
+            if differ:
+                lines = "\n".join(f"  {name}: saved {a!r}, built {b!r}" for name, a, b in differ)
+                raise ValueError(
+                    "load_state_dict: the checkpoint's settings differ from the ones this BucketMOOState was "
+                    f"built with:\n{lines}\nBuild the state with the saved settings to resume that run, or "
+                    "pass replace_settings=True to adopt the checkpoint's settings")
+            saved = self.settings  # equal where it matters: keep what the user built
+        runtime = MOORuntime(saved.num_tasks, saved.max_diagnostic_steps)
+        runtime.load_layout(layout)
+        runtime.step = int(step)
+        runtime.peak_extra_bytes = int(peak)
+        if rank_states is not None:
+            runtime.rank_method_states = {int(r): dict(v) for r, v in rank_states.items()}
+            mine = rank_states.get(self._group_rank())
+            if mine is not None:
+                method_states = mine
         for key, value in method_states.items():
-            self.runtime.method_state_for(int(key)).load_state_dict(value)
+            runtime.method_state_for(int(key)).load_state_dict(value)
+        object.__setattr__(self, "settings", saved)
+        object.__setattr__(self, "runtime", runtime)
+        object.__setattr__(self, "_tasks", None)
+        object.__setattr__(self, "_engine", None)
+        if saved.mode == "ranks" and dist.is_available() and dist.is_initialized():
+            self.task_layout()  # validate task_of_rank against the group now
+
+    def gather_rank_method_states(self, device: torch.device) -> None:
+        """Stash mode with ``stash_reduce="combined"``: all-gather every rank's method states into
+        ``runtime.rank_method_states`` (a collective; two small all-gathers on ``device``), so that
+        any rank's :meth:`state_dict` can resume every rank."""
+        snap = {int(k): v.state_dict() for k, v in sorted(self.runtime.method_states.items())}
+        parts = []
+        for index, entry in snap.items():
+            parts.append(torch.tensor([float(entry["calls"])], dtype=torch.float64))
+            parts.extend(entry["tensors"][name].reshape(-1) for name in sorted(entry["tensors"]))
+        mine = torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        group = self.process_group
+        world = collectives.group_size(group)
+        lengths = torch.empty(world, dtype=torch.int64, device=device)
+        collectives.all_gather_flat(lengths, torch.tensor([mine.numel()], dtype=torch.int64, device=device), group)
+        if bool((lengths != mine.numel()).any()):
+            raise RuntimeError(f"the ranks' method states have different sizes {lengths.tolist()}: the ranks ran "
+                               "different bucket layouts")
+        gathered = torch.empty(world * mine.numel(), dtype=torch.float64, device=device)
+        collectives.all_gather_flat(gathered, mine, group)
+        gathered = gathered.view(world, -1).cpu()
+        per_rank = {}
+        for rank in range(world):
+            row, offset, states = gathered[rank], 0, {}
+            for index, entry in snap.items():
+                calls = int(row[offset])
+                offset += 1
+                tensors = {}
+                for name in sorted(entry["tensors"]):
+                    like = entry["tensors"][name]
+                    tensors[name] = row[offset:offset + like.numel()].reshape(like.shape).clone()
+                    offset += like.numel()
+                states[index] = {"calls": calls, "tensors": tensors}
+            per_rank[rank] = states
+        self.runtime.rank_method_states = per_rank
+
+    def _group_rank(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return collectives.group_rank(self.process_group)
+        return 0
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the settings and counters; the process group is not serialisable and dropped."""
@@ -357,11 +401,40 @@ class BucketMOOState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickled state on the default process group (set ``process_group`` after)."""
-        object.__setattr__(self, "process_group", None)
+        object.__setattr__(self, "_process_group", None)
         object.__setattr__(self, "_tasks", None)
-        self.load_state_dict(state)
+        object.__setattr__(self, "_engine", None)
+        object.__setattr__(self, "settings", MOOSettings())
+        self.load_state_dict(state, replace_settings=True)
 
     def __repr__(self) -> str:
         s = self.settings
         return (f"BucketMOOState(method={s.method!r}, mode={s.mode!r}, granularity={s.granularity!r}, "
                 f"protocol={s.protocol!r}, compress={s.compress!r}, step={self.runtime.step})")
+
+
+def _setting_property(name: str) -> property:
+    def get(self):
+        return getattr(self.settings, name)
+
+    def set_(self, value):
+        if name in SWITCHABLE_SETTINGS:  # may be switched on and off between steps (on every rank)
+            object.__setattr__(self, "settings", dataclasses.replace(self.settings, **{name: check_bool(name, value)}))
+            return
+        raise AttributeError(f"BucketMOOState.{name} is a setting and settings are fixed once built; build a new "
+                             "BucketMOOState (or load_state_dict(..., replace_settings=True)) to change it")
+
+    return property(get, set_, doc=f"The ``{name}`` setting (``state.settings.{name}``).")
+
+
+def _runtime_property(name: str) -> property:
+    return property(lambda self: getattr(self.runtime, name), lambda self, value: setattr(self.runtime, name, value),
+                    doc=f"``state.runtime.{name}``.")
+
+
+for _field in dataclasses.fields(MOOSettings):
+    if not _field.name.startswith("_") and _field.name != "method_options":
+        setattr(BucketMOOState, _field.name, _setting_property(_field.name))
+for _name in RUNTIME_ATTRIBUTES:
+    setattr(BucketMOOState, _name, _runtime_property(_name))
+del _field, _name

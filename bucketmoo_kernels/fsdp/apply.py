@@ -8,7 +8,8 @@ from ..distributed.protocol import TaskLayout
 from ..distributed.state import BucketMOOState
 from ..methods.elementwise import is_elementwise
 
-from .reduce_scatter import BucketMOOReduceScatter, _StepCounter
+from ..distributed.engine import BucketEngine
+from .reduce_scatter import BucketMOOReduceScatter
 
 __all__ = ["apply_bucket_moo", "fsdp_supports_custom_reduce_scatter"]
 
@@ -119,10 +120,11 @@ def apply_bucket_moo(model: torch.nn.Module, state) -> list[str]:
             "fully_shard on the root module too (fully_shard(model) after the blocks), or on the modules "
             "holding these parameters, before apply_bucket_moo."
         )
-    counter = _StepCounter(state, len(found))
+    # FSDP hands its reduce-scatter group with every call (the reduce-scatter sets it on the engine).
+    engine = BucketEngine(state, holds_buffers=False, reductions_per_step=len(found))
     for index, (name, module, group) in enumerate(found):
         param_sizes = [int(torch.Size(p.padded_sharded_param_size).numel()) for p in group.fsdp_params]
         comm = BucketMOOReduceScatter(state, param_sizes, lambda g=group: g.gradient_divide_factor,
-                                      index, name, counter)
+                                      index, name, engine)
         module.set_custom_reduce_scatter(comm)
     return [name for name, _, _ in found]

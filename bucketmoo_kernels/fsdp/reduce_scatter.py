@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..distributed.protocol import TaskLayout, combine_shard, reduce_gram, scatter_tasks, solve_weights
-from ..inputs import Segments
+from ..distributed.engine import BucketEngine
 
 __all__ = ["BucketMOOReduceScatter", "reduce_output_scale"]
 
@@ -53,19 +52,6 @@ def reduce_output_scale(op, world_size: int, divide_factor: float | None) -> flo
     return world_size / float(divide_factor)
 
 
-class _StepCounter:
-    """Advances ``state.step`` once every installed group has reduced (one optimizer step)."""
-
-    def __init__(self, state, num_groups: int):
-        self.state, self.num_groups, self.calls = state, num_groups, 0
-
-    def tick(self) -> None:
-        self.calls += 1
-        if self.calls == self.num_groups:
-            self.calls = 0
-            self.state.runtime.finish_step()
-
-
 class BucketMOOReduceScatter(_ReduceScatterBase):
     """FSDP2 custom reduce-scatter running Bucket-Level MOO for one parameter group.
 
@@ -77,17 +63,17 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
             nothing to a Gram matrix); used by ``granularity="param"``.
         divide_factor: callable returning the group's ``gradient_divide_factor`` (or None).
         index: the group's index (diagnostics), ``name`` its module path (errors).
-        counter: shared step counter of all installed groups.
+        engine: the :class:`~bucketmoo_kernels.distributed.engine.BucketEngine` shared by all
+            installed groups (``reductions_per_step`` = their number: it counts the steps).
     """
 
-    def __init__(self, state, param_sizes: list[int], divide_factor, index: int, name: str,
-                 counter: _StepCounter):
+    def __init__(self, state, param_sizes: list[int], divide_factor, index: int, name: str, engine: BucketEngine):
         self.state = state
         self.param_sizes = param_sizes
         self.divide_factor = divide_factor
         self.index = index
         self.name = name
-        self.counter = counter
+        self.engine = engine
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -95,33 +81,16 @@ class BucketMOOReduceScatter(_ReduceScatterBase):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op,
                  async_op: bool = False):
         state = self.state
-        settings = state.settings
-        world = dist.get_world_size(group)
-        shard = output_tensor.numel()
         # First reduction: the ranks agree on the settings (ValueError naming the differences).
-        state.check_once(output_tensor.device, "allreduce" if settings.plain_average else "sharded")
-        if settings.plain_average:
+        state.check_once(output_tensor.device, "allreduce" if state.settings.plain_average else "sharded")
+        if state.settings.plain_average:
             # Plain averaging is FSDP's own reduce-scatter: bit-identical to stock FSDP2.
             dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
-            self.counter.tick()
-            return None
-        tasks = TaskLayout.build(settings.task_of_rank, world, settings.num_tasks)
-        # The granularity's layout of this rank's shard (cached by the state; for "param",
-        # the pieces of the group's parameters, whose sizes must add up to the shard).
-        local, _ = state.segments_for(self.index, shard, self.param_sizes)
-        # Steps 1-3 of the tasks-on-ranks protocol; the flat input is already rank-major.
-        sharded = scatter_tasks(input_tensor, Segments.single(input_tensor.numel()), tasks, group=group,
-                                wire_dtype=settings.wire_dtype, backend=settings.backend, local_segments=local)
-        gram_matrix = reduce_gram(sharded.partial_gram, group)
-        weights = solve_weights(gram_matrix, state.weight_step(), **state.solve_kwargs(self.index))
-        scale = reduce_output_scale(op, world, self.divide_factor())
-        scaled = weights * scale if scale != 1.0 else weights
-        # Step 4: the combined shard is the reduce-scatter output.
-        if sharded.rows.dtype == output_tensor.dtype:
-            combine_shard(sharded, scaled, out=output_tensor, backend=settings.backend)
-        else:  # compressed wire: combine in the wire dtype, then widen
-            output_tensor.copy_(combine_shard(sharded, scaled, backend=settings.backend))
-        state.note_extra_bytes(sharded.extra_bytes)
-        state.record(self.index, gram_matrix, weights)
-        self.counter.tick()
+        else:
+            # The flat input is rank-major: the engine's reduce-scatter writes this rank's
+            # combined shard as the output (the granularity's layout is the shard's).
+            scale = reduce_output_scale(op, dist.get_world_size(group), self.divide_factor())
+            self.engine.group = group  # FSDP's reduce-scatter group, given with each call
+            self.engine.reduce(self.index, input_tensor, self.param_sizes, out=output_tensor, weight_scale=scale)
+        self.engine.end_of_reduction()
         return None

@@ -45,7 +45,7 @@ def plan_for_state(tasks: Sequence[str] | Mapping[str, Any], state, world_size: 
             if plan.task_ids != tuple(range(world_size)):
                 settings = state.state_dict()
                 settings["task_of_rank"] = plan.task_ids
-                state.load_state_dict(settings)
+                state.load_state_dict(settings, replace_settings=True)  # the state's one change: the plan's tasks
         elif tuple(own) != plan.task_ids:
             raise ValueError(f"task_of_rank {list(plan.task_ids)} of the data differs from the "
                              f"BucketMOOState's task_of_rank {list(own)}: give it in one place only")

@@ -19,7 +19,7 @@ reduces one bucket of whole-parameter gradients:
   the same IPG bucket as a list of gradients.
 
 The bucket goes through the library's sharded tasks-on-ranks protocol
-(:func:`bucketmoo_kernels.ddp.protocol.sharded_moo`: all-to-all of the shards, partial
+(:class:`bucketmoo_kernels.distributed.engine.BucketEngine`: all-to-all of the shards, partial
 Gram, all-reduce of the tiny Gram, the same solve on every rank, combine of the own shard,
 all-gather), which moves the bytes of a ring all-reduce: no more than DeepSpeed's own
 all-reduce of the bucket. The combined gradient replaces the whole bucket on every rank;
@@ -53,16 +53,14 @@ accumulated task gradients); stage 2 reduces, and therefore combines, every micr
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 import torch
 import torch.distributed as dist
 
-from ..distributed import collectives
-from ..distributed.protocol import (finish_scatter_tasks, gather_combined, reduce_gram, sharded_moo, solve_weights,
-                                    start_scatter_tasks)
-from ..ddp.state import BucketMOOState, parse_granularity
-from ..inputs import Segments
+from ..distributed.engine import BucketEngine
+from ..distributed.settings import parse_granularity
+from ..distributed.state import BucketMOOState
 from ..methods.elementwise import is_elementwise
 
 __all__ = ["apply_bucket_moo", "DeepSpeedBucketMOO", "CHECKPOINT_KEY", "MIN_DEEPSPEED_VERSION",
@@ -184,101 +182,95 @@ class DeepSpeedBucketMOO:
         self.stage = stage
         self.group = group
         self.buckets_reduced = 0
-        self._pending: list = []  # global granularity: (sharded rows, targets) of every bucket
+        #: the bucket engine over DeepSpeed's data-parallel group; its buffers are DeepSpeed's,
+        #: reused by the next bucket, so every exchange finishes in its own call
+        self.moo = BucketEngine(state, group, holds_buffers=False)
+        self._pending: list = []  # global granularity: (future of the combined bucket, its targets)
         self._patched: list[tuple[object, str]] = []
 
     # ------------------------------------------------------------------ installation
-    def _patch(self, obj, name: str, fn) -> None:
-        if name in vars(obj):
-            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance; "
-                               "apply_bucket_moo patches a fresh engine")
-        setattr(obj, name, types.MethodType(fn, obj))
-        self._patched.append((obj, name))
-
     def install(self) -> None:
+        """Replace, on this engine and its optimizer only, the methods that reduce a bucket, end a
+        backward, step and checkpoint; each replacement gets the original bound method first."""
         engine = self.engine
-        ctl = self
         if self.stage == 0:
-            original_copy = engine.allreduce_and_copy
-            original_fallback = engine.buffered_allreduce_fallback
-
-            def allreduce_and_copy(eng, small_bucket, dp_group, dp_world_size=None):
-                if ctl.state.plain_average:
-                    return original_copy(small_bucket, dp_group, dp_world_size)
-                ctl._reduce_grads(list(small_bucket), list(small_bucket), eng.communication_data_type)
-
-            def buffered_allreduce_fallback(eng, grads=None, elements_per_buffer=500000000):
-                try:
-                    return original_fallback(grads=grads, elements_per_buffer=elements_per_buffer)
-                finally:
-                    ctl._end_of_backward()
-
-            self._patch(engine, "allreduce_and_copy", allreduce_and_copy)
-            self._patch(engine, "buffered_allreduce_fallback", buffered_allreduce_fallback)
+            patches = [(engine, "allreduce_and_copy", self._allreduce_and_copy),
+                       (engine, "buffered_allreduce_fallback", self._buffered_allreduce_fallback)]
         else:
             opt = engine.optimizer
-            original_average = opt.average_tensor
-            original_fallback = opt.buffered_reduce_fallback
-            original_reduce_ipg = opt.reduce_ipg_grads
-
-            def average_tensor(zo, tensor, communication_data_type):
-                if ctl.state.plain_average:
-                    return original_average(tensor, communication_data_type)
-                params = ctl._bucket_params(zo, communication_data_type)
-                ctl._reduce_flat(tensor, params, [p.numel() for p in params], communication_data_type)
-
-            def buffered_reduce_fallback(zo, rank, grads, communication_data_type, elements_per_buffer=500000000,
-                                         log=None):
-                if ctl.state.plain_average:
-                    return original_fallback(rank, grads, communication_data_type,
-                                             elements_per_buffer=elements_per_buffer, log=log)
-                if rank is not None:
-                    raise RuntimeError("apply_bucket_moo: DeepSpeed asked for a reduce to one rank "
-                                       f"(rank={rank}); only all-reduce style bucket reductions are supported")
-                params = ctl._bucket_params(zo, communication_data_type)
-                if [p.numel() for p in params] != [g.numel() for g in grads]:
-                    raise RuntimeError("apply_bucket_moo: the gradients DeepSpeed reduces do not match its IPG "
-                                       "bucket's parameters; this DeepSpeed version is not supported")
-                ctl._reduce_grads(list(grads), params, communication_data_type)
-
-            def reduce_ipg_grads(zo, comm_dtype=None):
-                try:
-                    return original_reduce_ipg(comm_dtype=comm_dtype)
-                finally:
-                    if comm_dtype is None:  # the flush at the end of the backward (ZeRO epilogue)
-                        ctl._end_of_backward()
-
-            self._patch(opt, "average_tensor", average_tensor)
-            self._patch(opt, "buffered_reduce_fallback", buffered_reduce_fallback)
-            self._patch(opt, "reduce_ipg_grads", reduce_ipg_grads)
-
-        original_step = engine.step
-        original_save = engine.save_checkpoint
-        original_load = engine.load_checkpoint
-
-        def step(eng, *args, **kwargs):
-            boundary = eng.is_gradient_accumulation_boundary()
-            out = original_step(*args, **kwargs)
-            if boundary:
-                ctl.state.runtime.finish_step()
-            return out
-
-        def save_checkpoint(eng, save_dir, tag=None, client_state=None, *args, **kwargs):
-            client_state = dict(client_state or {})
-            client_state[CHECKPOINT_KEY] = ctl.state.state_dict()
-            return original_save(save_dir, tag, client_state, *args, **kwargs)
-
-        def load_checkpoint(eng, *args, **kwargs):
-            path, client_state = original_load(*args, **kwargs)
-            if client_state is not None and CHECKPOINT_KEY in client_state:
-                ctl.state.load_state_dict(client_state.pop(CHECKPOINT_KEY))
-                ctl.state.process_group = ctl.group
-            return path, client_state
-
-        self._patch(engine, "step", step)
-        self._patch(engine, "save_checkpoint", save_checkpoint)
-        self._patch(engine, "load_checkpoint", load_checkpoint)
+            patches = [(opt, "average_tensor", self._average_tensor),
+                       (opt, "buffered_reduce_fallback", self._buffered_reduce_fallback),
+                       (opt, "reduce_ipg_grads", self._reduce_ipg_grads)]
+        patches += [(engine, "step", self._step), (engine, "save_checkpoint", self._save_checkpoint),
+                    (engine, "load_checkpoint", self._load_checkpoint)]
+        for obj, name, _ in patches:
+            if name in vars(obj):
+                raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance; "
+                                   "apply_bucket_moo patches a fresh engine")
+        for obj, name, replacement in patches:
+            setattr(obj, name, functools.partial(replacement, getattr(obj, name)))
+            self._patched.append((obj, name))
         setattr(engine, _PATCH_ATTR, self)
+
+    # stage 0: one allreduce_bucket_size bucket of gradients; the end of the backward
+    def _allreduce_and_copy(self, original, small_bucket, dp_group, dp_world_size=None):
+        if self.state.plain_average:
+            return original(small_bucket, dp_group, dp_world_size)
+        self._reduce_grads(list(small_bucket), list(small_bucket), self.engine.communication_data_type)
+
+    def _buffered_allreduce_fallback(self, original, grads=None, elements_per_buffer=500000000):
+        try:
+            return original(grads=grads, elements_per_buffer=elements_per_buffer)
+        finally:
+            self._end_of_backward()
+
+    # stages 1 and 2: the IPG bucket, flat or as gradients; the flush at the end of the backward
+    def _average_tensor(self, original, tensor, communication_data_type):
+        if self.state.plain_average:
+            return original(tensor, communication_data_type)
+        params = self._bucket_params(communication_data_type)
+        self._reduce_flat(tensor, params, [p.numel() for p in params], communication_data_type)
+
+    def _buffered_reduce_fallback(self, original, rank, grads, communication_data_type,
+                                  elements_per_buffer=500000000, log=None):
+        if self.state.plain_average:
+            return original(rank, grads, communication_data_type, elements_per_buffer=elements_per_buffer, log=log)
+        if rank is not None:
+            raise RuntimeError("apply_bucket_moo: DeepSpeed asked for a reduce to one rank "
+                               f"(rank={rank}); only all-reduce style bucket reductions are supported")
+        params = self._bucket_params(communication_data_type)
+        if [p.numel() for p in params] != [g.numel() for g in grads]:
+            raise RuntimeError("apply_bucket_moo: the gradients DeepSpeed reduces do not match its IPG "
+                               "bucket's parameters; this DeepSpeed version is not supported")
+        self._reduce_grads(list(grads), params, communication_data_type)
+
+    def _reduce_ipg_grads(self, original, comm_dtype=None):
+        try:
+            return original(comm_dtype=comm_dtype)
+        finally:
+            if comm_dtype is None:  # the flush at the end of the backward (ZeRO epilogue)
+                self._end_of_backward()
+
+    # every stage: the step counter and the state in the checkpoint's client state
+    def _step(self, original, *args, **kwargs):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        out = original(*args, **kwargs)
+        if boundary:
+            self.moo.finish_step()
+        return out
+
+    def _save_checkpoint(self, original, save_dir, tag=None, client_state=None, *args, **kwargs):
+        client_state = dict(client_state or {})
+        client_state[CHECKPOINT_KEY] = self.state.state_dict()
+        return original(save_dir, tag, client_state, *args, **kwargs)
+
+    def _load_checkpoint(self, original, *args, **kwargs):
+        path, client_state = original(*args, **kwargs)
+        if client_state is not None and CHECKPOINT_KEY in client_state:
+            self.state.load_state_dict(client_state.pop(CHECKPOINT_KEY))
+            self.state.process_group = self.group
+            self.moo = BucketEngine(self.state, self.group, holds_buffers=False)
+        return path, client_state
 
     def remove(self) -> None:
         """Restore the engine's (and its optimizer's) own methods."""
@@ -289,8 +281,8 @@ class DeepSpeedBucketMOO:
             delattr(self.engine, _PATCH_ATTR)
 
     # ------------------------------------------------------------------ reduction
-    @staticmethod
-    def _bucket_params(zo, comm_dtype) -> list:
+    def _bucket_params(self, comm_dtype) -> list:
+        zo = self.engine.optimizer
         bucket = zo.ipg_buckets[comm_dtype]
         return [zo.bit16_groups[i][j] for i, j, _ in bucket.params]
 
@@ -312,7 +304,8 @@ class DeepSpeedBucketMOO:
                 offset += g.numel()
 
     def _reduce_flat(self, flat: torch.Tensor, targets: list, sizes: list[int], comm_dtype) -> None:
-        """Combine one bucket in place (or, for ``global``, start it and hold it)."""
+        """Combine one bucket in place through the engine (``global``: hold it until the end of
+        the backward, in a buffer of its own, since DeepSpeed reuses its bucket buffer)."""
         state = self.state
         n = flat.numel()
         if n == 0:
@@ -323,26 +316,15 @@ class DeepSpeedBucketMOO:
             raise RuntimeError("apply_bucket_moo: DeepSpeed handed over a non-contiguous bucket")
         state.check_once(flat.device, "sharded")  # settings agreed by every rank, backend able
         state.runtime.note_bucket(flat)
-        tasks = state.task_layout()
         index = self.buckets_reduced
         self.buckets_reduced += 1
         wire = self._wire_dtype(flat, comm_dtype)
-        kind, _ = parse_granularity(state.granularity)
-        if kind == "global":
-            # Hold the bucket: its shard rows leave DeepSpeed's buffer now (the buffer is
-            # reused by the next bucket); the combined values are written at the end.
-            handle = start_scatter_tasks(flat, Segments.single(n), tasks, group=self.group, wire_dtype=wire,
-                                         backend=state.backend)
-            sharded = finish_scatter_tasks(handle)
-            self._pending.append((sharded, targets, flat.dtype, flat.device))
-            state.runtime.add_step_extra_bytes(sharded.extra_bytes)
+        if parse_granularity(state.granularity)[0] != "global":
+            self.moo.reduce(index, flat, sizes, wire_dtype=wire)
             return
-        segs, shards = state.segments_for(index, n, sizes if kind == "param" else None)
-        local = state.shard_segments_for(segs, shards, collectives.group_rank(self.group), tasks.world_size)
-        gram_matrix, weights, extra = sharded_moo(flat, segs, tasks, state.weight_step(), group=self.group,
-                                                  wire_dtype=wire, local_segments=local, **state.solve_kwargs(index))
-        state.note_extra_bytes(extra)
-        state.record(index, gram_matrix, weights)
+        full = torch.empty_like(flat)
+        state.runtime.add_step_extra_bytes(full.numel() * full.element_size())
+        self._pending.append((self.moo.reduce(index, flat, sizes, out=full, wire_dtype=wire), targets))
 
     def _grad_of(self, target):
         """Where the reduced gradient of a held bucket's element lives now."""
@@ -353,21 +335,13 @@ class DeepSpeedBucketMOO:
         return self.engine.optimizer.get_param_gradient_attribute(target)
 
     def _end_of_backward(self) -> None:
-        """The backward's last bucket was reduced: finish the held buckets (``global``)."""
+        """The backward's last bucket was reduced: the engine finishes the held buckets
+        (``global``), whose combined values are then written into the reduced gradients."""
         pending, self._pending = self._pending, []
         self.buckets_reduced = 0
-        if not pending:
-            self.state.runtime.begin_backward()  # nothing held: start the next backward clean
-            return
-        state = self.state
-        total = torch.stack([sharded.partial_gram for sharded, *_ in pending]).sum(0)
-        total = reduce_gram(total, self.group)
-        weights = solve_weights(total, state.weight_step(), **state.solve_kwargs(-1))
-        extra = state.runtime.add_step_extra_bytes(0)
-        for sharded, targets, dtype, device in pending:
-            full = torch.empty(sharded.numel, dtype=dtype, device=device)
-            extra += full.numel() * full.element_size()
-            extra += gather_combined(sharded, weights, full, group=self.group, backend=state.backend)
+        self.moo.finish_backward()
+        for future, targets in pending:
+            full = future.wait()
             offset = 0
             for target in targets:
                 numel = target.numel()
@@ -375,9 +349,6 @@ class DeepSpeedBucketMOO:
                 if grad is not None:
                     grad.view(-1).copy_(full[offset:offset + numel].view_as(grad.view(-1)))
                 offset += numel
-        state.note_extra_bytes(extra)
-        state.runtime.begin_backward()
-        state.record(-1, total, weights)
 
 
 def apply_bucket_moo(engine, state: BucketMOOState) -> DeepSpeedBucketMOO:

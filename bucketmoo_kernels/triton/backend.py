@@ -82,7 +82,7 @@ class TritonBackend(Backend):
         traced = torch.compiler.is_compiling()
         if step.name == "pcgrad":
             seed = int(options["seed"])
-            return _ops.solve_pcgrad(gram, seed) if traced else pcgrad_triton(gram, seed=seed)
+            return _ops.solve_pcgrad_seeded(gram, seed) if traced else pcgrad_triton(gram, seed=seed)
         if step.name == "cagrad":
             c, rescale = float(options["c"]), int(options["rescale"])
             return (_ops.solve_cagrad(gram, c, rescale) if traced

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..inputs import Segments, TaskGrads
-from .gram import _row_offsets
+from .gram import row_offsets
 from .tiles import block_table, next_pow2, offsets_table, on_device, row_addressing
 
 __all__ = ["combine_triton", "combine_block"]
@@ -46,7 +46,7 @@ def combine_block(num_tasks: int) -> int:
 def _task_row(x_ptr, t: tl.constexpr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, cols, col_ok,
               USE_DELTAS: tl.constexpr, MASKED: tl.constexpr):
     """Columns ``cols`` of task row ``t``, as float32 (``[BLOCK_N]``)."""
-    row = _row_offsets(tl.full([1], t, tl.int32), stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
+    row = row_offsets(tl.full([1], t, tl.int32), stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
     if MASKED:
         x = tl.load(x_ptr + row + cols, mask=col_ok, other=0.0)
     else:

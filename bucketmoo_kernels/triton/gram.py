@@ -53,7 +53,7 @@ def gram_block(num_tasks: int, dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS: tl.constexpr):
+def row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS: tl.constexpr):
     """int64 element offset of task row ``t`` (a tensor of task indices) from the base pointer."""
     if USE_DELTAS:
         # (no .to() on the scalars: Triton may specialise an argument equal to 1 to a constexpr)
@@ -139,7 +139,7 @@ def _gram_kernel(x_ptr, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, tiles_ptr, off
 
     t = tl.arange(0, TP)
     row_ok = t < T
-    row_off = _row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
+    row_off = row_offsets(t, stride_t, d0, d1, d2, d3, d4, d5, d6, d7, USE_DELTAS)
     ii = t[:, None]
     jj = t[None, :]
     tt_mask = (ii < T) & (jj < T)

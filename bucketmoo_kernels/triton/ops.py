@@ -7,13 +7,15 @@ Dynamo cannot trace the launchers themselves: they build and cache host tables p
 graph holds one op call, and the fake implementations below give its outputs' shapes, dtypes
 and devices while tracing.
 
-The operators (namespace ``bucketmoo_triton``, named as the native ``bucketmoo`` ops):
+The operators (namespace ``bucketmoo_triton``, named as the native ``bucketmoo`` ops where the
+signature is the same; ``solve_pcgrad_seeded`` draws the task orders from its seed, where the
+native ``bucketmoo::solve_pcgrad`` takes them as a tensor):
 
 * ``gram(Tensor[] grads, int[] bounds, int chunk, int? block, int reduce_slots) -> Tensor``:
   ``[S, T, T]`` float32 (:func:`~bucketmoo_kernels.triton.gram.gram_triton`)
 * ``solve_mgda(Tensor gram, str solver, int max_iter) -> Tensor``: ``[S, T]`` float64;
   solver ``closed_form`` (T = 2), ``exact`` (T <= 8) or ``pgd``
-* ``solve_pcgrad(Tensor gram, int seed) -> Tensor``: ``[S, T]`` float64
+* ``solve_pcgrad_seeded(Tensor gram, int seed) -> Tensor``: ``[S, T]`` float64
 * ``solve_cagrad(Tensor gram, float c, int rescale) -> Tensor``: ``[S, T]`` float64 (T <= 8)
 * ``combine_(Tensor(a!) out, Tensor[] grads, Tensor weights, int[] bounds, int? block) -> ()``:
   writes ``out`` (:func:`~bucketmoo_kernels.triton.combine.combine_triton`)
@@ -45,7 +47,7 @@ NAMESPACE = "bucketmoo_triton"
 SCHEMAS = {
     "gram": "(Tensor[] grads, int[] bounds, int chunk, int? block, int reduce_slots) -> Tensor",
     "solve_mgda": "(Tensor gram, str solver, int max_iter) -> Tensor",
-    "solve_pcgrad": "(Tensor gram, int seed) -> Tensor",
+    "solve_pcgrad_seeded": "(Tensor gram, int seed) -> Tensor",
     "solve_cagrad": "(Tensor gram, float c, int rescale) -> Tensor",
     "combine_": "(Tensor(a!) out, Tensor[] grads, Tensor weights, int[] bounds, int? block) -> ()",
 }
@@ -99,14 +101,14 @@ def _solve_mgda_fake(gram, solver, max_iter):
     return _solve_fake_output(gram)
 
 
-@_op("solve_pcgrad")
-def _solve_pcgrad(gram, seed):
+@_op("solve_pcgrad_seeded")
+def _solve_pcgrad_seeded(gram, seed):
     _check_gram(gram)
     return pcgrad_triton(gram, seed=seed)
 
 
-@_solve_pcgrad.register_fake
-def _solve_pcgrad_fake(gram, seed):
+@_solve_pcgrad_seeded.register_fake
+def _solve_pcgrad_seeded_fake(gram, seed):
     return _solve_fake_output(gram)
 
 

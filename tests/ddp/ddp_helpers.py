@@ -9,7 +9,6 @@ import datetime
 import faulthandler
 import gc
 import os
-import socket
 import sys
 import tempfile
 import traceback
@@ -22,15 +21,10 @@ import torch.multiprocessing as mp
 import bucketmoo_kernels as bmk
 from tests import references
 from bucketmoo_kernels.ddp import BucketMOOState, bucket_moo_hook
+from bucketmoo_kernels.distributed.localhost import free_port
 
 
 # --------------------------------------------------------------------------- process groups
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, fn, world: int, port: int, outdir: str, args: tuple, init_group: bool,
            timeout_s: float) -> None:
     # An abort in a worker (a C++ std::terminate) prints every thread's Python stack.
@@ -356,7 +350,7 @@ def protocol_worker(rank: int, world: int) -> dict:
     """The flat-tensor protocol (what FSDP reuses) on awkward bucket lengths -- including
     lengths where the last shards are short or empty -- against the float64 oracle on the
     stacked task gradients. Returns the worst relative error per case."""
-    from bucketmoo_kernels.ddp.protocol import TaskLayout, allgather_tasks, sharded_moo
+    from bucketmoo_kernels.distributed.protocol import TaskLayout, allgather_tasks, sharded_moo
 
     out = {}
     for layout in (None, [0, 1] * (world // 2)):

@@ -100,3 +100,73 @@ def test_observed_layout_is_saved(results):
     saved = results[0]["observed_layout"]["state"]
     assert saved["bucket_cap_mb"] is None and len(saved["bucket_layout"]) >= 2
     assert saved["bucket_layout"] == results[0]["bucket"]["state"]["bucket_layout"]
+
+
+# --------------------------------------------------------------------------- stash_reduce="combined"
+# Each rank solves its own weights from its own micro-batches, so a stateful method's states
+# differ between the ranks. Resuming from rank 0's checkpoint alone (the usual practice, and
+# what the HF integration does) must still continue every rank exactly.
+COMBINED_CASES = {
+    "gradvac": {"method": "gradvac"},
+    "ema-param": {"method": "mgda", "granularity": "param", "ema": 0.5},
+    "gradvac-global": {"method": "gradvac", "granularity": "global"},
+}
+
+
+def _stash_segment(rank: int, cfg: dict, steps: range, checkpoint: dict | None):
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=CAP)
+    state = BucketMOOState(mode="stash", num_tasks=2, stash_reduce="combined", bucket_cap_mb=CAP, **cfg)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+        state.load_state_dict(checkpoint["state"])
+    ddp.register_comm_hook(state, bucket_moo_hook)
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        for t in range(2):
+            with state.task(t):
+                loss_of(ddp, batch(step, rank, t)).backward()
+        opt.step()
+    out = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict(),
+           "state": state.state_dict()}
+    del ddp
+    return out
+
+
+def _combined_resume_worker(rank: int, world: int, cases: dict) -> dict:
+    import torch.distributed as dist
+
+    out = {}
+    for name, cfg in cases.items():
+        whole = _stash_segment(rank, cfg, range(4), None)
+        first = _stash_segment(rank, cfg, range(2), None)
+        shared = [first if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)  # every rank resumes from rank 0's checkpoint
+        second = _stash_segment(rank, cfg, range(2, 4), shared[0])
+        params = lambda seg: torch.cat([v.reshape(-1) for v in seg["model"].values()])  # noqa: E731
+        out[name] = {"whole": params(whole), "resumed": params(second), "state": first["state"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def combined_results():
+    return run_distributed(_combined_resume_worker, 2, COMBINED_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(COMBINED_CASES))
+def test_combined_stash_resumes_exactly_from_rank_zero(combined_results, name):
+    saved = combined_results[0][name]["state"]
+    per_rank = saved["rank_method_states"]
+    assert sorted(per_rank) == [0, 1]
+    assert _states_differ(per_rank[0], per_rank[1]), (
+        "the ranks' method states are equal: this case would not show a wrong resume")
+    for rank, res in enumerate(combined_results):
+        got = res[name]
+        assert torch.equal(got["resumed"], got["whole"]), (
+            f"{name} rank {rank}: max parameter difference {float((got['resumed'] - got['whole']).abs().max())}")
+
+
+def _states_differ(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[i]["tensors"][k], b[i]["tensors"][k]) for i in a for k in a[i]["tensors"])

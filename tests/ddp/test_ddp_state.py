@@ -91,7 +91,7 @@ def test_state_dict_roundtrip_and_pickle():
     sd = state.state_dict()
     assert "process_group" not in sd and sd["step"] == 12 and sd["method_options"] == {"seed": 7}
     other = BucketMOOState()
-    other.load_state_dict(sd)
+    other.load_state_dict(sd, replace_settings=True)
     assert other.state_dict() == sd
     assert other.method_call_options() == {"seed": 19}  # base seed + step: same on every rank
     clone = pickle.loads(pickle.dumps(state))
@@ -100,7 +100,7 @@ def test_state_dict_roundtrip_and_pickle():
         other.load_state_dict({**sd, "version": 99})
     # version 1 (before bucket_cap_mb and bucket_layout) still loads
     v1 = {k: v for k, v in sd.items() if k not in ("bucket_cap_mb", "bucket_layout")}
-    other.load_state_dict({**v1, "version": 1})
+    other.load_state_dict({**v1, "version": 1}, replace_settings=True)
     assert other.state_dict() == sd and other.bucket_layout is None
     # a saved layout must cover every parameter once
     other.load_state_dict({**sd, "bucket_layout": [[3, 2], [1, 0]]})
@@ -108,7 +108,36 @@ def test_state_dict_roundtrip_and_pickle():
     with pytest.raises(ValueError, match="bucket_layout must cover"):
         other.load_state_dict({**sd, "bucket_layout": [[0, 0], [1]]})
     with pytest.raises(ValueError, match="granularity"):
-        other.load_state_dict({**sd, "granularity": "bogus"})
+        other.load_state_dict({**sd, "granularity": "bogus"}, replace_settings=True)
+
+
+def test_load_state_dict_refuses_other_settings_and_names_each():
+    saved = BucketMOOState(method="gradvac", task_of_rank=[0, 1], bucket_cap_mb=1.0, beta=0.3)
+    saved.step = 5
+    sd = saved.state_dict()
+    built = BucketMOOState(method="pcd", task_of_rank=[0, 0, 1, 1])
+    with pytest.raises(ValueError) as info:
+        built.load_state_dict(sd)
+    msg = str(info.value)
+    for line in ("method: saved 'gradvac', built 'pcd'", "task_of_rank: saved (0, 1), built (0, 0, 1, 1)",
+                 "bucket_cap_mb: saved 1.0, built None", "replace_settings=True"):
+        assert line in msg, msg
+    assert "granularity" not in msg  # only what differs is named
+    assert built.method == "pcd" and built.step == 0  # nothing half-loaded
+    built.load_state_dict(sd, replace_settings=True)  # the explicit override adopts the saved settings
+    assert built.settings == saved.settings and built.step == 5
+    # the same settings load; an option given at its default equals one left out
+    same = BucketMOOState(method="gradvac", task_of_rank=[0, 1], bucket_cap_mb=1.0, beta=0.3, eps=1e-8)
+    same.load_state_dict(sd)
+    assert same.step == 5 and same.method_options == {"beta": 0.3, "eps": 1e-8}
+    # diagnostics may be switched between runs: the built choice stays
+    diag = BucketMOOState(method="gradvac", task_of_rank=[0, 1], bucket_cap_mb=1.0, beta=0.3, record_diagnostics=True)
+    diag.load_state_dict(sd)
+    assert diag.record_diagnostics is True
+    with pytest.raises(ValueError, match="unknown settings"):
+        same.load_state_dict({**sd, "methd": "mgda"})
+    with pytest.raises(TypeError, match="replace_settings must be a bool"):
+        same.load_state_dict(sd, replace_settings="yes")
 
 
 def test_task_context_outside_stash_mode():

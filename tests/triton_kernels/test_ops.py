@@ -49,7 +49,7 @@ def _args(op, num_tasks=2):
         return (torch.full((N,), 7.0, device=DEVICE), grads, weights, BOUNDS, 16)
     gram = _one_gram(num_tasks)
     return {"solve_mgda": (gram, "closed_form", 5),
-            "solve_pcgrad": (gram, 3),
+            "solve_pcgrad_seeded": (gram, 3),
             "solve_cagrad": (gram, 0.4, 1)}[op]
 
 
@@ -66,7 +66,7 @@ def test_ops_give_the_launchers_bits(num_tasks=2):
     gram = gram[2:].double()  # the solvers on one segment: interpreter time grows with S
     for solver in ("closed_form", "exact", "pgd"):
         assert torch.equal(ops.solve_mgda(gram, solver, 5), mgda_triton(gram, solver, 5))
-    assert torch.equal(ops.solve_pcgrad(gram, 3), pcgrad_triton(gram, seed=3))
+    assert torch.equal(ops.solve_pcgrad_seeded(gram, 3), pcgrad_triton(gram, seed=3))
     assert torch.equal(ops.solve_cagrad(gram, 0.4, 2), cagrad_triton(gram, c=0.4, rescale=2))
     weights = torch.rand(len(BOUNDS) - 1, num_tasks, device=DEVICE)
     out = torch.full((N,), float("nan"), device=DEVICE)
@@ -88,7 +88,7 @@ def test_fakes_on_cuda_tensors():
         gram = ops.gram(grads, BOUNDS, CHUNK, None, 8)
         assert (gram.shape, gram.dtype, gram.device.type) == ((3, 3, 3), torch.float32, "cuda")
         gram64 = gram.double()
-        for weights in (ops.solve_mgda(gram64, "exact", 5), ops.solve_pcgrad(gram64, 0),
+        for weights in (ops.solve_mgda(gram64, "exact", 5), ops.solve_pcgrad_seeded(gram64, 0),
                         ops.solve_cagrad(gram64, 0.4, 1)):
             assert (weights.shape, weights.dtype, weights.device.type) == ((3, 3), torch.float64, "cuda")
         assert ops.combine_(torch.empty(N, device="cuda"), grads, torch.empty(3, 3, device="cuda"),
@@ -103,7 +103,7 @@ def test_bad_arguments_are_named_and_nothing_is_written():
     with pytest.raises(ValueError, match="closed-form MGDA solver needs T = 2"):
         ops.solve_mgda(_one_gram(3), "closed_form", 5)
     with pytest.raises(ValueError, match=r"gram must be a floating-point \[S, T, T\]"):
-        ops.solve_pcgrad(_one_gram()[0], 0)
+        ops.solve_pcgrad_seeded(_one_gram()[0], 0)
     with pytest.raises(ValueError, match="bounds offsets must start at 0 and end at N=40"):
         ops.gram(grads, [0, 7, 39], CHUNK, None, 8)
     out = torch.full((N,), 7.0, device=DEVICE)
