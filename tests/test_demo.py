@@ -207,7 +207,7 @@ def test_list_options_reach_the_state_and_are_checked_at_construction():
     assert s.options_for("mgda") == {"solver": "pgd"}
     with pytest.raises(SystemExit):  # bad syntax: argparse names the option
         build_parser().parse_args(["--method-option", "constant:weights=[1,2"])
-    with pytest.raises(ValueError, match="run 'constant'.*weights must have T = 4"):  # 4 languages
+    with pytest.raises(ValueError, match="run 'constant'.*weights must have 4 values"):  # 4 languages
         settings_from_args(build_parser().parse_args(["--runs", "constant",
                                                       "--method-option", "constant:weights=1,2"]))
     with pytest.raises(ValueError, match="unknown method 'cagard'"):
