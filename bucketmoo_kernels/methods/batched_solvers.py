@@ -191,11 +191,14 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
     """Minimise a strictly convex ``objective`` (``[B, K, T] -> [B, K]``, +inf outside x > 0) from
     ``x0 > 0`` by Newton steps with a batched Armijo line search.
 
-    ``grad_hess(x)`` returns the gradient ``[B, T]`` and Hessian ``[B, T, T]``. Stops (on the
-    CPU) once every problem's Newton decrement^2 / 2 is below ``tol`` or its iterate no longer
-    moves (rounding); else after ``max_iter``.
+    ``grad_hess(x)`` returns the gradient ``[B, T]`` and Hessian ``[B, T, T]``. A problem whose Newton
+    decrement^2 / 2 is below ``tol``, or whose iterate no longer moves (rounding), is done: its
+    iterate stays as it is from then on, so every problem's result is the one it would get
+    alone, whatever the other problems of the batch (a non-finite one never converges). The
+    loop stops (on the CPU) once every problem is done; else after ``max_iter``.
     """
     x = x0
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     # _STEP_LADDER built on the device (no host-to-device copy); powers of two are exact
     ladder = torch.pow(0.5, torch.arange(len(_STEP_LADDER), dtype=x.dtype, device=x.device))  # [K]
     num_b, num_t = x.shape
@@ -220,8 +223,9 @@ def damped_newton(objective: Callable[[torch.Tensor], torch.Tensor],
         x_next = torch.where((first >= 0)[:, None], chosen, x)
         # Converged: the decrement is below tol, or rounding stops the iterate from moving.
         stalled = ((x_next - x).abs() <= 4 * torch.finfo(x.dtype).eps * x.abs()).all(-1)
-        x = x_next
-        if may_stop_early((decrement / 2 <= tol) | stalled):
+        x = torch.where(done[:, None], x, x_next)
+        done = done | (decrement / 2 <= tol) | stalled
+        if may_stop_early(done):
             break
     return x
 

@@ -25,11 +25,7 @@ NAN_AT = (2, SEG + 5)  # task 2, element 5 of segment 1
 #: Options a method needs to run at T = 4.
 NEEDED = {"constant": {"weights": [1.0, 2.0, 3.0, 4.0]}}
 #: method (, "ema") -> why it still fails (strict xfails: a fix turns them into failures to remove).
-KNOWN = {
-    **{(n, "ema"): f"{n} with ema: the finite segments' stored ema state differs from the clean call's in "
-                   "the last bits (outputs bit-identical); not diagnosed"
-       for n in ("nash_mtl", "fairgrad")},
-}
+KNOWN: dict = {}
 #: The fast lane: Gram methods, a stateful one, an ema; the rest slow.
 FAST = {("mgda", False), ("pcd", False), ("mean", False), ("mgda", True)}
 
