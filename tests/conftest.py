@@ -38,6 +38,8 @@ def pytest_collection_modifyitems(config, items):
 #: ``--durations``), slowest first: they are collected, hence started, before the others.
 HEAVY_FILES = (
     "tests/test_packaging.py",  # ~2 min of CPU: sdist -> wheel (compiles the CPU extension) -> DDP step
+    "tests/integrations/test_doc_examples.py",  # ~2 min: every engine's doc example, launched as written
+    "tests/integrations/test_trl.py",  # ~70 s: TRL's SFTTrainer on 2 processes, 5 configurations
     "tests/test_demo.py",  # ~90 s: the demo's process groups and its HF engine
     "tests/integrations/test_transformers.py",  # the HF scenarios (~50 s), shared with the next two
     "tests/integrations/test_accelerate.py",
@@ -51,11 +53,16 @@ HEAVY_FILES = (
     "tests/ddp/test_ddp_ranks.py",
     "tests/test_compile.py",
     "tests/ddp/test_ddp_loss_normalization.py",
+    "tests/integrations/test_launch_checks.py",
+    "tests/ddp/test_golden_numbers.py",
+    "tests/ddp/test_clean_exit.py",
 )
 
 #: Files that share a session fixture (the HF scenarios of ``tests/integrations/conftest.py``)
 #: run on one xdist worker, so that the fixture runs once, not once per worker.
-SAME_WORKER = {path: "HF scenarios" for path in HEAVY_FILES[1:4]}
+SAME_WORKER = {path: "HF scenarios" for path in ("tests/integrations/test_transformers.py",
+                                                  "tests/integrations/test_accelerate.py",
+                                                  "tests/integrations/test_transformers_deepspeed.py")}
 
 
 @pytest.hookimpl(optionalhook=True)
