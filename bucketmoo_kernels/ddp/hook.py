@@ -53,6 +53,7 @@ def _ranks_hook(state: BucketMOOState, bucket) -> torch.futures.Future:
         # Plain averaging over tasks of equal rank counts is the average over ranks: run
         # DDP's own all-reduce, which makes 'mean' bit-identical to DDP without a hook.
         buf.mul_(1.0 / engine.task_layout().world_size)
+        collectives.note_async_collective()
         fut = dist.all_reduce(buf, group=state.process_group, async_op=True).get_future().then(
             lambda f: f.value()[0])
     else:

@@ -13,10 +13,13 @@ fails with a message instead of a hang or an obscure C++ error inside backward.
 
 from __future__ import annotations
 
+import atexit
+import time
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all_flat", "all_gather_flat", "reduce_scatter_flat", "all_reduce_sum",
+__all__ = ["note_async_collective", "all_to_all_flat", "all_gather_flat", "reduce_scatter_flat", "all_reduce_sum",
            "group_size", "group_rank", "backend_name", "check_backend"]
 
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -30,10 +33,45 @@ _ALL_GATHER_DEVICES = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}, "mpi": {"cpu",
                        "ucc": {"cpu", "cuda"}, "xccl": {"xpu"}, "fake": {"cpu", "cuda"}}
 
 
+#: Seconds the interpreter's exit waits, GIL released, for the process groups' worker threads to
+#: free the last asynchronous collectives (see :func:`_let_workers_finish_at_exit`).
+EXIT_GRACE_S = 0.05
+_exit_grace_registered = False
+
+
+def _let_workers_finish_at_exit() -> None:
+    """Give the backend's worker threads the GIL for a moment before the interpreter finalises.
+
+    A backend worker thread (gloo's ``ProcessGroupGloo::runLoop``) destroys a finished work after
+    its future has fired; the work holds the last references to tensors that Python dropped (the
+    sharded protocol's combined shard, the gathered bucket), and freeing them takes the GIL. A
+    script that ends right after its last step can reach ``Py_FinalizeEx`` before that thread got
+    the GIL; a thread that takes the GIL once finalisation has begun is ended by
+    ``pthread_exit``, whose forced unwind through the C++ destructor calls ``std::terminate``:
+    SIGABRT, "terminate called without an active exception" (issue 23, seen in about 1 pair of
+    processes in 20; plain DDP never hits it, its bucket tensors have no Python object). atexit
+    runs before finalisation begins, so sleeping here (the GIL released) lets the thread finish.
+    """
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def note_async_collective() -> None:
+    """Call before issuing an asynchronous collective: registers, once per process, the exit
+    grace of :func:`_let_workers_finish_at_exit`."""
+    global _exit_grace_registered
+    if not _exit_grace_registered:
+        _exit_grace_registered = True
+        atexit.register(_let_workers_finish_at_exit)
+
+
 def all_to_all_flat(output: torch.Tensor, input: torch.Tensor, group=None, *,
                     output_split_sizes=None, input_split_sizes=None, async_op: bool = False):
     """Rank q's ``output`` chunk p receives rank p's ``input`` chunk q; chunks are equal or
     given by the split sizes. Returns the work handle when ``async_op``."""
+    if async_op:
+        note_async_collective()
     return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
                                   async_op=async_op)
 
@@ -41,6 +79,8 @@ def all_to_all_flat(output: torch.Tensor, input: torch.Tensor, group=None, *,
 def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None, *, async_op: bool = False):
     """``output`` (``P * m``) receives every rank's ``input`` (``m``), in rank order. Returns the
     work handle when ``async_op``."""
+    if async_op:
+        note_async_collective()
     return _ALL_GATHER(output, input, group=group, async_op=async_op)
 
 
