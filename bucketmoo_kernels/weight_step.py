@@ -140,12 +140,6 @@ class WeightStep:
         from .methods.state import require_state
         return self.at_step(require_state(method_state, self.name).calls)
 
-    def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~bucketmoo_kernels.fused_bucket_moo` that build
-        this step again (``method``, ``normalization``, ``normalize_weights``, options)."""
-        return dict(method=self.name, normalization=self.normalization,
-                    normalize_weights=self.normalize_weights, **self.options)
-
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return (f"WeightStep({self.name!r}, {{{opts}}}, normalization={self.normalization!r}, "

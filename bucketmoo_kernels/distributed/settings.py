@@ -229,11 +229,6 @@ class MOOSettings:
         return dict(self.method_options)
 
     @property
-    def resolved_options(self) -> dict[str, Any]:
-        """The method's defaults overlaid with the given options."""
-        return dict(self._weight_step.options)
-
-    @property
     def weight_step(self) -> WeightStep:
         """The :class:`~bucketmoo_kernels.weight_step.WeightStep` (method, resolved options,
         normalisation, ``normalize_weights``), built once; see :meth:`weight_step_at`."""
@@ -292,11 +287,6 @@ class MOOSettings:
         values = self.agreed_values()
         return [int.from_bytes(hashlib.sha256(repr(values[name]).encode()).digest()[:8], "little") >> 1
                 for name in AGREED]
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments that rebuild these settings with :meth:`build`."""
-        kwargs = {f.name: getattr(self, f.name) for f in SETTING_FIELDS if f.name != "method_options"}
-        return {**kwargs, **self.options}
 
 
 #: The settings' fields (not the private weight step): what state_dict, the digest and the
