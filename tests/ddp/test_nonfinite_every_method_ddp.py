@@ -6,8 +6,7 @@ step, while the other buckets' states advance as in the clean run.
 
 Tasks on ranks (T = 2) for every method; the element-wise ones with ``protocol="allgather"``
 (the sharded default refuses them); krum needs T >= 3, so it runs in stash mode (T = 3
-backward passes per step). Known failures (issue 23 items fixed on branch methods) are
-strict xfails; the API side is ``tests/methods/test_nonfinite_every_method.py``.
+backward passes per step). The API side is ``tests/methods/test_nonfinite_every_method.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from ddp_helpers import batch, loss_of, make_model, run_distributed
 
 OPTIONS = {"constant": {"weights": [1.0, 2.0]}, "trimmed_mean": {"trim_number": 0}}
 # (imtl_g, aligned_mtl and config raise LinAlgError only at T >= 3; here T = 2 and they pass.)
-#: Cases that still fail (strict xfails: a fix turns them into failures to remove). None left
-#: since issue 23's fixes.
-KNOWN: dict[str, str] = {}
 #: ``mean`` with no normalisation runs DDP's own average (bit-identical to plain DDP, documented
 #: in docs/methods.md): a NaN element stays in its element, as in plain DDP, and GradScaler sees
 #: it there. Every other method NaNs the whole bucket.
@@ -131,8 +127,7 @@ def results():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[c])]
-                                                if c in KNOWN else []) for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_one_nan_element_poisons_its_bucket_only(results, case):
     for rank, res in enumerate(results):
         got = res[case]

@@ -4,9 +4,7 @@ float32 gradients, default options unless the table's note names some).
 
 A "yes" cell is tested; "no" is not claimed (seeded methods get a determinism check instead of
 the permutation one); "n.a." is tested to be refused with a ValueError. The fast lane runs one
-representative method per property (``FAST``), the rest are ``slow``. Known failures that
-issue 23 lists and the ``methods`` branch fixes are strict xfails (``KNOWN``): once fixed they
-XPASS, which fails, and the marker goes.
+representative method per property (``FAST``), the rest are ``slow``.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ PROPERTIES = ("non-conflicting", "permutation", "linear", "extreme scales", "sta
 FAST = {"non-conflicting": "upgrad", "permutation": "mgda", "linear": "nash_mtl",
         "extreme scales": "mgda", "stationary": "mgda", "T = 1": "pcgrad", "zero row": "mean",
         "duplicate row": "mgda"}
-#: (method, property) -> why it fails today (strict xfails; none left since issue 23's fixes).
-KNOWN: dict[tuple[str, str], str] = {}
 #: Options the tests need for a method to run at all (T-sized ones are built per T).
 NEEDED = {"constant": lambda num_tasks: {"weights": [float(t + 1) for t in range(num_tasks)]}}
 
@@ -105,8 +101,6 @@ def _cases():
             if verdict == "no" and not (prop == "permutation"):
                 continue
             marks = [] if FAST.get(prop) == name else [pytest.mark.slow]
-            if (name, prop) in KNOWN:
-                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN[(name, prop)]))
             yield pytest.param(name, prop, verdict, options, marks=marks, id=f"{name}-{prop}")
 
 

@@ -5,8 +5,6 @@ that segment's combined gradient is all NaN, every other segment is bit-identica
 call without the NaN, and a method state (stateful methods, and the ``ema`` option) keeps that
 segment's entries as they were before the step while the other segments advance exactly as in
 the clean call. The DDP hook's side is ``tests/ddp/test_nonfinite_every_method_ddp.py``.
-
-Known failures are strict xfails (``KNOWN``), so a fix shows up as a failure to remove.
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ NAN_AT = (2, SEG + 5)  # task 2, element 5 of segment 1
 
 #: Options a method needs to run at T = 4.
 NEEDED = {"constant": {"weights": [1.0, 2.0, 3.0, 4.0]}}
-#: method (, "ema") -> why it still fails (strict xfails: a fix turns them into failures to remove).
-KNOWN: dict = {}
 #: The fast lane: Gram methods, a stateful one, an ema; the rest slow.
 FAST = {("mgda", False), ("pcd", False), ("mean", False), ("mgda", True)}
 
@@ -36,10 +32,6 @@ def _cases():
             if ema and (is_elementwise(name)):
                 continue  # element-wise methods refuse ema (documented)
             marks = [] if (name, ema) in FAST else [pytest.mark.slow]
-            reason = KNOWN.get((name, "ema")) if ema else None
-            reason = reason or KNOWN.get(name)
-            if reason:
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
             yield pytest.param(name, ema, marks=marks, id=f"{name}{'-ema' if ema else ''}")
 
 
@@ -103,11 +95,6 @@ def test_solve_gives_nan_weights_for_a_nan_gram_segment(name):
     bad = grams.clone()
     bad[1, 0, 2] = bad[1, 2, 0] = float("nan")
     state = MethodState() if get_method(name).stateful else None
-    try:
-        got = bm.solve(bad, name, method_state=state, backend="torch", **options)
-    except torch.linalg.LinAlgError:
-        if name in KNOWN:
-            pytest.xfail(KNOWN[name])
-        raise
+    got = bm.solve(bad, name, method_state=state, backend="torch", **options)
     assert torch.isnan(got[1]).all(), (name, got)
     assert torch.equal(got[[0, 2]], clean[[0, 2]]), name
