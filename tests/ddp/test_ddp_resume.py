@@ -49,14 +49,18 @@ def _segment(rank: int, cfg: dict, steps: range, checkpoint: dict | None):
     return out
 
 
+def _flat_params(segment: dict) -> torch.Tensor:
+    """A segment's final model parameters (and buffers) as one flat tensor."""
+    return torch.cat([v.reshape(-1) for v in segment["model"].values()])
+
+
 def _resume_worker(rank: int, world: int, cases: dict) -> dict:
     out = {}
     for name, cfg in cases.items():
         whole = _segment(rank, cfg, range(4), None)
         first = _segment(rank, cfg, range(2), None)
         second = _segment(rank, cfg, range(2, 4), first)
-        params = lambda seg: torch.cat([v.reshape(-1) for v in seg["model"].values()])  # noqa: E731
-        out[name] = {"whole": params(whole), "resumed": params(second), "layouts": whole["layouts"],
+        out[name] = {"whole": _flat_params(whole), "resumed": _flat_params(second), "layouts": whole["layouts"],
                      "state": first["state"], "diag_buckets": whole["diag_buckets"]}
     return out
 
@@ -145,8 +149,7 @@ def _combined_resume_worker(rank: int, world: int, cases: dict) -> dict:
         shared = [first if rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)  # every rank resumes from rank 0's checkpoint
         second = _stash_segment(rank, cfg, range(2, 4), shared[0])
-        params = lambda seg: torch.cat([v.reshape(-1) for v in seg["model"].values()])  # noqa: E731
-        out[name] = {"whole": params(whole), "resumed": params(second), "state": first["state"]}
+        out[name] = {"whole": _flat_params(whole), "resumed": _flat_params(second), "state": first["state"]}
     return out
 
 
