@@ -52,9 +52,7 @@ def _let_workers_finish_at_exit() -> None:
     processes in 20; plain DDP never hits it, its bucket tensors have no Python object). atexit
     runs before finalisation begins, so sleeping here (the GIL released) lets the thread finish.
     """
-    deadline = time.monotonic() + EXIT_GRACE_S
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
+    time.sleep(EXIT_GRACE_S)  # sleep releases the GIL
 
 
 def note_async_collective() -> None:
